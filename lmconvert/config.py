@@ -1,0 +1,72 @@
+"""Normalized model hyper-parameters: what every stage after the loaders sees."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from lmconvert.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    key = aliases.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Everything the runtime needs to build the decoder; written to the engine's config.json."""
+
+    arch: str  # registered name: qwen3 / qwen2 / llama / mistral
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF's rope_scaling dict (llama3, linear, ...) or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    dtype: str = "bf16"  # weights' dtype in the engine (bf16 / fp16 / fp32)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    quantization: dict = field(default_factory=dict)  # empty for fp engines
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"engine config has unknown fields: {', '.join(sorted(unknown))}")
+        return cls(**d)

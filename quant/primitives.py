@@ -1,0 +1,87 @@
+"""Group quantization and int4 packing in plain torch: the on-disk contract and the reference path.
+
+Engine layout of one quantized linear with input dim K, output dim N, group size G
+(weights stored transposed, so that y = x @ W with W [K, N]):
+  W4: qweight int32 [K // 8, N]   nibble j (bits 4j..4j+3) of qweight[r, n] holds q[8r + j, n] in 0..15
+      scales  [K // G, N]          model dtype
+      zeros   [K // G, N]          model dtype, integer zero points (8 when symmetric)
+      W[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
+  W8: qweight int8 [K, N], scales [K // G, N] (G = K: per output channel), W = q * scales
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACK = 8  # int4 values per int32
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] integers in 0..15 -> int32 [K // 8, N]."""
+    K, N = q.shape
+    assert K % PACK == 0, "K must be a multiple of 8"
+    q = q.to(torch.int32).reshape(K // PACK, PACK, N)
+    return (q << _SHIFTS.view(1, PACK, 1)).sum(dim=1, dtype=torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [K // 8, N] -> int32 [K, N] in 0..15."""
+    R, N = packed.shape
+    q = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device).view(1, PACK, 1)) & 0xF
+    return q.reshape(R * PACK, N)
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """w [K, N] float -> (q int32 [K, N], scales [K//G, N], zeros [K//G, N]) in float32.
+
+    Asymmetric: min/max per group mapped onto 0..2^bits-1. Symmetric: absmax onto the signed range,
+    stored unsigned with zero point 2^(bits-1) (W4) or as signed int8 with zero 0 (W8, see quantize_w8).
+    """
+    K, N = w.shape
+    assert K % group_size == 0
+    wg = w.float().reshape(K // group_size, group_size, N)
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scales = (wg.abs().amax(dim=1) / (half - 1)).clamp(min=1e-10)
+        zeros = torch.full_like(scales, float(half))
+    else:
+        wmin = wg.amin(dim=1).clamp(max=0)
+        wmax = wg.amax(dim=1).clamp(min=0)
+        scales = ((wmax - wmin) / qmax).clamp(min=1e-10)
+        zeros = torch.round(-wmin / scales).clamp(0, qmax)
+    q = torch.round(wg / scales.unsqueeze(1) + zeros.unsqueeze(1)).clamp(0, qmax)
+    return q.reshape(K, N).to(torch.int32), scales, zeros
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reference dequantization of the W4 layout above -> W [K, N] in the scales' dtype."""
+    q = unpack_int4(qweight)
+    K = q.shape[0]
+    s = scales.float().repeat_interleave(group_size, dim=0)[:K]
+    z = zeros.float().repeat_interleave(group_size, dim=0)[:K]
+    return ((q.float() - z) * s).to(scales.dtype)
+
+
+def quantize_w4(w: torch.Tensor, group_size: int, symmetric: bool = False, dtype=torch.float16):
+    """nn.Linear weight [N, K] -> (qweight, scales, zeros) in the W4 engine layout."""
+    q, scales, zeros = quantize_groups(w.t(), 4, group_size, symmetric)
+    return pack_int4(q), scales.to(dtype), zeros.to(dtype)
+
+
+def quantize_w8(w: torch.Tensor, group_size: int | None = None, dtype=torch.float16):
+    """nn.Linear weight [N, K] -> (qweight int8 [K, N], scales [K//G, N]); symmetric."""
+    wt = w.t().float()
+    K, N = wt.shape
+    G = group_size or K
+    wg = wt.reshape(K // G, G, N)
+    scales = (wg.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(wg / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8).reshape(K, N)
+    return q, scales.to(dtype)
+
+
+def dequantize_w8(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    K = qweight.shape[0]
+    s = scales.float().repeat_interleave(group_size, dim=0)[:K]
+    return (qweight.float() * s).to(scales.dtype)
