@@ -1,0 +1,64 @@
+"""The `lmconvert` command line: parse arguments, call one stage entry point per command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lmconvert.errors import UserError
+
+
+class Group(click.Group):
+    """Turns user errors (and OS errors such as permission denied) into one `error: ...` line and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (UserError, OSError) as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool):
+    """Convert, quantize and run open LLM checkpoints."""
+    ctx.obj = {"debug": debug}
+
+
+ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked against the checkpoint's config."
+
+
+@main.command()
+@click.argument("arch")
+@click.argument("src")
+@click.option("--dst-path", required=True, help="Engine directory to create.")
+@click.option("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the checkpoint's; bf16 for quantized GGUF).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
+@click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None,
+              help="Cache to search for a model id (env LMCONVERT_USE_MODELSCOPE=1 selects modelscope).")
+def convert(arch: str, src: str, dst_path: str, dtype: str | None, overwrite: bool, model_source: str | None):
+    """Convert SRC (HF / ModelScope dir, GGUF file, cached model id, or 'smollm2') into an engine directory."""
+    from lmconvert.convert import convert as run_convert
+
+    path = run_convert(src, dst_path, arch=arch, dtype=dtype, overwrite=overwrite, model_source=model_source)
+    click.echo(f"engine written to {path}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--verify", is_flag=True, help="Also check the sha256 of every file.")
+def info(path: str, verify: bool):
+    """Describe an engine directory: architecture, sizes, dtype, quantization, files."""
+    from lmconvert.engine.info import print_info
+
+    print_info(path, verify=verify)
+
+
+if __name__ == "__main__":
+    main()
