@@ -1,0 +1,50 @@
+"""Per-step attention metadata, set by the model runner and read by every attention layer.
+
+Keeping it in one module-level slot (as nano-vllm does) keeps each layer's forward `(positions, hidden)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class Context:
+    # Flattened batch: sequence s owns rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of the step's tokens.
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    # Paged mode (KV cache present): where each new token's K/V goes and what each sequence attends to.
+    slot_mapping: torch.Tensor | None = None  # int64 [T]
+    block_tables: torch.Tensor | None = None  # int32 [B, max_blocks]
+    context_lens: torch.Tensor | None = None  # int32 [B]: cached prefix + new tokens
+    max_query_len: int = 0  # host-side copies, so kernels/refs need no device sync
+    is_decode: bool = False  # every sequence has exactly one new token
+
+    @property
+    def paged(self) -> bool:
+        return self.slot_mapping is not None
+
+
+_CONTEXT: Context | None = None
+
+
+def set_context(ctx: Context | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> Context:
+    assert _CONTEXT is not None, "model called outside a step: no attention context set"
+    return _CONTEXT
+
+
+def reset_context() -> None:
+    set_context(None)
+
+
+def dense_context(seq_lens: list[int], device) -> Context:
+    """Context for running the model over whole sequences with no KV cache (eval, calibration)."""
+    cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
+    return Context(cu_seqlens_q=cu.to(device), max_query_len=max(seq_lens))

@@ -1,0 +1,191 @@
+"""LLMEngine: the one object chat, generate, bench and the server drive.
+
+    engine = LLMEngine("./smol-engine")
+    outs = engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    for out in engine.stream("Hello", params): print(out.delta, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmconvert.config import parse_dtype
+from lmconvert.errors import UserError
+from lmconvert.runtime.block_manager import BlockManager
+from lmconvert.runtime.detokenizer import IncrementalDetokenizer
+from lmconvert.runtime.model_runner import ModelRunner
+from lmconvert.runtime.sampling import SamplingParams
+from lmconvert.runtime.scheduler import Scheduler, SchedulerConfig
+from lmconvert.runtime.sequence import Sequence
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: int
+    text: str  # everything generated so far (stop string excluded)
+    delta: str  # what this step added
+    token_ids: list[int]
+    prompt_tokens: int
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    sent: int = 0  # characters of detok.text already handed out as deltas
+    text_end: int | None = None  # where a matched stop string cut the text
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LLMEngine:
+    def __init__(self, model, *, device: str | None = None, dtype: str | None = None, session_len: int | None = None,
+                 max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
+                 num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
+                 enable_prefix_caching: bool = True, arch: str = "auto", model_source: str | None = None):
+        from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
+
+        source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
+        self.config = source.config
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = parse_dtype(dtype) if dtype else self.config.torch_dtype
+        self.tokenizer = source.load_tokenizer()
+        gen = source.generation_config or {}
+        eos = gen.get("eos_token_id", [])
+        self.eos_ids = set(self.config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
+        self.session_len = session_len or min(self.config.max_position_embeddings, 8192)
+        if num_cache_tokens is None and self.device.type != "cuda":
+            num_cache_tokens = max(self.session_len, 4 * 1024)
+        self.runner = ModelRunner(source, self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_batch_size, max(max_num_batched_tokens, block_size), self.session_len), self.block_manager)
+        self.requests: dict[int, _Request] = {}
+
+    # ---- requests --------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError("this model has no chat template")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise UserError("empty prompt")
+        if len(ids) >= self.session_len:
+            raise UserError(f"prompt has {len(ids)} tokens; the session length is {self.session_len}")
+        seq = Sequence(ids, params)
+        self.requests[seq.seq_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.seq.finished:
+            self.scheduler.finish(req.seq, "abort")
+            self.runner.sampler.release(req.seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that produced a token."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = iter(self.runner.run(batch))
+        outputs = []
+        for seq, n in batch:
+            seq.num_computed += n
+            self.block_manager.register_full_blocks(seq)
+            if seq.num_computed < seq.num_tokens:  # a prefill chunk with more to come
+                continue
+            outputs.append(self._append(self.requests[seq.seq_id], next(tokens)))
+        return outputs
+
+    def _append(self, req: _Request, token: int) -> RequestOutput:
+        seq, p = req.seq, req.seq.params
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        reason = None
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        else:
+            seq.output_ids.append(token)
+            req.detok.add(token)
+            reason = self._check_stop_strings(req)
+            if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.session_len):
+                reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.runner.sampler.release(seq.seq_id)
+        return self._output(req)
+
+    def _check_stop_strings(self, req: _Request) -> str | None:
+        text, stops = req.detok.text, req.seq.params.stop
+        for stop in stops:
+            at = text.find(stop, max(0, req.sent - len(stop)))
+            if at != -1:
+                req.text_end = at if req.text_end is None else min(req.text_end, at)
+        return "stop" if req.text_end is not None else None
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        text = req.detok.text[:req.text_end]
+        # While running, hold back a tail that could still grow into a stop string.
+        end = len(text) if seq.finished else len(text) - _stop_prefix_len(text, seq.params.stop)
+        delta, req.sent = text[req.sent:end], max(req.sent, end)
+        if seq.finished:
+            self.requests.pop(seq.seq_id, None)
+        return RequestOutput(seq.seq_id, text, delta, list(seq.output_ids), len(seq.prompt_ids),
+                             seq.finished, seq.finish_reason)
+
+    # ---- conveniences ----------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        final: dict[int, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None):
+        """Yields RequestOutputs for one request as tokens arrive (other requests added meanwhile also advance)."""
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(rid)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best

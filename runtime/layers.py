@@ -1,0 +1,106 @@
+"""Building blocks of the decoder. Math goes through lmconvert.kernels (Triton on CUDA, torch on CPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmconvert import kernels
+from lmconvert.runtime.context import get_context
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W held in full precision or in a quantized engine layout.
+
+    `quant` is the engine's quantization block ({} for fp): bits 4 → W4A16 kernel, bits 8 → W8A16 kernel.
+    """
+
+    def __init__(self, quant: dict | None = None):
+        super().__init__()
+        self.bits = (quant or {}).get("bits", 16)
+        self.group_size = (quant or {}).get("group_size", 0)
+        self.weight = self.qweight = self.scales = self.zeros = self.bias = None
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            setattr(self, key, value)
+        if self.bits == 4 and hasattr(kernels, "prepare_w4"):
+            self.qweight, self.scales, self.zeros = kernels.prepare_w4(self.qweight, self.scales, self.zeros, self.group_size)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] if self.weight is not None else self.scales.shape[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        if self.bits == 8:
+            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = None
+
+    def forward(self, x, residual=None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+def dense_causal_attention(q, k, v, cu_seqlens: list[int], scale: float, sliding_window: int | None):
+    """Attention of whole sequences over themselves (no cache): q [T, H, D], k/v [T, Hkv, D]."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        n = end - start
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        if sliding_window:
+            mask &= ~torch.ones_like(mask).tril(-sliding_window)
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, quant: dict):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.split = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        self.scale = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.qkv_proj = Linear(quant)
+        self.o_proj = Linear(quant)
+        self.q_norm = RMSNorm(cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_cache = self.v_cache = None  # [num_blocks, block_size, Hkv, D], attached by the model runner
+
+    def forward(self, positions, x, rope_cache):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.apply_rope(q, k, positions, rope_cache)
+        ctx = get_context()
+        if ctx.paged:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                                        ctx.context_lens, self.scale, self.sliding_window)
+        else:
+            o = dense_causal_attention(q, k, v, ctx.cu_seqlens_q.tolist(), self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, quant: dict):
+        super().__init__()
+        self.gate_up_proj = Linear(quant)
+        self.down_proj = Linear(quant)
+
+    def forward(self, x):
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))

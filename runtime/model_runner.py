@@ -1,0 +1,76 @@
+"""Turns a scheduled step into tensors, runs the model, samples. Owns the model and its KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from lmconvert.config import ModelConfig
+from lmconvert.runtime.context import Context, reset_context, set_context
+from lmconvert.runtime.model import Transformer
+from lmconvert.runtime.sampling import Sampler
+from lmconvert.runtime.sequence import Sequence
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, source, device: torch.device, dtype: torch.dtype, block_size: int,
+                 num_cache_tokens: int | None, cache_max_entry_count: float):
+        self.cfg: ModelConfig = source.config
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.model = Transformer(self.cfg)
+        self.model.load_weights(source, device, dtype)
+        self.num_blocks = self._count_blocks(num_cache_tokens, cache_max_entry_count)
+        shape = (self.num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = torch.empty(shape, dtype=dtype, device=device)
+            layer.self_attn.v_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.sampler = Sampler()
+
+    def _count_blocks(self, num_cache_tokens: int | None, fraction: float) -> int:
+        if num_cache_tokens is None:
+            if self.device.type != "cuda":
+                raise ValueError("num_cache_tokens is required off the GPU")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_cache_tokens = int(free * fraction) // kv_bytes_per_token(self.cfg, self.dtype)
+        return max(1, num_cache_tokens // self.block_size)
+
+    def _prepare(self, batch: list[tuple[Sequence, int]]):
+        bs = self.block_size
+        ids, positions, slots, cu, ctx_lens, logit_rows = [], [], [], [0], [], []
+        for seq, n in batch:
+            start = seq.num_computed
+            ids += seq.token_ids(start, start + n)
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            cu.append(cu[-1] + n)
+            ctx_lens.append(start + n)
+            if start + n == seq.num_tokens:  # the last known token is in this step: sample after it
+                logit_rows.append(cu[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+
+        def dev(x, dtype):
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        ctx = Context(cu_seqlens_q=dev(cu, torch.int32), slot_mapping=dev(slots, torch.int64),
+                      block_tables=dev(tables, torch.int32), context_lens=dev(ctx_lens, torch.int32),
+                      max_query_len=max(n for _, n in batch), is_decode=all(n == 1 for _, n in batch))
+        return dev(ids, torch.int64), dev(positions, torch.int64), ctx, logit_rows
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
+        """Computes the step; returns one sampled token per sequence whose known tokens are now all computed."""
+        input_ids, positions, ctx, logit_rows = self._prepare(batch)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        if not logit_rows:
+            return []
+        logits = self.model.compute_logits(hidden[logit_rows])
+        sampling_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
+        return self.sampler(logits, sampling_seqs)

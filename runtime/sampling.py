@@ -1,0 +1,82 @@
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, penalties, per-request seed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # HF semantics: >1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_p <= 0 or self.top_p > 1 or self.top_k < 0 or self.max_tokens < 1:
+            raise ValueError("invalid sampling parameters: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_tokens >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device, dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and output_ids:
+        ids, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+
+
+class Sampler:
+    """Picks one token per row of fp32 logits [B, V]; rows are sequences with their own parameters."""
+
+    def __init__(self):
+        self._generators: dict[int, torch.Generator] = {}  # seq id -> generator, for seeded requests
+
+    def release(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, seq_id: int, seed: int, device) -> torch.Generator:
+        gen = self._generators.get(seq_id)
+        if gen is None:
+            gen = self._generators[seq_id] = torch.Generator(device=device).manual_seed(seed)
+        return gen
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs) -> list[int]:
+        for row, seq in enumerate(seqs):
+            _apply_penalties(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
+        greedy = logits.argmax(dim=-1)
+        if all(s.params.greedy for s in seqs):
+            return greedy.tolist()
+        dev = logits.device
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev).unsqueeze(1)
+        probs = torch.softmax(logits / temps, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        ranks = torch.arange(probs.shape[-1], device=dev).unsqueeze(0)
+        top_k = torch.tensor([s.params.top_k or probs.shape[-1] for s in seqs], device=dev).unsqueeze(1)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev).unsqueeze(1)
+        # keep a token while fewer than top_k precede it and the mass before it is under top_p
+        keep = (ranks < top_k) & ((sorted_probs.cumsum(-1) - sorted_probs) < top_p)
+        sorted_probs = sorted_probs * keep
+        # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1); seeded rows draw from their generator
+        noise = torch.empty_like(sorted_probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                noise[row].exponential_(generator=self._generator(seq.seq_id, seq.params.seed, dev))
+        picked = order.gather(1, (sorted_probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
+        is_greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        return torch.where(is_greedy, greedy, picked).tolist()
