@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from lmconvert.cli_options import build_engine, build_sampling, engine_options, sampling_options
 from lmconvert.errors import UserError
 
 
@@ -58,6 +59,37 @@ def info(path: str, verify: bool):
     from lmconvert.engine.info import print_info
 
     print_info(path, verify=verify)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--no-think", is_flag=True, help="Ask Qwen3-style models not to think (enable_thinking=False).")
+@click.option("--system", default=None, help="System prompt.")
+@engine_options
+@sampling_options
+def chat(model: str, no_think: bool, system: str | None, **opts):
+    """Chat with MODEL (engine dir or checkpoint). Reads one prompt per line when stdin is not a terminal."""
+    from lmconvert.runtime.chat import run_chat
+
+    engine = build_engine(model, opts)
+    run_chat(engine, build_sampling(engine, opts), enable_thinking=False if no_think else None, system=system)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Prompt text ('-' reads stdin).")
+@click.option("--chat", "use_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@engine_options
+@sampling_options
+def generate(model: str, prompt: str, use_chat: bool, **opts):
+    """Complete PROMPT with MODEL and print only the generated text."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    engine = build_engine(model, opts)
+    ids = engine.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat else prompt
+    for out in engine.stream(ids, build_sampling(engine, opts)):
+        click.echo(out.delta, nl=False)
+    click.echo()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class LLMEngine:
         self.device = torch.device(device) if device else default_device()
         self.dtype = parse_dtype(dtype) if dtype else self.config.torch_dtype
         self.tokenizer = source.load_tokenizer()
-        gen = source.generation_config or {}
+        self.generation_config = gen = source.generation_config or {}
         eos = gen.get("eos_token_id", [])
         self.eos_ids = set(self.config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
         self.session_len = session_len or min(self.config.max_position_embeddings, 8192)

@@ -1,0 +1,67 @@
+"""Click options shared by the commands that run a model (chat, generate, bench, serve, eval)."""
+
+from __future__ import annotations
+
+import click
+
+ENGINE_OPTIONS = [
+    click.option("--arch", default="auto", show_default=True, help="Architecture check when MODEL is a checkpoint."),
+    click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None,
+                 help="Cache to search for a model id."),
+    click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)."),
+    click.option("--dtype", default=None, help="Compute dtype bf16 | fp16 | fp32 (default: the engine's)."),
+    click.option("--session-len", type=int, default=None, help="Max tokens of prompt + answer per session."),
+    click.option("--max-batch-size", type=int, default=128, show_default=True),
+    click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True,
+                 help="Token budget of one step (chunked prefill)."),
+    click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True,
+                 help="Fraction of free GPU memory given to the KV cache."),
+    click.option("--cache-block-seq-len", "block_size", type=int, default=16, show_default=True,
+                 help="Tokens per KV cache block."),
+    click.option("--num-cache-tokens", type=int, default=None, help="KV cache size in tokens (instead of the fraction)."),
+]
+
+SAMPLING_OPTIONS = [
+    click.option("--max-new-tokens", type=int, default=512, show_default=True),
+    click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation config)."),
+    click.option("--top-p", type=float, default=None),
+    click.option("--top-k", type=int, default=None),
+    click.option("--repetition-penalty", type=float, default=None),
+    click.option("--seed", type=int, default=None),
+    click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+]
+
+
+def _apply(options):
+    def decorator(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorator
+
+
+engine_options = _apply(ENGINE_OPTIONS)
+sampling_options = _apply(SAMPLING_OPTIONS)
+
+
+def build_engine(model: str, opts: dict):
+    from lmconvert.runtime import LLMEngine
+
+    keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
+            "cache_max_entry_count", "block_size", "num_cache_tokens")
+    return LLMEngine(model, **{k: opts[k] for k in keys})
+
+
+def build_sampling(engine, opts: dict):
+    """Sampling parameters: the user's flags, else the model's generation_config, else plain defaults."""
+    from lmconvert.runtime import SamplingParams
+
+    gen = engine.generation_config
+    defaults = {"temperature": gen.get("temperature", 1.0) if gen.get("do_sample", True) else 0.0,
+                "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0) or 0,
+                "repetition_penalty": gen.get("repetition_penalty", 1.0)}
+    chosen = {k: (opts[k] if opts.get(k) is not None else v) for k, v in defaults.items()}
+    try:
+        return SamplingParams(max_tokens=opts["max_new_tokens"], seed=opts["seed"], stop=list(opts["stop"]), **chosen)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
