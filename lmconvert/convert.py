@@ -1,0 +1,102 @@
+"""Checkpoint (canonical names) -> engine (fused names), streamed one decoder layer at a time.
+
+The fusing below is the only place where canonical names become engine names; both the on-disk path
+(`convert`) and the in-memory path (`ConvertedModel`, used when chat/quantize get a raw checkpoint) use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lmconvert.arch import FUSED_MODULES
+from lmconvert.config import DTYPE_NAMES, ModelConfig, parse_dtype
+from lmconvert.engine.format import GLOBAL_NAMES
+from lmconvert.engine.writer import EngineWriter, check_destination
+from lmconvert.load import open_checkpoint
+
+
+def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-layer canonical suffixes -> engine suffixes: q/k/v -> qkv_proj, gate/up -> gate_up_proj (rows concatenated)."""
+    out = dict(tensors)
+    for fused, parts in FUSED_MODULES.items():
+        for kind in ("weight", "bias"):
+            names = [f"{p}.{kind}" for p in parts]
+            if all(n in out for n in names):
+                out[f"{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+            elif any(n in out for n in names):
+                raise ValueError(f"cannot fuse {fused}.{kind}: only {[n for n in names if n in out]} present")
+    return out
+
+
+def layer_tensors(ckpt, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Engine tensors of decoder layer i, read from the checkpoint one tensor at a time and cast to dtype."""
+    raw = {s: ckpt.get(f"layers.{i}.{s}").to(dtype) for s in ckpt.arch.layer_names()}
+    return fuse(raw)
+
+
+def global_tensors(ckpt, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    names = [n for n in GLOBAL_NAMES if n != "lm_head.weight" or not config.tie_word_embeddings]
+    return {n: ckpt.get(n).to(dtype) for n in names}
+
+
+def target_config(ckpt, dtype: str | torch.dtype | None) -> ModelConfig:
+    config = dataclasses.replace(ckpt.config, eos_token_ids=list(ckpt.config.eos_token_ids))
+    if dtype is not None:
+        config.dtype = DTYPE_NAMES[parse_dtype(dtype)]
+    return config
+
+
+class ConvertedModel:
+    """A checkpoint seen through engine names without writing anything: the in-memory model source."""
+
+    def __init__(self, ckpt, dtype: str | torch.dtype | None = None):
+        self.ckpt = ckpt
+        self.config = target_config(ckpt, dtype)
+        self.generation_config = ckpt.generation_config
+        self.path = ckpt.path
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return global_tensors(self.ckpt, self.config, self.config.torch_dtype)
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.config.num_layers:
+            raise IndexError(f"layer {i} out of range (model has {self.config.num_layers})")
+        return layer_tensors(self.ckpt, i, self.config.torch_dtype)
+
+    def load_tokenizer(self):
+        return self.ckpt.load_tokenizer()
+
+    def save_tokenizer(self, dst: Path) -> None:
+        self.ckpt.save_tokenizer(dst)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("tensors, {task.fields[mib]:.0f} MiB written"), TimeElapsedColumn(), transient=False)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str = "auto", dtype: str | None = None,
+            overwrite: bool = False, model_source: str | None = None) -> Path:
+    """Convert a checkpoint into an engine directory at dst; returns dst. Peak memory is about one layer."""
+    if dtype is not None:
+        parse_dtype(dtype)  # reject a bad dtype before any slow work
+    check_destination(dst, overwrite)
+    ckpt = open_checkpoint(src, arch=arch, model_source=model_source)
+    model = ConvertedModel(ckpt, dtype)
+    n = model.config.num_layers
+    per_layer = len(ckpt.arch.layer_names())
+    with EngineWriter(dst, overwrite) as writer, progress_bar() as bar:
+        task = bar.add_task(f"converting {ckpt.path.name}", total=n * per_layer + len(GLOBAL_NAMES), mib=0.0)
+        model.save_tokenizer(writer.tokenizer_dir)
+        writer.write_globals(model.global_tensors())
+        bar.update(task, advance=len(GLOBAL_NAMES), mib=writer.bytes_written / 2**20)
+        for i in range(n):
+            writer.write_layer(i, model.layer_tensors(i))
+            bar.update(task, advance=per_layer, mib=writer.bytes_written / 2**20)
+        writer.write_config(model.config, model.generation_config)
+    return writer.dst

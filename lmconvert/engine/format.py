@@ -1,0 +1,31 @@
+"""Engine directory layout (docs/engine-format.md is the one-page description of the same)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+FORMAT_VERSION = 1
+CONFIG = "config.json"  # {"format_version": 1, **ModelConfig fields}
+MANIFEST = "manifest.json"  # {"format_version": 1, "files": {relpath: {"size": int, "sha256": hex}}}
+GENERATION_CONFIG = "generation_config.json"
+GLOBALS = "globals.safetensors"  # embed_tokens.weight, norm.weight, lm_head.weight (untied only)
+TOKENIZER_DIR = "tokenizer"  # tokenizer files as transformers saves them, chat template included
+GLOBAL_NAMES = ("embed_tokens.weight", "norm.weight", "lm_head.weight")
+
+
+def layer_file(i: int) -> str:
+    return f"layers/layer_{i:05d}.safetensors"
+
+
+def layer_prefix(i: int) -> str:
+    """Tensors are stored under full engine names ("layers.3.qkv_proj.weight"): each file describes itself."""
+    return f"layers.{i}."
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,111 @@
+"""Atomic engine writes: everything goes into a temp dir beside dst, which is renamed into place at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lmconvert.config import ModelConfig
+from lmconvert.engine import format as fmt
+from lmconvert.errors import UserError
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing dst (unless overwrite) or an unwritable parent before any work is done."""
+    dst = Path(dst).expanduser().absolute()
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists (pass --overwrite to replace it)")
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} exists and is not a directory")
+    parent = next((p for p in (dst.parent, *dst.parent.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {dst}: {parent} is not a writable directory")
+    return dst
+
+
+class EngineWriter:
+    """with EngineWriter(dst, overwrite) as w: w.write_globals(...); w.write_layer(i, ...); w.write_config(...)
+
+    Tensor dicts use per-layer suffix keys ("qkv_proj.weight") for layers, engine names for globals.
+    The tokenizer goes into `w.tokenizer_dir` (e.g. `source.save_tokenizer(w.tokenizer_dir)`).
+    On leaving the block without error the manifest is written and the dir renamed to dst; on error nothing
+    is left at dst (an overwritten engine stays as it was).
+    """
+
+    def __init__(self, dst: str | os.PathLike, overwrite: bool = False):
+        self.dst = check_destination(dst, overwrite)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+        self.bytes_written = 0
+
+    def __enter__(self) -> "EngineWriter":
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        (self.tmp / "layers").mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            self._finish()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        path = self.tmp / fmt.TOKENIZER_DIR
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, self.tmp / rel, metadata={"format": "pt"})
+        self.bytes_written += (self.tmp / rel).stat().st_size
+
+    def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = set(tensors) - set(fmt.GLOBAL_NAMES)
+        if unknown:
+            raise ValueError(f"not global engine tensors: {sorted(unknown)}")
+        self._save(tensors, fmt.GLOBALS)
+
+    def write_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = fmt.layer_prefix(i)
+        self._save({prefix + k: v for k, v in tensors.items()}, fmt.layer_file(i))
+
+    def write_config(self, config: ModelConfig, generation_config: dict | None = None) -> None:
+        self._write_json(fmt.CONFIG, {"format_version": fmt.FORMAT_VERSION, **config.to_dict()})
+        self._write_json(fmt.GENERATION_CONFIG, generation_config or {})
+        self.config = config
+
+    def _write_json(self, rel: str, data: dict) -> None:
+        (self.tmp / rel).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def _finish(self) -> None:
+        config = getattr(self, "config", None)
+        if config is None:
+            raise RuntimeError("EngineWriter: write_config was never called")
+        missing = [fmt.layer_file(i) for i in range(config.num_layers) if not (self.tmp / fmt.layer_file(i)).is_file()]
+        missing += [f for f in (fmt.GLOBALS, fmt.TOKENIZER_DIR) if not (self.tmp / f).exists()]
+        if missing:
+            raise RuntimeError(f"EngineWriter: incomplete engine, missing {missing[:3]}")
+        files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(self.tmp)): {"size": p.stat().st_size, "sha256": fmt.sha256_file(p)}
+                    for p in files}
+        self._write_json(fmt.MANIFEST, {"format_version": fmt.FORMAT_VERSION, "files": manifest})
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700
+        if self.dst.exists():  # overwrite: move the old engine aside first, delete it only once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.old-", dir=self.dst.parent))
+            os.replace(self.dst, old / "engine")
+            os.replace(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dst)

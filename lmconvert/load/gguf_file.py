@@ -1,0 +1,134 @@
+"""GGUF files (llama.cpp): hyper-parameters from the metadata, tensors dequantized by the `gguf` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmconvert.arch import resolve_arch
+from lmconvert.config import ModelConfig
+from lmconvert.errors import UserError
+from lmconvert.load.hparams import as_id_list, merge_ids
+
+# stored as-is; every other type is dequantized to float32 by gguf.quants
+PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16}
+# what a file whose weights are all of one plain type converts to by default; anything quantized -> bf16
+DEFAULT_DTYPE = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def f32(value) -> float:
+    """GGUF stores floats as float32: print 1e-05, not 9.999999747378752e-06."""
+    return float(str(np.float32(value)))
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: within each head, rows interleaved (d/2, 2) -> halves (2, d/2)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFCheckpoint:
+    def __init__(self, path: Path, arch: str = "auto"):
+        import gguf
+
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises ValueError / struct errors on damaged files
+            raise UserError(f"{path} is not a readable GGUF file: {e}") from None
+        self.path = path
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        model_type = self.meta("general.architecture")
+        self.arch = resolve_arch(arch, model_type)
+        self.config = self._model_config(model_type)
+        self.generation_config = {k: v for k, v in (("bos_token_id", self.config.bos_token_id),
+                                                    ("eos_token_id", self.config.eos_token_ids)) if v}
+        self._tokenizer = None
+
+    def meta(self, key: str, default=None):
+        field = self.reader.get_field(key)
+        return field.contents() if field is not None else default
+
+    def _model_config(self, prefix: str) -> ModelConfig:
+        def hp(key, default=None):
+            value = self.meta(f"{prefix}.{key}", default)
+            if value is None:
+                raise UserError(f"{self.path.name}: GGUF metadata lacks {prefix}.{key}")
+            return value
+
+        if "rope_freqs.weight" in self.tensors:
+            raise UserError(f"{self.path.name}: GGUF rope frequency factors (llama3 rope scaling) are not supported yet")
+        hidden, heads = int(hp("embedding_length")), int(hp("attention.head_count"))
+        scaling_type = self.meta(f"{prefix}.rope.scaling.type", "none")
+        scaling = None
+        if scaling_type not in ("none", None):
+            scaling = {"rope_type": scaling_type, "factor": float(hp("rope.scaling.factor")),
+                       "original_max_position_embeddings": int(hp("rope.scaling.original_context_length", 0))}
+        bos = self.meta("tokenizer.ggml.bos_token_id")
+        weight_types = {t.tensor_type.name for name, t in self.tensors.items() if len(t.shape) == 2}
+        dtype = DEFAULT_DTYPE.get(weight_types.pop(), "bf16") if len(weight_types) == 1 else "bf16"
+        return ModelConfig(
+            arch=self.arch.name,
+            vocab_size=int(self.tensors["token_embd.weight"].shape[-1]),
+            hidden_size=hidden,
+            intermediate_size=int(hp("feed_forward_length")),
+            num_layers=int(hp("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(hp("attention.head_count_kv", heads)),
+            head_dim=int(self.meta(f"{prefix}.attention.key_length") or hidden // heads),
+            rms_norm_eps=f32(hp("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=f32(hp("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(hp("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in self.tensors,
+            qkv_bias=self.arch.qkv_bias,
+            qk_norm=self.arch.qk_norm,
+            sliding_window=None,  # llama.cpp does not record one for the llama family
+            dtype=dtype,
+            bos_token_id=int(bos) if bos is not None else None,
+            eos_token_ids=merge_ids(as_id_list(self.meta("tokenizer.ggml.eos_token_id")),
+                                    as_id_list(self.meta("tokenizer.ggml.eot_token_id"))),
+        )
+
+    def has(self, name: str) -> bool:
+        return self.arch.gguf_name(name) in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+
+        source = self.arch.gguf_name(name)
+        if source not in self.tensors:
+            raise UserError(f"{self.path.name} lacks tensor {source}")
+        t = self.tensors[source]
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        kind = t.tensor_type.name
+        if kind in PLAIN_TYPES:
+            out = torch.from_numpy(np.array(t.data, dtype=t.data.dtype)).reshape(shape)
+        else:
+            try:
+                out = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+            except NotImplementedError:
+                raise UserError(f"{self.path.name}: tensor {source} has unsupported GGUF type {kind}") from None
+        if self.arch.gguf_permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self.config.num_heads if name.endswith("q_proj.weight") else self.config.num_kv_heads
+            out = unpermute_rows(out, heads)
+        return out
+
+    def load_tokenizer(self):
+        """transformers rebuilds the tokenizer from the GGUF vocabulary (slow: parses the whole token list)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            except Exception as e:  # transformers raises assorted errors for vocabularies it cannot rebuild
+                raise UserError(f"cannot build a tokenizer from {self.path.name}: {e}") from None
+            template = self.meta("tokenizer.chat_template")
+            if template and not tok.chat_template:
+                tok.chat_template = template
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def save_tokenizer(self, dst: Path) -> None:
+        self.load_tokenizer().save_pretrained(dst)

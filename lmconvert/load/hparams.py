@@ -1,0 +1,70 @@
+"""HF config.json (+ generation_config.json) -> normalized ModelConfig."""
+
+from __future__ import annotations
+
+from lmconvert.arch import Arch
+from lmconvert.config import DTYPE_NAMES, ModelConfig, parse_dtype
+from lmconvert.errors import UserError
+
+
+def as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def merge_ids(*lists: list[int]) -> list[int]:
+    return list(dict.fromkeys(i for ids in lists for i in ids))  # union, first-seen order
+
+
+def split_rope(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    params = dict(cfg.get("rope_parameters") or {})
+    if "rope_theta" not in params:  # older configs, or rope_parameters keyed per layer type
+        params = {**dict(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 10000.0)}
+    theta = float(params.pop("rope_theta"))
+    if "type" in params:  # pre-4.45 spelling
+        params.setdefault("rope_type", params.pop("type"))
+    if params.get("rope_type", "default") == "default":
+        return theta, None
+    return theta, params
+
+
+def checkpoint_dtype(cfg: dict) -> str:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    try:
+        return DTYPE_NAMES[parse_dtype(name)]
+    except UserError:
+        return "bf16"  # e.g. a float8 checkpoint: bf16 is the closest dtype the engine stores
+
+
+def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConfig:
+    cfg = {**cfg, **(cfg.get("text_config") or {})}  # multimodal wrappers nest the decoder's config
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        theta, scaling = split_rope(cfg)
+        window = cfg.get("sliding_window") if arch.sliding_window else None
+        return ModelConfig(
+            arch=arch.name,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch.qkv_bias,
+            qk_norm=arch.qk_norm,
+            sliding_window=int(window) if window else None,
+            dtype=checkpoint_dtype(cfg),
+            bos_token_id=generation_config.get("bos_token_id", cfg.get("bos_token_id")),
+            eos_token_ids=merge_ids(as_id_list(cfg.get("eos_token_id")),
+                                    as_id_list(generation_config.get("eos_token_id"))),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"config.json is missing or has a bad hyper-parameter: {e}") from None
