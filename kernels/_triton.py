@@ -1,0 +1,39 @@
+"""Where the Triton path runs: CUDA tensors with triton importable; everything else takes the torch reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs (macOS, aarch64): kernels are defined but never launched
+    from types import SimpleNamespace
+
+    HAVE_TRITON = False
+    triton = SimpleNamespace(jit=lambda fn=None, **_: fn, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=None)
+
+# Under TRITON_INTERPRET=1 the kernels also run on CPU tensors; tests call the *_triton launchers directly.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return HAVE_TRITON and x.is_cuda
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b. The CPU interpreter multiplies bf16 operands wrongly (Triton 3.9), so under
+    TRITON_INTERPRET the operands go up to fp32: bf16 products are exact in fp32 either way."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)

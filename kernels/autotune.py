@@ -1,0 +1,36 @@
+"""A tiny per-shape autotuner: time each candidate launch once per key, remember the fastest.
+
+Triton's @autotune keys on exact argument values and cannot prune by our own rules (a block must divide
+the quant group), so the linears pick from their own candidate lists here. Off CUDA (the interpreter)
+the first candidate is taken without timing.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._triton import INTERPRET
+
+
+@dataclass(slots=True)
+class Autotuner:
+    chosen: dict = field(default_factory=dict)  # key -> config, for the life of the process
+
+    def pick(self, key, candidates, launch):
+        """launch(config) runs the kernel; returns the cached or newly timed best config for key."""
+        if key in self.chosen:
+            return self.chosen[key]
+        best = candidates[0]
+        if len(candidates) > 1 and torch.cuda.is_available() and not INTERPRET:
+            from triton.testing import do_bench
+
+            times = {}
+            for cfg in candidates:
+                try:
+                    times[cfg] = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+                except Exception:  # out of shared memory / registers on this card: skip the candidate
+                    continue
+            best = min(times, key=times.get)
+        self.chosen[key] = best
+        return best
+
