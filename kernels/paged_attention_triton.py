@@ -1,0 +1,157 @@
+"""Triton paged attention over [num_blocks, block_size, KVH, D] caches. Reference: paged_attention_ref.py.
+
+decode (one query per sequence): one program per (sequence, KV head, KV split). The program loads its KV
+head's blocks once and scores them against the whole query group (GQA: H/KVH query heads, padded to 16
+rows for tl.dot), so each KV byte is read once. Long contexts are split over NUM_SPLITS programs
+(flash-decoding); a second small kernel merges the partial outputs by their log-sum-exp.
+prefill (any query count): one program per (query tile, sequence, head), walking page-sized key tiles
+from the window start to the tile's last query position. Softmax is online, in fp32, base 2.
+"""
+
+import torch
+
+from ._triton import INTERPRET, dot_acc, next_pow2, tl, triton
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                   stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
+                   KVH: tl.constexpr, BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+    s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    row_ok, d_ok = g < QG, d < D
+    heads = kvh * QG + g
+    q = tl.load(q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    ctx = tl.load(ctx_ptr + s)
+    start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0  # keys at positions > p - window, p = ctx - 1
+    first, last = start // BS, tl.cdiv(ctx, BS)
+    per_split = tl.cdiv(last - first, NUM_SPLITS)
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, last)
+    m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    offs = tl.arange(0, BS)
+    for b in range(lo, hi):
+        block = tl.load(bt_ptr + s.to(tl.int64) * stride_bt + b).to(tl.int64)
+        kv_off = ((block * BS + offs[:, None]) * KVH + kvh) * D + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        scores = dot_acc(q, tl.trans(k), tl.zeros((BLOCK_G, BS), tl.float32), UPCAST) * qk_scale
+        pos = b * BS + offs
+        scores = tl.where(((pos < ctx) & (pos >= start))[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        dst = out_ptr + (s.to(tl.int64) * H + heads[:, None]) * D + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        row = (s.to(tl.int64) * H + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=row_ok)  # -inf for an empty split
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, D, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # s * H + head
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + sp)
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(part_o_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, stride_qt, stride_qh, stride_bt,
+                    qk_scale, WINDOW, QG, H, D, KVH: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    tile, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_begin = tl.load(cu_ptr + s)
+    q_len = tl.load(cu_ptr + s + 1) - q_begin
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + s)
+    kvh = h // QG
+    i = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_ok, d_ok = i < q_len, d < D
+    t = (q_begin + i).to(tl.int64)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = ctx - q_len + i
+    last_pos = ctx - q_len + tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1
+    first_pos = tl.maximum(ctx - q_len + tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
+    m_i = tl.full((BLOCK_M,), -1e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    offs = tl.arange(0, BS)
+    for b in range(first_pos // BS, last_pos // BS + 1):
+        block = tl.load(bt_ptr + s.to(tl.int64) * stride_bt + b).to(tl.int64)
+        kv_off = ((block * BS + offs[:, None]) * KVH + kvh) * D + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        scores = dot_acc(q, tl.trans(k), tl.zeros((BLOCK_M, BS), tl.float32), UPCAST) * qk_scale
+        k_pos = b * BS + offs
+        ok = k_pos[None, :] <= q_pos[:, None]
+        if WINDOW > 0:
+            ok &= k_pos[None, :] > q_pos[:, None] - WINDOW
+        scores = tl.where(ok, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (t[:, None] * H + h) * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+def num_kv_splits(num_seqs, num_kv_heads, max_blocks, num_sms):
+    """Split the KV walk only when (sequences x KV heads) cannot fill the SMs twice over; keep >= 4 blocks a split."""
+    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    return max(1, min(next_pow2(want), max(1, max_blocks // 4), 64))
+
+
+def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                           sliding_window=None, max_seqlen_q=None, num_splits=None):
+    T, H, D = q.shape
+    S = context_lens.shape[0]
+    _, BS, KVH, _ = k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+    common = dict(KVH=KVH, BS=BS, BLOCK_D=next_pow2(D), UPCAST=INTERPRET)
+    qk_scale, window, qg = scale * LOG2E, sliding_window or 0, H // KVH
+    if T == S:  # decode: no host sync needed
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        splits = num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms)
+        part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
+        part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
+        _decode_kernel[(S, KVH, splits)](q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
+                                         q.stride(0), q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D,
+                                         BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits, num_warps=4, **common)
+        if splits > 1:
+            _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    BLOCK_M = 64 if max_seqlen_q > 32 and not INTERPRET else 16
+    grid = (triton.cdiv(max_seqlen_q, BLOCK_M), S, H)
+    _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, q.stride(0),
+                          q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D, BLOCK_M=BLOCK_M,
+                          num_warps=4, num_stages=2, **common)
+    return out
