@@ -138,7 +138,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
     qk_scale, window, qg = scale * LOG2E, sliding_window or 0, H // KVH
     if T == S:  # decode: no host sync needed
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms)
+        splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms))  # merge needs 2^n
         part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
         part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
         _decode_kernel[(S, KVH, splits)](q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
