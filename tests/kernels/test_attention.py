@@ -1,0 +1,111 @@
+"""Paged attention and store_kv: Triton (interpreted) vs the torch reference vs an fp64 naive loop.
+
+Tolerances (relative Frobenius error): Triton vs reference 1e-2 in bf16 (P is rounded to bf16 before
+P @ V, SDPA keeps it fp32) and 1e-5 in fp32; reference vs the naive fp64 loop 1e-5 in fp32.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lmconvert.kernels import paged_attention, store_kv
+from lmconvert.kernels.kv_cache import store_kv_ref, store_kv_triton
+from lmconvert.kernels.paged_attention_ref import paged_attention_ref
+from lmconvert.kernels.paged_attention_triton import num_kv_splits, paged_attention_triton
+
+from kernel_testing import rel_err
+
+
+def make_batch(block_size, H, KVH, D, ctxs, q_lens, dtype):
+    """Caches with each sequence's blocks scattered at random, block tables padded with -1."""
+    nb = [-(-c // block_size) for c in ctxs]
+    num_blocks = sum(nb) + 2
+    k_cache = torch.randn(num_blocks, block_size, KVH, D, dtype=dtype)
+    v_cache = torch.randn(num_blocks, block_size, KVH, D, dtype=dtype)
+    perm = torch.randperm(num_blocks).int()
+    tables = torch.full((len(ctxs), max(nb) + 1), -1, dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(nb):
+        tables[s, :n] = perm[used:used + n]
+        used += n
+    cu = torch.tensor([0] + q_lens).cumsum(0).int()
+    q = torch.randn(int(cu[-1]), H, D, dtype=dtype)
+    return q, k_cache, v_cache, tables, cu, torch.tensor(ctxs, dtype=torch.int32)
+
+
+def naive_attention(q, k_cache, v_cache, tables, cu, ctx, scale, window):
+    out = torch.empty(q.shape, dtype=torch.float64)
+    H, KVH = q.shape[1], k_cache.shape[2]
+    for s in range(len(ctx)):
+        L = int(ctx[s])
+        k = k_cache[tables[s].long()].flatten(0, 1)[:L].double().repeat_interleave(H // KVH, dim=1)
+        v = v_cache[tables[s].long()].flatten(0, 1)[:L].double().repeat_interleave(H // KVH, dim=1)
+        for t in range(int(cu[s]), int(cu[s + 1])):
+            p = L - (int(cu[s + 1]) - t)  # this query's position
+            keys = [j for j in range(L) if j <= p and (window is None or j > p - window)]
+            scores = torch.einsum("hd,lhd->hl", q[t].double(), k[keys]) * scale
+            out[t] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v[keys])
+    return out
+
+
+CASES = [  # block_size, H, KVH, D, context lens, query lens, window
+    (16, 8, 8, 32, [37, 5, 64], [1, 1, 1], None),  # decode, MHA, ragged
+    (32, 8, 2, 64, [100, 33, 1], [1, 1, 1], None),  # decode, GQA 4
+    (16, 8, 1, 32, [90, 17], [1, 1], 20),  # decode, GQA 8, sliding window
+    (64, 4, 1, 32, [130, 70], [1, 1], None),  # block 64
+    (16, 8, 2, 32, [37, 20, 64], [5, 20, 1], None),  # prefill: prefix-cached, fresh, mixed decode row
+    (32, 4, 4, 32, [70, 45], [33, 12], 10),  # chunked prefill with a window
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_naive_fp32(case):
+    bs, H, KVH, D, ctxs, q_lens, window = case
+    batch = make_batch(bs, H, KVH, D, ctxs, q_lens, torch.float32)
+    ref = paged_attention_ref(*batch, 1 / math.sqrt(D), window)
+    assert rel_err(ref, naive_attention(*batch, 1 / math.sqrt(D), window)) < 1e-5
+    assert torch.equal(paged_attention(*batch, 1 / math.sqrt(D), window), ref)  # CPU dispatch
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_matches_reference(case, dtype):
+    bs, H, KVH, D, ctxs, q_lens, window = case
+    batch = make_batch(bs, H, KVH, D, ctxs, q_lens, dtype)
+    ref = paged_attention_ref(*batch, 1 / math.sqrt(D), window)
+    out = paged_attention_triton(*batch, 1 / math.sqrt(D), window)
+    assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_split_kv_decode_matches_unsplit(splits):
+    batch = make_batch(16, 8, 2, 32, [150, 9, 64], [1, 1, 1], torch.float32)
+    ref = paged_attention_ref(*batch, 0.2, 40)
+    # 8 splits over <= 10 blocks leaves some splits empty (window): their -inf lse must drop out
+    assert rel_err(paged_attention_triton(*batch, 0.2, 40, num_splits=splits), ref) < 1e-5
+
+
+def test_num_kv_splits():
+    assert num_kv_splits(64, 8, 256, 132) == 1  # 512 programs already fill 132 SMs
+    assert num_kv_splits(1, 8, 256, 132) == 64  # one long sequence: split up to the cap
+    assert num_kv_splits(1, 8, 8, 132) == 2  # short context: keep >= 4 blocks a split
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_store_kv(triton_path):
+    T, KVH, D, bs = 6, 2, 32, 16
+    qkv = torch.randn(T, (4 + 2 * KVH) * D, dtype=torch.bfloat16)
+    k = qkv[:, 4 * D:(4 + KVH) * D].view(T, KVH, D)  # strided views, as the runtime slices them
+    v = qkv[:, (4 + KVH) * D:].view(T, KVH, D)
+    slots = torch.tensor([3, 17, -1, 40, 41, 0])
+    k_cache, v_cache = torch.zeros(4, bs, KVH, D, dtype=torch.bfloat16), torch.zeros(4, bs, KVH, D, dtype=torch.bfloat16)
+    (store_kv_triton if triton_path else store_kv)(k, v, k_cache, v_cache, slots)
+    kf, vf = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(kf[slot], k[t]) and torch.equal(vf[slot], v[t])
+    assert kf.abs().sum(dim=(1, 2)).count_nonzero() == 5  # nothing else written, -1 skipped
+    k2, v2 = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    store_kv_ref(k, v, k2, v2, slots)
+    assert torch.equal(k2, k_cache) and torch.equal(v2, v_cache)
