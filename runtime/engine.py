@@ -15,6 +15,7 @@ import torch
 from lmconvert.config import parse_dtype
 from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
+from lmconvert.runtime.context import dense_context, reset_context, set_context
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
 from lmconvert.runtime.model_runner import ModelRunner
 from lmconvert.runtime.sampling import SamplingParams
@@ -155,6 +156,18 @@ class LLMEngine:
                              seq.finished, seq.finish_reason)
 
     # ---- conveniences ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [T, vocab] of one whole sequence, computed without the KV cache (eval, tests)."""
+        model = self.runner.model
+        set_context(dense_context([len(token_ids)], self.device))
+        try:
+            ids = torch.tensor(token_ids, device=self.device)
+            hidden = model(ids, torch.arange(len(token_ids), device=self.device))
+        finally:
+            reset_context()
+        return model.compute_logits(hidden)
+
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
