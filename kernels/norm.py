@@ -28,7 +28,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
     mask = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
     if HAS_RES:
-        x = x + tl.load(res_ptr + row * D + cols, mask=mask, other=0.0)  # rounded in the model dtype, as HF
+        r = tl.load(res_ptr + row * D + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded to the model dtype, as HF
         tl.store(res_out_ptr + row * D + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
