@@ -1,0 +1,174 @@
+"""Kernel benchmark on CUDA: correctness vs the torch references first, then timings.
+
+python benchmarks/kernels.py [--json FILE] [--quick]
+Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch gaps stay out;
+each replay walks several weight copies so that the weights come from HBM, not L2.
+"""
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from lmconvert.kernels import quant_linear as ql
+from lmconvert.kernels import activation, norm, paged_attention_ref, paged_attention_triton, rope  # noqa: I001
+from lmconvert.quant.primitives import quantize_w4, quantize_w8
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)]  # Qwen3-8B K -> N
+L2_BYTES = 50 << 20
+
+
+def bench(fn_per_set, n_sets):
+    """Median ms of one call, each graph replay running all n_sets weight copies."""
+    def run_all():
+        for i in range(n_sets):
+            fn_per_set(i)
+    run_all()  # autotune / compile outside the graph
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(run_all, rep=200, return_mode="median") / n_sets
+
+
+def copy_gbps():
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda i: dst.copy_(src), 1)
+    return 2 * src.numel() / ms / 1e6
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_correctness():
+    dev, bf = "cuda", torch.bfloat16
+    out = {}
+    for M in (1, 3, 16, 33, 300):
+        for G in (32, 64, 128):
+            K, N = 3 * G * 8, 480
+            w = torch.randn(N, K, device=dev)
+            x = torch.randn(M, K, device=dev, dtype=bf)
+            qw, s, z = quantize_w4(w, G, dtype=bf)
+            out[f"w4 M{M} G{G}"] = rel(ql.w4a16_linear_triton(x, qw, s, z, G), ql.w4a16_linear_ref(x, qw, s, z, G))
+            q8, s8 = quantize_w8(w, G, dtype=bf)
+            out[f"w8 M{M} G{G}"] = rel(ql.w8a16_linear_triton(x, q8, s8, G), ql.w8a16_linear_ref(x, q8, s8, G))
+    for bs, KVH, window, q_lens in ((16, 8, None, [1] * 5), (32, 4, 100, [1] * 5), (64, 1, None, [1] * 5),
+                                     (16, 8, None, [1, 40, 7, 300, 1]), (32, 4, 64, [1, 40, 7, 300, 1])):
+        ctxs = [700, 40, 1500, 300, 2049]
+        H, D = 32, 128
+        nb = [-(-c // bs) for c in ctxs]
+        kc = torch.randn(sum(nb) + 1, bs, KVH, D, device=dev, dtype=bf)
+        vc = torch.randn_like(kc)
+        perm = torch.randperm(kc.shape[0], device=dev).int()
+        bt = torch.zeros(len(ctxs), max(nb), dtype=torch.int32, device=dev)
+        at = 0
+        for i, n in enumerate(nb):
+            bt[i, :n] = perm[at:at + n]
+            at += n
+        cu = torch.tensor([0] + q_lens, device=dev).cumsum(0).int()
+        ctx = torch.tensor(ctxs, device=dev, dtype=torch.int32)
+        q = torch.randn(int(cu[-1]), H, D, device=dev, dtype=bf)
+        args = (q, kc, vc, bt, cu, ctx, 1 / math.sqrt(D), window)
+        ref = paged_attention_ref.paged_attention_ref(*args)
+        out[f"attn bs{bs} kvh{KVH} win{window} q{max(q_lens)}"] = rel(paged_attention_triton.paged_attention_triton(*args), ref)
+        if max(q_lens) == 1:
+            out[f"attn split8 bs{bs}"] = rel(paged_attention_triton.paged_attention_triton(*args, num_splits=8), ref)
+    x, r, w = (torch.randn(n, device=dev, dtype=bf) for n in ((64, 4096), (64, 4096), (4096,)))
+    o1, r1 = norm.rms_norm_triton(x, w, 1e-6, r)
+    o2, r2 = norm.rms_norm_ref(x, w, 1e-6, r)
+    out["rms_norm bitwise"] = float(torch.equal(o1, o2) and torch.equal(r1, r2))
+    g = torch.randn(64, 2 * 12288, device=dev, dtype=bf)
+    out["silu_mul"] = rel(activation.silu_mul_triton(g), activation.silu_mul_ref(g))
+    cache = rope.build_rope_cache(128, 4096, 1e6, None, dev)
+    qq, kk = torch.randn(64, 32, 128, device=dev, dtype=bf), torch.randn(64, 8, 128, device=dev, dtype=bf)
+    pos = torch.randint(0, 4096, (64,), device=dev)
+    a, b = rope.apply_rope_triton(qq, kk, pos, cache), rope.apply_rope_ref(qq, kk, pos, cache)
+    out["rope"] = max(rel(a[0], b[0]), rel(a[1], b[1]))
+    return out
+
+
+def bench_linears(copy_bw, quick):
+    rows = []
+    for K, N in SHAPES[:1] if quick else SHAPES:
+        w = torch.randn(N, K, device="cuda")
+        qw, s, z = quantize_w4(w, 128, dtype=torch.bfloat16)
+        q8, s8 = quantize_w8(w, 128, dtype=torch.bfloat16)
+        q8 = q8.contiguous()
+        wb = w.t().contiguous().to(torch.bfloat16)
+        del w
+        sets = {name: max(2, math.ceil(2 * L2_BYTES / nbytes)) for name, nbytes in
+                (("bf16", wb.nbytes), ("w4", qw.nbytes + 2 * s.nbytes), ("w8", q8.nbytes + s8.nbytes))}
+        wbs = [wb] + [wb.clone() for _ in range(sets["bf16"] - 1)]
+        w4s = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(sets["w4"] - 1)]
+        w8s = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(sets["w8"] - 1)]
+        for M in (1, 16, 2048):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            t_bf = bench(lambda i: x @ wbs[i], len(wbs))
+            t_w4 = bench(lambda i: ql.w4a16_linear_triton(x, *w4s[i], 128), len(w4s))
+            w4_bytes = qw.nbytes + 2 * s.nbytes + x.nbytes + M * N * 2
+            row = dict(kernel="w4a16", M=M, K=K, N=N, us=t_w4 * 1e3, cublas_us=t_bf * 1e3, speedup=t_bf / t_w4,
+                       gbps=w4_bytes / t_w4 / 1e6, pct_copy=100 * w4_bytes / t_w4 / 1e6 / copy_bw)
+            rows.append(row)
+            if M == 1:
+                t_w8 = bench(lambda i: ql.w8a16_linear_triton(x, *w8s[i], 128), len(w8s))
+                w8_bytes = q8.nbytes + s8.nbytes + x.nbytes + N * 2
+                rows.append(dict(kernel="w8a16", M=M, K=K, N=N, us=t_w8 * 1e3, cublas_us=t_bf * 1e3,
+                                 speedup=t_bf / t_w8, gbps=w8_bytes / t_w8 / 1e6,
+                                 pct_copy=100 * w8_bytes / t_w8 / 1e6 / copy_bw))
+        del wbs, w4s, w8s
+    return rows
+
+
+def bench_decode_attention(copy_bw):
+    S, ctx_len, H, KVH, D = 64, 4096, 32, 8, 128
+    rows = []
+    q = torch.randn(S, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(S, KVH, ctx_len, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    t_sdpa = bench(lambda i: torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, scale=D**-0.5, enable_gqa=True), 1)
+    kv_bytes = 2 * k.nbytes
+    for bs in (16, 32, 64):
+        nb = ctx_len // bs
+        perm = torch.randperm(S * nb, device="cuda").int()
+        kc = torch.empty(S * nb, bs, KVH, D, device="cuda", dtype=torch.bfloat16)
+        vc = torch.empty_like(kc)
+        bt = perm.view(S, nb)
+        kc[bt.long()] = k.view(S, KVH, nb, bs, D).permute(0, 2, 3, 1, 4)  # same data, paged and scattered
+        vc[bt.long()] = v.view(S, KVH, nb, bs, D).permute(0, 2, 3, 1, 4)
+        cu = torch.arange(S + 1, device="cuda", dtype=torch.int32)
+        ctx = torch.full((S,), ctx_len, device="cuda", dtype=torch.int32)
+        t = bench(lambda i: paged_attention_triton.paged_attention_triton(q, kc, vc, bt, cu, ctx, D**-0.5), 1)
+        rows.append(dict(kernel=f"paged_decode bs{bs}", us=t * 1e3, sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
+                         gbps=kv_bytes / t / 1e6, pct_copy=100 * kv_bytes / t / 1e6 / copy_bw))
+        del kc, vc
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    errs = check_correctness()
+    for name, e in errs.items():
+        print(f"check {name:40s} {e:.2e}")
+    copy_bw = copy_gbps()
+    rows = bench_linears(copy_bw, args.quick) + bench_decode_attention(copy_bw)
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"copy {copy_bw:.0f} GB/s")
+    print(f"{'kernel':20s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} {'%copy':>6s}")
+    for r in rows:
+        print(f"{r['kernel']:20s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
+              f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           copy_gbps=copy_bw, checks=errs, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
