@@ -61,7 +61,6 @@ class HFCheckpoint:
         self.config = hf_model_config(self.arch, raw, self.generation_config)
         if not self.has("lm_head.weight"):  # some checkpoints tie without saying so
             self.config.tie_word_embeddings = True
-        self._handles: dict[Path, object] = {}
 
     def has(self, name: str) -> bool:
         return self.arch.hf_name(name) in self.files
@@ -71,14 +70,15 @@ class HFCheckpoint:
         if source not in self.files:
             raise UserError(f"checkpoint {self.path} lacks tensor {source}")
         file = self.files[source]
-        if file not in self._handles:
-            if not file.is_file():
-                raise UserError(f"checkpoint shard {file} is missing")
-            try:
-                self._handles[file] = safe_open(file, "pt")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise UserError(f"cannot read {file}: {e}") from None
-        return self._handles[file].get_tensor(source)
+        if not file.is_file():
+            raise UserError(f"checkpoint shard {file} is missing")
+        # open per tensor: the mapping is dropped right after, so touched pages of the source do not pile up
+        # in our RSS over a whole conversion (the header parse this repeats is tiny next to the copy)
+        try:
+            with safe_open(file, "pt") as f:
+                return f.get_tensor(source)
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise UserError(f"cannot read {file}: {e}") from None
 
     def save_tokenizer(self, dst: Path) -> None:
         if not any((self.path / f).is_file() for f in TOKENIZER_MODELS):
