@@ -1,0 +1,159 @@
+"""The OpenAI wire format: request models (validated by pydantic) and builders for replies, chunks and errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmconvert.runtime.sampling import SamplingParams
+
+MAX_CHOICES = 8  # n > 1 runs n sequences sharing the prompt's cached blocks; cap it to keep one request bounded
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": ErrorInfo(message=message, type=type_, param=param, code=code).model_dump()}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions; unknown fields are ignored, as OpenAI's are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: disabled
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    logprobs: bool | int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> str | None:
+        """Name of a requested feature this server does not implement (answered with a 400, not ignored)."""
+        return "logprobs" if self.logprobs else None
+
+    def sampling_params(self, defaults: SamplingParams, max_tokens: int, choice: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=pick(self.temperature, defaults.temperature),
+            top_p=pick(self.top_p, defaults.top_p), top_k=max(0, pick(self.top_k, defaults.top_k)),
+            repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            # n seeded choices would otherwise be n copies of one answer
+            seed=None if self.seed is None else self.seed + choice, stop=[s for s in stop if s],
+            ignore_eos=self.ignore_eos)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... go to the chat template untouched
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def for_template(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {**(self.model_extra or {}), "role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a batch: one string, a list of strings, token ids, or a list of token-id lists."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+# ---- replies ---------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_message(content: str, reasoning: str | None) -> dict:
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    return message
+
+
+def envelope(kind: str, rid: str, created: int, model: str, choices: list[dict], usage_: dict | None,
+             with_usage: bool = True) -> dict:
+    """The frame shared by replies and stream chunks; kind is "chat.completion", "chat.completion.chunk" or
+    "text_completion"."""
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if with_usage:
+        body["usage"] = usage_
+    return body

@@ -1,0 +1,74 @@
+"""Running the app under uvicorn: `run_server` for `lmconvert serve`, `BackgroundServer` for tests and scripts."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from lmconvert.errors import UserError
+from lmconvert.runtime.serve_reasoning import check_reasoning_parser
+from lmconvert.runtime.server import create_app
+
+
+def default_model_name(model: str) -> str:
+    """An engine dir's or checkpoint's base name (a file's stem); a model id as given."""
+    path = Path(model)
+    if not path.exists():
+        return model
+    return path.stem if path.is_file() else path.resolve().name
+
+
+def run_server(model: str, build_engine, *, host: str, port: int, model_name: str | None = None,
+               reasoning_parser: str | None = None, api_keys: tuple[str, ...] = (), log_level: str = "info") -> None:
+    """Serves until interrupted; the model loads after the port opens. A failed load stops the server and
+    raises UserError with the reason."""
+    check_reasoning_parser(reasoning_parser)
+    holder: dict = {}
+
+    def stop(reason: str) -> None:
+        holder["error"] = reason
+        holder["server"].should_exit = True
+
+    app = create_app(build_engine, model_name or default_model_name(model), reasoning_parser=reasoning_parser,
+                     api_keys=api_keys, on_load_error=stop)
+    server = holder["server"] = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                              timeout_graceful_shutdown=5))
+    server.run()
+    if "error" in holder:
+        raise UserError(f"could not load {model}: {holder['error']}")
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")`: uvicorn on a thread, on a free
+    127.0.0.1 port chosen by the OS; leaving the block stops it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 60.0):
+        self.app, self.host, self.start_timeout_s = app, host, start_timeout_s
+        self.server: uvicorn.Server | None = None
+
+    def __enter__(self) -> "BackgroundServer":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

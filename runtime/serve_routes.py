@@ -1,0 +1,227 @@
+"""The generation endpoints: an OpenAI request becomes one engine request per choice; outputs become a reply or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import jinja2
+
+from lmconvert.errors import UserError
+from lmconvert.runtime.engine import LLMEngine, RequestOutput
+from lmconvert.runtime.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_message, envelope,
+                                               error_body, new_id, now, usage)
+from lmconvert.runtime.sampling import SamplingParams
+from lmconvert.runtime.serve_engine import AsyncEngine, EngineFailure
+from lmconvert.runtime.serve_reasoning import ReasoningStream, prompt_opens_think, split_reasoning
+
+# Exceptions from rendering or tokenizing a prompt that mean "bad request", not "server bug".
+PROMPT_ERRORS = (UserError, ValueError, TypeError, jinja2.TemplateError)
+RESERVED_TEMPLATE_KWARGS = ("tokenize", "conversation", "messages", "return_dict")
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    model_name: str
+    reasoning_parser: str | None
+    defaults: SamplingParams  # the model's generation_config, used where a request leaves a field out
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+@dataclass(slots=True)
+class Job:
+    """One HTTP request's engine requests; their outputs arrive on sink as (choice index, output or failure)."""
+    aengine: AsyncEngine
+    sink: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    done: set[int] = field(default_factory=set)
+    opens_think: bool = False  # the chat prompt leaves <think> open
+
+    async def next(self) -> tuple[int, RequestOutput]:
+        index, out = await self.sink.get()
+        if isinstance(out, EngineFailure):
+            self.done.update(range(len(self.request_ids)))  # the engine dropped them all already
+            raise ApiError(500, str(out), "server_error")
+        if out.finished:
+            self.done.add(index)
+        return index, out
+
+    @property
+    def running(self) -> bool:
+        return len(self.done) < len(self.request_ids)
+
+    def abort_unfinished(self) -> None:
+        pending = [rid for i, rid in enumerate(self.request_ids) if i not in self.done]
+        if pending:
+            self.aengine.abort(pending)
+
+
+def check_request(req: ChatCompletionRequest | CompletionRequest, cfg: ServeConfig) -> None:
+    if req.model is not None and req.model != cfg.model_name:
+        raise ApiError(404, f"model {req.model!r} not found; this server serves {cfg.model_name!r}",
+                       param="model", code="model_not_found")
+    feature = req.unsupported()
+    if feature:
+        raise ApiError(400, f"{feature} is not supported by this server", param=feature)
+
+
+def choice_params(req, cfg: ServeConfig, engine: LLMEngine, ids: list[int]) -> list[SamplingParams]:
+    """One SamplingParams per choice; checks the prompt fits the session with room for max_tokens."""
+    if not ids:
+        raise UserError("the prompt is empty")
+    if min(ids) < 0 or max(ids) >= engine.config.vocab_size:
+        raise UserError(f"prompt token ids must lie in [0, {engine.config.vocab_size})")
+    room = engine.session_len - len(ids)
+    limit = req.token_limit if req.token_limit is not None else room
+    if room < 1 or limit > room:
+        raise UserError(f"the prompt has {len(ids)} tokens and max_tokens is {limit}: together over the session "
+                        f"length of {engine.session_len} tokens; shorten the prompt or lower max_tokens")
+    return [req.sampling_params(cfg.defaults, limit, choice) for choice in range(req.n)]
+
+
+async def _submit(job: Job, build: Callable[[LLMEngine], tuple[list[int], list[SamplingParams]]]) -> None:
+    try:
+        rids = await job.aengine.submit(build, job.sink, first_index=len(job.request_ids))
+    except PROMPT_ERRORS as e:
+        job.abort_unfinished()  # earlier prompts of a batch were already added
+        raise ApiError(400, str(e).splitlines()[0] if str(e) else type(e).__name__, param="prompt") from None
+    job.request_ids.extend(rids)
+
+
+def render_chat(engine: LLMEngine, messages: list[dict], template_kwargs: dict) -> str:
+    if not getattr(engine.tokenizer, "chat_template", None):
+        raise UserError("this model has no chat template; use /v1/completions")
+    kwargs = {"add_generation_prompt": True,
+              **{k: v for k, v in template_kwargs.items() if k not in RESERVED_TEMPLATE_KWARGS}}
+    return engine.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+async def start_chat(req: ChatCompletionRequest, cfg: ServeConfig, aengine: AsyncEngine) -> Job:
+    job = Job(aengine)
+    messages = [m.for_template() for m in req.messages]
+
+    def build(engine: LLMEngine):
+        text = render_chat(engine, messages, req.chat_template_kwargs or {})
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
+        job.prompt_tokens, job.opens_think = len(ids), prompt_opens_think(text)
+        return ids, choice_params(req, cfg, engine, ids)
+
+    await _submit(job, build)
+    return job
+
+
+async def start_completion(req: CompletionRequest, cfg: ServeConfig, aengine: AsyncEngine) -> Job:
+    job = Job(aengine)
+    prompts = req.prompts()
+    if not prompts:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    for prompt in prompts:
+        def build(engine: LLMEngine, prompt=prompt):
+            ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            choices = choice_params(req, cfg, engine, ids)
+            job.prompt_tokens += len(ids)
+            return ids, choices
+
+        await _submit(job, build)
+    return job
+
+
+# ---- whole replies -------------------------------------------------------------------------------
+async def collect(job: Job) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(job.request_ids)
+    try:
+        while job.running:
+            index, out = await job.next()
+            if out.finished:
+                finals[index] = out
+    finally:
+        job.abort_unfinished()
+    return finals
+
+
+def _completion_tokens(outs: list[RequestOutput]) -> int:
+    return sum(len(o.token_ids) for o in outs)
+
+
+def chat_reply(job: Job, outs: list[RequestOutput], cfg: ServeConfig) -> dict:
+    choices = []
+    for index, out in enumerate(outs):
+        reasoning, content = (split_reasoning(out.text, job.opens_think) if cfg.reasoning_parser
+                              else (None, out.text))
+        choices.append({"index": index, "message": chat_message(content, reasoning), "logprobs": None,
+                        "finish_reason": out.finish_reason})
+    return envelope("chat.completion", new_id("chatcmpl"), now(), cfg.model_name, choices,
+                    usage(job.prompt_tokens, _completion_tokens(outs)))
+
+
+def completion_reply(job: Job, outs: list[RequestOutput], cfg: ServeConfig) -> dict:
+    choices = [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+               for i, out in enumerate(outs)]
+    return envelope("text_completion", new_id("cmpl"), now(), cfg.model_name, choices,
+                    usage(job.prompt_tokens, _completion_tokens(outs)))
+
+
+# ---- streams -------------------------------------------------------------------------------------
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _stream(job: Job, cfg: ServeConfig, kind: str, include_usage: bool, first: list[dict],
+                  choice: Callable[[int, RequestOutput], dict | None]) -> AsyncIterator[str]:
+    """SSE events: the `first` choices, one per output that carries text or a finish, usage if asked, [DONE].
+    A client that goes away cancels this generator at its await; `finally` then aborts what still runs."""
+    rid, created, generated = new_id("chatcmpl" if kind.startswith("chat") else "cmpl"), now(), 0
+    frame = lambda choices, usage_=None: _sse(  # noqa: E731
+        envelope(kind, rid, created, cfg.model_name, choices, usage_, with_usage=include_usage))
+    try:
+        if first:
+            yield frame(first)
+        while job.running:
+            try:
+                index, out = await job.next()
+            except ApiError as e:
+                yield _sse(e.body)
+                break
+            body = choice(index, out)
+            if body is not None or out.finished:
+                yield frame([{"index": index, **(body or {}), "logprobs": None,
+                              "finish_reason": out.finish_reason if out.finished else None}])
+            if out.finished:
+                generated += len(out.token_ids)
+        else:
+            if include_usage:
+                yield frame([], usage(job.prompt_tokens, generated))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.abort_unfinished()
+
+
+def chat_stream(job: Job, cfg: ServeConfig, include_usage: bool) -> AsyncIterator[str]:
+    parsers = [ReasoningStream(job.opens_think) for _ in job.request_ids] if cfg.reasoning_parser else None
+
+    def choice(index: int, out: RequestOutput) -> dict | None:
+        if parsers is None:
+            return {"delta": {"content": out.delta}} if out.delta else ({"delta": {}} if out.finished else None)
+        reasoning, content = parsers[index].feed(out.delta, final=out.finished)
+        delta = {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
+        return {"delta": delta} if delta or out.finished else None
+
+    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+             for i in range(len(job.request_ids))]
+    return _stream(job, cfg, "chat.completion.chunk", include_usage, first, choice)
+
+
+def completion_stream(job: Job, cfg: ServeConfig, include_usage: bool) -> AsyncIterator[str]:
+    def choice(index: int, out: RequestOutput) -> dict | None:
+        return {"text": out.delta} if out.delta or out.finished else None
+
+    return _stream(job, cfg, "text_completion", include_usage, [], choice)

@@ -1,0 +1,243 @@
+"""OpenAI-compatible HTTP server over the continuously batched engine (`lmconvert serve`).
+
+    app = create_app(lambda: LLMEngine("./engine"), model_name="smol")   # the model loads after startup
+    uvicorn.run(app, port=23333)
+
+/health answers 503 until the model is loaded, so a readiness probe can watch a slow load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lmconvert.errors import UserError
+from lmconvert.runtime.engine import LLMEngine
+from lmconvert.runtime.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body
+from lmconvert.runtime.serve_engine import AsyncEngine
+from lmconvert.runtime.serve_metrics import prometheus_text
+from lmconvert.runtime.serve_routes import (ApiError, ServeConfig, chat_reply, chat_stream, check_request, collect,
+                                            completion_reply, completion_stream, start_chat, start_completion)
+
+log = logging.getLogger("lmconvert.serve")
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class ServerState:
+    model_name: str
+    reasoning_parser: str | None
+    aengine: AsyncEngine | None = None
+    cfg: ServeConfig | None = None
+    load_error: str | None = None
+    created: int = 0
+
+
+def generation_defaults(engine: LLMEngine):
+    """The model's generation_config as SamplingParams, exactly as `chat` and `generate` read it."""
+    from lmconvert.cli_options import build_sampling
+
+    unset = {"max_new_tokens": 1, "seed": None, "stop": (), "temperature": None, "top_p": None, "top_k": None,
+             "repetition_penalty": None}
+    return build_sampling(engine, unset)
+
+
+def _load(state: ServerState, load: Callable[[], LLMEngine], on_error: Callable[[str], None] | None) -> None:
+    try:
+        engine = load()
+        cfg = ServeConfig(state.model_name, state.reasoning_parser, generation_defaults(engine))
+        aengine = AsyncEngine(engine)
+        aengine.start()
+    except Exception as e:  # reported as one line; the traceback only for what is not the user's doing
+        if not isinstance(e, (UserError, OSError)):
+            log.exception("loading the model failed")
+        state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if on_error is not None:
+            on_error(state.load_error)
+        return
+    state.cfg, state.aengine = cfg, aengine  # cfg first: handlers check aengine
+    log.info("model %s loaded; ready", state.model_name)
+
+
+class RequestGate:
+    """Before any parsing: the API key on /v1/ routes (401), then the body read up to max_bytes (413 beyond) and
+    replayed to the app. Later receive() calls go to the server, so a handler still hears the client leave."""
+
+    def __init__(self, app, api_keys: tuple[str, ...], max_bytes: int):
+        self.app, self.keys, self.max_bytes = app, [key.encode() for key in api_keys], max_bytes
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # compare against every key, so the time taken does not tell which prefix matched
+        matches = [secrets.compare_digest(token.strip(), key) for key in self.keys]
+        return scheme.lower() == b"bearer" and any(matches)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.keys and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+            return await JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
+                                      headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await JSONResponse(error_body(f"request body is over {self.max_bytes} bytes"),
+                                          status_code=413)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+class EventStream(StreamingResponse):
+    """SSE that also listens for the client leaving while no token is due, and always closes its generator,
+    whose `finally` then aborts the engine requests (freeing their KV blocks) at once."""
+
+    def __init__(self, events):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send):
+        async with anyio.create_task_group() as group:
+            async def stream():
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the client went away mid-write
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+        await self.body_iterator.aclose()
+
+
+async def until_disconnect(request: Request, work):
+    """Awaits work unless the client disconnects first; then cancels it (its `finally` aborts) and returns None."""
+    result = []
+    async with anyio.create_task_group() as group:
+        async def run():
+            result.append(await work)
+            group.cancel_scope.cancel()
+
+        group.start_soon(run)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        group.cancel_scope.cancel()
+    return result[0] if result else None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("request body is not valid JSON"), status_code=400)
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(where) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):  # logged with its traceback; the client sees one line
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+def create_app(load: Callable[[], LLMEngine] | LLMEngine, model_name: str, *, reasoning_parser: str | None = None,
+               api_keys: tuple[str, ...] = (), max_body_bytes: int = MAX_BODY_BYTES,
+               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+    """The app; `load` builds the engine on a thread after startup (or is an engine already built)."""
+    state = ServerState(model_name, reasoning_parser, created=int(time.time()))
+    loader = load if callable(load) else (lambda: load)
+
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=_load, args=(state, loader, on_load_error), name="lmconvert-load", daemon=True).start()
+        yield
+        if state.aengine is not None:
+            await asyncio.to_thread(state.aengine.shutdown)
+
+    app = FastAPI(title="lmconvert", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    app.add_middleware(RequestGate, api_keys=tuple(api_keys), max_bytes=max_body_bytes)
+    _install_error_handlers(app)
+
+    def ready() -> tuple[ServeConfig, AsyncEngine]:
+        if state.aengine is None or not state.aengine.alive:
+            message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
+            raise ApiError(503, message, "server_error")
+        return state.cfg, state.aengine
+
+    @app.get("/health")
+    async def health():
+        ready()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        cfg, aengine = ready()
+        return PlainTextResponse(prometheus_text(aengine.engine, aengine.stats, cfg.model_name),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        _, aengine = ready()
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmconvert",
+                "max_model_len": aengine.engine.session_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        cfg, aengine = ready()
+        check_request(body, cfg)
+        job = await start_chat(body, cfg, aengine)
+        if body.stream:
+            return EventStream(chat_stream(job, cfg, body.include_usage))
+        outs = await until_disconnect(request, collect(job))
+        return chat_reply(job, outs, cfg) if outs is not None else Response(status_code=499)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        cfg, aengine = ready()
+        check_request(body, cfg)
+        job = await start_completion(body, cfg, aengine)
+        if body.stream:
+            return EventStream(completion_stream(job, cfg, body.include_usage))
+        outs = await until_disconnect(request, collect(job))
+        return completion_reply(job, outs, cfg) if outs is not None else Response(status_code=499)
+
+    return app
