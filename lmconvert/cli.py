@@ -92,5 +92,25 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
     click.echo()
 
 
+@main.command()
+@click.argument("model")
+@click.option("--server-name", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--server-port", type=int, default=23333, show_default=True)
+@click.option("--served-model-name", default=None, help="Model id in the API (default: MODEL's base name).")
+@click.option("--reasoning-parser", type=click.Choice(["qwen3", "qwen-qwq"]), default=None,
+              help="Move <think>…</think> into reasoning_content.")
+@click.option("--api-keys", multiple=True, envvar="LMCONVERT_API_KEYS",
+              help="Accepted bearer key (repeatable, or comma-separated; env LMCONVERT_API_KEYS, space-separated).")
+@engine_options
+def serve(model: str, server_name: str, server_port: int, served_model_name: str | None,
+          reasoning_parser: str | None, api_keys: tuple[str, ...], **opts):
+    """Serve MODEL (engine dir or checkpoint) over an OpenAI-compatible HTTP API."""
+    from lmconvert.runtime.serve_launch import run_server
+
+    keys = tuple(k for value in api_keys for k in value.split(",") if k)
+    run_server(model, lambda: build_engine(model, opts), host=server_name, port=server_port,
+               model_name=served_model_name, reasoning_parser=reasoning_parser, api_keys=keys)
+
+
 if __name__ == "__main__":
     main()
