@@ -15,13 +15,14 @@ from ._triton import INTERPRET
 @dataclass(slots=True)
 class Autotuner:
     chosen: dict = field(default_factory=dict)  # key -> config, for the life of the process
+    timing: bool = True  # False: take the first candidate (quick correctness runs)
 
     def pick(self, key, candidates, launch):
         """launch(config) runs the kernel; returns the cached or newly timed best config for key."""
         if key in self.chosen:
             return self.chosen[key]
         best = candidates[0]
-        if len(candidates) > 1 and torch.cuda.is_available() and not INTERPRET:
+        if self.timing and len(candidates) > 1 and torch.cuda.is_available() and not INTERPRET:
             from triton.testing import do_bench
 
             times = {}

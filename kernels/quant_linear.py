@@ -137,11 +137,10 @@ def decode_candidates(M, N, K, G, device):
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): split K until ~2 programs per SM."""
     out = []
     for bn in (64, 128, 256):
-        for bk in _block_ks(G, K, (128, 64, 32)):
+        for bk in _block_ks(G, K, (128, 64, 32))[:2]:
             tiles_k = K // bk
             split = max(1, min(tiles_k, -(-2 * _num_sms(device) // triton.cdiv(N, bn))))
-            for warps in (4, 8) if device.type == "cuda" else (4,):
-                out.append((bn, bk, split, warps))
+            out.append((bn, bk, split, 4))
     return out
 
 
@@ -151,7 +150,7 @@ def prefill_candidates(M, N, K, G, device):
         return [(32, 32, _block_ks(G, K, (32,))[0], 4, 1)]
     out = []
     for bm, bn, warps in ((128, 128, 8), (128, 256, 8), (64, 128, 4), (128, 64, 4)):
-        for bk in _block_ks(G, K, (64, 32)):
+        for bk in _block_ks(G, K, (64, 32))[:1]:
             for stages in (3, 4):
                 out.append((bm, bn, bk, warps, stages))
     return out
