@@ -44,7 +44,7 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
 
 class BackgroundServer:
     """`with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")`: uvicorn on a thread, on a free
-    127.0.0.1 port chosen by the OS; leaving the block stops it."""
+    127.0.0.1 port chosen by the OS, entered once the model is loaded; leaving the block stops it."""
 
     def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 60.0):
         self.app, self.host, self.start_timeout_s = app, host, start_timeout_s
@@ -59,10 +59,15 @@ class BackgroundServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
+        state = self.app.state.serve
+        while not (self.server.started and (state.aengine is not None or state.load_error)):
             if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.__exit__()
                 raise RuntimeError("the server did not start")
             time.sleep(0.05)
+        if state.load_error:
+            self.__exit__()
+            raise RuntimeError(f"the model did not load: {state.load_error}")
         return self
 
     @property

@@ -26,18 +26,15 @@ class ReasoningStream:
     def __init__(self, starts_in_think: bool = False):
         self.splitter = ThinkSplitter()
         self.splitter.in_think = starts_in_think
-        self.seen_reasoning = starts_in_think
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         reasoning, content = [], []
         for think, piece in self.splitter.feed(delta, final=final):
             (reasoning if think else content).append(piece)
-        self.seen_reasoning = self.seen_reasoning or bool(reasoning) or self.splitter.in_think
         return "".join(reasoning), "".join(content)
 
 
 def split_reasoning(text: str, starts_in_think: bool = False) -> tuple[str | None, str]:
-    """A whole reply as (reasoning or None when there was none, content)."""
-    stream = ReasoningStream(starts_in_think)
-    reasoning, content = stream.feed(text, final=True)
-    return (reasoning if stream.seen_reasoning else None), content
+    """A whole reply as (reasoning, or None when empty, content)."""
+    reasoning, content = ReasoningStream(starts_in_think).feed(text, final=True)
+    return reasoning or None, content
