@@ -152,6 +152,18 @@ async def until_disconnect(request: Request, work):
     return result[0] if result else None
 
 
+def _param(error: dict) -> str | None:
+    """The field a validation error is about, e.g. "messages.0.role", without pydantic's union-member tags."""
+    parts = []
+    for part in error.get("loc", ())[1:]:  # loc starts with "body"
+        if isinstance(part, str) and not part.isidentifier():  # "list[str]", "function-after[...]"
+            break
+        if part in ("str", "int", "float", "bool", "list", "dict") and parts:
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -159,12 +171,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
+        errors = e.errors()
+        if not errors or errors[0].get("type") == "json_invalid":
             return JSONResponse(error_body("request body is not valid JSON"), status_code=400)
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(where) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+        param = _param(errors[0])
+        # a union field fails once per member ("valid string", "valid list"): say all of them
+        reasons = list(dict.fromkeys(err.get("msg", "invalid value") for err in errors if _param(err) == param))
+        message = f"{param}: {' or '.join(reasons)}" if param else "the request body must be a JSON object"
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)

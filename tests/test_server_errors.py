@@ -1,0 +1,109 @@
+"""What the server answers to bad input: 401 / 400 / 404 / 413 in OpenAI's error shape, never a traceback."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from lmconvert.runtime import LLMEngine
+from lmconvert.runtime.serve_launch import BackgroundServer
+from lmconvert.runtime.server import create_app
+
+KEY = "sk-test-123"
+CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    engine = LLMEngine(str(tiny_engine("llama")), device="cpu", session_len=256)
+    app = create_app(engine, "tiny-llama", api_keys=("other-key", KEY), max_body_bytes=64 * 1024)
+    with BackgroundServer(app) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+            yield client
+
+
+def assert_error(response: httpx.Response, status: int, *words: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text and "File \"" not in response.text
+    assert "\n" not in error["message"]
+    for word in words:
+        assert word in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                                     {"Authorization": f"Bearer {KEY}x"}, {"Authorization": KEY}])
+def test_missing_or_wrong_key_is_401(server, headers):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+        # a malformed body must not get past the key check
+        response = httpx.request(method, f"{server.base_url}{path}", headers=headers, content=b"{bad json")
+        assert_error(response, 401, "API key")
+        assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_right_key_works_and_probes_need_none(server):
+    assert server.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+    assert server.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    assert "lmconvert_kv_blocks_used" in httpx.get(f"{server.base_url}/metrics").text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": "Hello"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({**CHAT, "temperature": "hot"}, "temperature"),
+    ({**CHAT, "temperature": 5}, "temperature"),
+    ({**CHAT, "top_p": 0}, "top_p"),
+    ({**CHAT, "max_tokens": 0}, "max_tokens"),
+    ({**CHAT, "n": 1000}, "n"),
+    ({**CHAT, "stop": 7}, "stop"),
+    ({**CHAT, "stream_options": "yes"}, "stream_options"),
+])
+def test_wrong_types_and_ranges_are_400(server, body, param):
+    assert_error(server.post("/v1/chat/completions", json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("content", [b"{bad json", b"", b"[1, 2]", b"null", b'"text"', b"\xff\xfe"])
+def test_malformed_bodies_are_400(server, content):
+    response = server.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    assert_error(response, 400, "JSON")
+
+
+def test_session_length_overflow_is_400(server):
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "max_tokens": 250}), 400, "session length", "250")
+    assert_error(server.post("/v1/completions", json={"prompt": "fox " * 400, "max_tokens": 1}), 400,
+                 "session length")
+    # within the limit, with no max_tokens given, the answer may use the rest of the session
+    assert server.post("/v1/completions", json={"prompt": "fox", "max_tokens": 200, "temperature": 0}).status_code == 200
+
+
+def test_bad_prompts_are_400(server):
+    assert_error(server.post("/v1/completions", json={"prompt": [], "max_tokens": 2}), 400, "empty")
+    assert_error(server.post("/v1/completions", json={"prompt": [5, 99999], "max_tokens": 2}), 400, "token ids")
+    assert_error(server.post("/v1/completions", json={"prompt": [[5, 6], [-1]], "max_tokens": 2}), 400, "token ids")
+    assert_error(server.post("/v1/completions", json={"prompt": "x", "echo": True}), 400, "echo", param="echo")
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "logprobs": True}), 400, "logprobs")
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": ["x"]}), 400,
+                 param="chat_template_kwargs")
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "gpt-4", param="model")
+
+
+def test_body_over_limit_is_413(server):
+    response = server.post("/v1/completions", json={"prompt": "x" * 100_000, "max_tokens": 1})
+    assert_error(response, 413, "bytes")
+
+
+def test_unknown_route_and_method(server):
+    assert_error(server.get("/v1/nothing"), 404)
+    assert_error(server.get("/v1/chat/completions"), 405)
+
+
+def test_server_still_serves_after_errors(server):
+    reply = server.post("/v1/completions", json={"prompt": "The quick", "max_tokens": 3, "temperature": 0}).json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 3
