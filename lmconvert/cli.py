@@ -37,17 +37,34 @@ ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked agai
 
 @main.command()
 @click.argument("arch")
-@click.argument("src")
+@click.argument("src", required=False)
 @click.option("--dst-path", required=True, help="Engine directory to create.")
 @click.option("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the checkpoint's; bf16 for quantized GGUF).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None,
               help="Cache to search for a model id (env LMCONVERT_USE_MODELSCOPE=1 selects modelscope).")
-def convert(arch: str, src: str, dst_path: str, dtype: str | None, overwrite: bool, model_source: str | None):
+@click.option("--from-config", default=None, help="Build from a config instead of SRC: a config.json or a preset "
+              "(qwen3-0.6b, qwen3-8b, qwen3-32b, llama3-8b, qwen2.5-72b). Needs --random-weights.")
+@click.option("--random-weights", is_flag=True, help="Fill the --from-config model with seeded random weights.")
+@click.option("--w4", is_flag=True, help="With --random-weights: random W4 tensors in the engine layout.")
+@click.option("--w8", is_flag=True, help="With --random-weights: random W8 tensors in the engine layout.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="Group size of --w4 / --w8.")
+def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwrite: bool, model_source: str | None,
+            from_config: str | None, random_weights: bool, w4: bool, w8: bool, group_size: int):
     """Convert SRC (HF / ModelScope dir, GGUF file, cached model id, or 'smollm2') into an engine directory."""
-    from lmconvert.convert import convert as run_convert
+    from lmconvert.convert import convert as run_convert, convert_random
 
-    path = run_convert(src, dst_path, arch=arch, dtype=dtype, overwrite=overwrite, model_source=model_source)
+    if from_config or random_weights:
+        if src or not (from_config and random_weights):
+            raise UserError("--from-config and --random-weights go together, without SRC")
+        if w4 and w8:
+            raise UserError("choose one of --w4 and --w8")
+        quant = {"bits": 4 if w4 else 8, "group_size": group_size} if (w4 or w8) else None
+        path = convert_random(from_config, dst_path, arch=arch, dtype=dtype or "bf16", quant=quant, overwrite=overwrite)
+    elif src is None:
+        raise UserError("missing SRC: a checkpoint directory, GGUF file or model id (or --from-config)")
+    else:
+        path = run_convert(src, dst_path, arch=arch, dtype=dtype, overwrite=overwrite, model_source=model_source)
     click.echo(f"engine written to {path}")
 
 

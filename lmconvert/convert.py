@@ -77,7 +77,7 @@ class ConvertedModel:
 
 def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("tensors, {task.fields[mib]:.0f} MiB written"), TimeElapsedColumn(), transient=False)
+                    TextColumn("layers, {task.fields[mib]:.0f} MiB written"), TimeElapsedColumn(), transient=False)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str = "auto", dtype: str | None = None,
@@ -87,16 +87,31 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str = "auto", 
         parse_dtype(dtype)  # reject a bad dtype before any slow work
     check_destination(dst, overwrite)
     ckpt = open_checkpoint(src, arch=arch, model_source=model_source)
-    model = ConvertedModel(ckpt, dtype)
+    return write_engine(ConvertedModel(ckpt, dtype), dst, overwrite, f"converting {ckpt.path.name}")
+
+
+def convert_random(spec: str, dst: str | os.PathLike, arch: str = "auto", dtype: str = "bf16",
+                   quant: dict | None = None, overwrite: bool = False, seed: int = 0) -> Path:
+    """An engine with seeded random weights from a preset or config.json (benchmarks at real sizes)."""
+    from lmconvert.load.random_weights import RandomModel, check_arch, config_from
+
+    parse_dtype(dtype)
+    check_destination(dst, overwrite)
+    config = config_from(spec, DTYPE_NAMES[parse_dtype(dtype)])
+    check_arch(arch, config)
+    return write_engine(RandomModel(config, quant, seed), dst, overwrite, f"random {config.arch} from {spec}")
+
+
+def write_engine(model, dst: str | os.PathLike, overwrite: bool, description: str) -> Path:
+    """Write any model source (see lmconvert.engine) to an engine directory, one layer at a time."""
     n = model.config.num_layers
-    per_layer = len(ckpt.arch.layer_names())
     with EngineWriter(dst, overwrite) as writer, progress_bar() as bar:
-        task = bar.add_task(f"converting {ckpt.path.name}", total=n * per_layer + len(GLOBAL_NAMES), mib=0.0)
+        task = bar.add_task(description, total=n + 1, mib=0.0)
         model.save_tokenizer(writer.tokenizer_dir)
         writer.write_globals(model.global_tensors())
-        bar.update(task, advance=len(GLOBAL_NAMES), mib=writer.bytes_written / 2**20)
+        bar.update(task, advance=1, mib=writer.bytes_written / 2**20)
         for i in range(n):
             writer.write_layer(i, model.layer_tensors(i))
-            bar.update(task, advance=per_layer, mib=writer.bytes_written / 2**20)
+            bar.update(task, advance=1, mib=writer.bytes_written / 2**20)
         writer.write_config(model.config, model.generation_config)
     return writer.dst
