@@ -1,0 +1,67 @@
+"""The real `openai` client against a SmolLM2-135M-Instruct engine: models, chat (plain and streamed), completions."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from lmconvert.runtime import LLMEngine
+from lmconvert.runtime.serve_launch import BackgroundServer
+from lmconvert.runtime.server import create_app
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_engine):
+    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024)
+    with BackgroundServer(create_app(engine, "smollm2", api_keys=("sk-local",))) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-local", max_retries=0, timeout=300)
+
+
+def test_model_list(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2"]
+
+
+def test_chat_answers_paris(client):
+    reply = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, seed=1)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert reply.id.startswith("chatcmpl-") and reply.created > 0 and reply.object == "chat.completion"
+    assert reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_matches_plain_answer(client):
+    plain = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_completion_tokens=24)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0,
+                                                 max_completion_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and "Paris" in text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completion_with_stop_and_length(client):
+    stopped = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0,
+                                        max_tokens=16, stop=["."])
+    assert "Paris" in stopped.choices[0].text and "." not in stopped.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+    cut = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
+
+
+def test_client_errors_surface_as_openai_exceptions(client):
+    with pytest.raises(openai.BadRequestError, match="session length"):
+        client.completions.create(model="smollm2", prompt="Hi", max_tokens=5000)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    anonymous = client.with_options(api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
