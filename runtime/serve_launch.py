@@ -37,7 +37,10 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
                      api_keys=api_keys, on_load_error=stop)
     server = holder["server"] = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                               timeout_graceful_shutdown=5))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
+        pass
     if "error" in holder:
         raise UserError(f"could not load {model}: {holder['error']}")
 

@@ -1,0 +1,57 @@
+"""`lmconvert serve` as a process: /health turns 200 once the model is loaded, keys apply, Ctrl-C stops it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lmconvert.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def test_serve_command_end_to_end(tiny_engine):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port),
+                 "--device", "cpu", "--session-len", "128", "--served-model-name", "tiny",
+                 env={"LMCONVERT_API_KEYS": "k1 k2"})
+    try:
+        status = None
+        for _ in range(1200):  # bounded: up to ~2 minutes of 0.1 s polls while python, torch and the model load
+            try:
+                status = httpx.get(f"{url}/health", timeout=5).status_code
+            except httpx.TransportError:
+                status = None
+            if status == 200 or proc.poll() is not None:
+                break
+            assert status in (None, 503)
+            time.sleep(0.1)
+        assert status == 200, proc.stdout.read() if proc.poll() is not None else "never healthy"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        reply = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k2"}).json()
+        assert reply["data"][0]["id"] == "tiny" and reply["data"][0]["max_model_len"] == 128
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+
+
+def test_serve_reports_a_bad_model_in_one_line(tmp_path):
+    proc = serve(str(tmp_path / "missing"), "--server-name", "127.0.0.1", "--server-port", str(free_port()))
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1
+    assert "error: could not load" in output and "Traceback" not in output
