@@ -129,5 +129,37 @@ def serve(model: str, server_name: str, server_port: int, served_model_name: str
                model_name=served_model_name, reasoning_parser=reasoning_parser, api_keys=keys)
 
 
+@main.command()
+@click.argument("model")
+@click.option("--mode", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
+@click.option("--num-prompts", type=int, default=256, show_default=True, help="Requests at once (throughput).")
+@click.option("--input-len", type=int, default=512, show_default=True)
+@click.option("--output-len", type=int, default=256, show_default=True)
+@click.option("--compare-hf", is_flag=True, help="Also time transformers' generate on an equivalent model.")
+@click.option("--hf-batch", type=int, default=None, help="Batch of the --compare-hf run (default: 1, or 16 for throughput).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one last JSON line.")
+@click.option("--eager", is_flag=True, help="Do not capture CUDA graphs.")
+@engine_options
+def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: int, compare_hf: bool,
+          hf_batch: int | None, as_json: bool, eager: bool, **opts):
+    """Measure time to first token, decode speed and throughput of MODEL on random prompts."""
+    import json
+
+    from lmconvert.runtime.bench import hf_generate_tok_s, run_bench
+
+    if mode == "throughput":
+        opts["max_batch_size"] = max(opts["max_batch_size"], num_prompts)
+    opts["session_len"] = opts["session_len"] or input_len + output_len + 16
+    engine = build_engine(model, opts, use_cuda_graphs=not eager)
+    result = run_bench(engine, mode, num_prompts, input_len, output_len)
+    if compare_hf:
+        result.hf_tok_s = hf_generate_tok_s(engine, hf_batch or (1 if mode == "latency" else 16), input_len, output_len)
+    figures = result.as_dict()
+    for key, value in figures.items():
+        click.echo(f"{key:>14}: {value:.2f}" if isinstance(value, float) else f"{key:>14}: {value}")
+    if as_json:
+        click.echo(json.dumps(figures))
+
+
 if __name__ == "__main__":
     main()

@@ -44,12 +44,12 @@ engine_options = _apply(ENGINE_OPTIONS)
 sampling_options = _apply(SAMPLING_OPTIONS)
 
 
-def build_engine(model: str, opts: dict):
+def build_engine(model: str, opts: dict, **extra):
     from lmconvert.runtime import LLMEngine
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
             "cache_max_entry_count", "block_size", "num_cache_tokens")
-    return LLMEngine(model, **{k: opts[k] for k in keys})
+    return LLMEngine(model, **{k: opts[k] for k in keys}, **extra)
 
 
 def build_sampling(engine, opts: dict):

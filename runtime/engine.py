@@ -50,7 +50,8 @@ class LLMEngine:
     def __init__(self, model, *, device: str | None = None, dtype: str | None = None, session_len: int | None = None,
                  max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
-                 enable_prefix_caching: bool = True, arch: str = "auto", model_source: str | None = None):
+                 enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
+                 model_source: str | None = None):
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
@@ -64,7 +65,8 @@ class LLMEngine:
         self.session_len = session_len or min(self.config.max_position_embeddings, 8192)
         if num_cache_tokens is None and self.device.type != "cuda":
             num_cache_tokens = max(self.session_len, 4 * 1024)
-        self.runner = ModelRunner(source, self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count)
+        self.runner = ModelRunner(source, self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count,
+                                  max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_batch_size, max(max_num_batched_tokens, block_size), self.session_len), self.block_manager)

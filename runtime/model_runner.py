@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from lmconvert.config import ModelConfig
-from lmconvert.runtime.context import Context, reset_context, set_context
+from lmconvert.runtime.context import Context, dense_context, reset_context, set_context
+from lmconvert.runtime.cuda_graphs import DecodeGraphs
 from lmconvert.runtime.model import Transformer
 from lmconvert.runtime.sampling import Sampler
 from lmconvert.runtime.sequence import Sequence
@@ -17,17 +18,34 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, source, device: torch.device, dtype: torch.dtype, block_size: int,
-                 num_cache_tokens: int | None, cache_max_entry_count: float):
+                 num_cache_tokens: int | None, cache_max_entry_count: float, max_batch_size: int = 128,
+                 max_num_batched_tokens: int = 2048, session_len: int = 4096, use_cuda_graphs: bool = True):
         self.cfg: ModelConfig = source.config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model = Transformer(self.cfg)
         self.model.load_weights(source, device, dtype)
+        if device.type == "cuda":
+            self._warm_up(min(max_num_batched_tokens, session_len))
         self.num_blocks = self._count_blocks(num_cache_tokens, cache_max_entry_count)
         shape = (self.num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         for layer in self.model.layers:
             layer.self_attn.k_cache = torch.empty(shape, dtype=dtype, device=device)
             layer.self_attn.v_cache = torch.empty(shape, dtype=dtype, device=device)
         self.sampler = Sampler()
+        self.graphs = None
+        if device.type == "cuda" and use_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, max_batch_size, -(-session_len // block_size), device)
+
+    @torch.inference_mode()
+    def _warm_up(self, num_tokens: int) -> None:
+        """One full-budget prefill before sizing the KV cache: its activation peak and kernel tuning are then paid."""
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        set_context(dense_context([num_tokens], self.device))
+        try:
+            self.model.compute_logits(self.model(ids, torch.arange(num_tokens, device=self.device))[-1:])
+        finally:
+            reset_context()
+        torch.cuda.synchronize()
 
     def _count_blocks(self, num_cache_tokens: int | None, fraction: float) -> int:
         if num_cache_tokens is None:
@@ -64,13 +82,16 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
         """Computes the step; returns one sampled token per sequence whose known tokens are now all computed."""
         input_ids, positions, ctx, logit_rows = self._prepare(batch)
-        set_context(ctx)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            reset_context()
-        if not logit_rows:
-            return []
-        logits = self.model.compute_logits(hidden[logit_rows])
+        if ctx.is_decode and self.graphs is not None and self.graphs.fits(len(batch), ctx.block_tables.shape[1]):
+            logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+        else:
+            set_context(ctx)
+            try:
+                hidden = self.model(input_ids, positions)
+            finally:
+                reset_context()
+            if not logit_rows:
+                return []
+            logits = self.model.compute_logits(hidden[logit_rows])
         sampling_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
         return self.sampler(logits, sampling_seqs)

@@ -1,0 +1,106 @@
+"""`lmconvert bench`: latency (batch 1) and throughput (many requests at once) of an engine, optionally
+against transformers' generate on a model of the same architecture, size and dtype, in the same process."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lmconvert.runtime.engine import LLMEngine
+from lmconvert.runtime.sampling import SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, min(vocab, 30000), (n, length), generator=gen).tolist()
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    seconds: float
+    output_tok_s: float
+    decode_tok_s: float  # latency mode: tokens after the first over their time
+    requests_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    hf_tok_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(engine: LLMEngine, mode: str, num_prompts: int, input_len: int, output_len: int) -> BenchResult:
+    n = 1 if mode == "latency" else num_prompts
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    prompts = random_prompts(n, input_len, engine.config.vocab_size)
+    engine.generate(random_prompts(min(n, 4), input_len, engine.config.vocab_size, seed=1),  # warm-up
+                    SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    ids = [engine.add_request(p, params) for p in prompts]
+    seqs = {rid: engine.requests[rid].seq for rid in ids}
+    _sync(engine.device)
+    start = time.monotonic()
+    done: dict[int, float] = {}
+    while len(done) < n:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = time.monotonic()
+    _sync(engine.device)
+    elapsed = time.monotonic() - start
+    ttft = [seqs[r].first_token_time - start for r in ids]
+    itl = [(done[r] - seqs[r].first_token_time) / max(1, output_len - 1) for r in ids]
+    decode_rate = statistics.mean((output_len - 1) / max(1e-9, done[r] - seqs[r].first_token_time) for r in ids)
+    return BenchResult(mode, n, input_len, output_len, elapsed, n * output_len / elapsed, decode_rate, n / elapsed,
+                       1e3 * _percentile(ttft, 50), 1e3 * _percentile(ttft, 99),
+                       1e3 * _percentile(itl, 50), 1e3 * _percentile(itl, 99))
+
+
+def hf_equivalent(config, device: torch.device, dtype: torch.dtype):
+    """A transformers model of the same architecture and sizes (random weights: only its speed is used)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    hf_config = AutoConfig.for_model(
+        config.arch, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, rope_parameters=rope, rope_theta=config.rope_theta)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def hf_generate_tok_s(engine: LLMEngine, batch: int, input_len: int, output_len: int) -> float:
+    """Output tokens per second of transformers' greedy generate on an equivalent model."""
+    model = hf_equivalent(engine.config, engine.device, engine.dtype)
+    prompts = torch.tensor(random_prompts(batch, input_len, engine.config.vocab_size), device=engine.device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(prompts, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+    _sync(engine.device)
+    start = time.monotonic()
+    model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
+    _sync(engine.device)
+    rate = batch * output_len / (time.monotonic() - start)
+    del model
+    return rate
