@@ -1,0 +1,119 @@
+"""GPU runtime figures at real sizes with random weights (Qwen3-8B config), baselines in the same process.
+
+    python benchmarks/runtime_gpu.py [--preset qwen3-8b] [--quick] [--json FILE]
+
+1. correctness: tiny random checkpoints, runtime on CUDA (Triton paths) vs transformers on CUDA;
+2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, and transformers bf16;
+3. throughput: 256 requests of 512 in / 256 out (bf16), and transformers at batch 16;
+4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from lmconvert.load.random_weights import RandomModel, config_from  # noqa: E402
+from lmconvert.runtime import LLMEngine, SamplingParams  # noqa: E402
+from lmconvert.runtime.bench import hf_generate_tok_s, run_bench  # noqa: E402
+
+
+def check_correctness() -> dict:
+    from conftest import build_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    errors = {}
+    for arch in ("qwen3", "qwen2", "llama", "mistral"):
+        ckpt = build_checkpoint(arch, Path(tempfile.mkdtemp()) / arch)
+        ids = torch.randint(3, 300, (1, 40)).tolist()[0]
+        ref_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).cuda().eval()
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([ids], device="cuda")).logits[0]
+            gen_ref = ref_model.generate(torch.tensor([ids[:12]], device="cuda"), max_new_tokens=24, min_new_tokens=24,
+                                         do_sample=False)[0, 12:].tolist()
+        engine = LLMEngine(str(ckpt), device="cuda", dtype="fp32", num_cache_tokens=2048, block_size=16,
+                           max_batch_size=4, session_len=256)
+        ours = engine.logits(ids)
+        out = engine.generate([ids[:12]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+        errors[arch] = {"max_abs_logit_diff": (ours - ref).abs().max().item(), "greedy_equal": out.token_ids == gen_ref}
+        del engine, ref_model
+    return errors
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def engine_for(preset: str, quant: dict | None, max_batch_size: int, session_len: int) -> LLMEngine:
+    source = RandomModel(config_from(preset), quant, device="cuda")
+    return LLMEngine(source, device="cuda", max_batch_size=max_batch_size, session_len=session_len,
+                     max_num_batched_tokens=8192)
+
+
+def steady_decode_segments(engine: LLMEngine, steps: int = 200) -> int:
+    engine.add_request(list(range(100, 612)), SamplingParams(max_tokens=steps + 20, temperature=0, ignore_eos=True))
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["segment.all.allocated"]
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_stats()["segment.all.allocated"] - before
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-8b")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, for a first look")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,latency,throughput,hf")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    skip = set(args.skip.split(","))
+    out_len = 64 if args.quick else 256
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+    results["triton"] = triton.__version__
+    if "correctness" not in skip:
+        results["correctness"] = check_correctness()
+        print("correctness", results["correctness"], flush=True)
+    if "latency" not in skip:
+        for name, quant in (("bf16", None), ("w8", {"bits": 8, "group_size": None}), ("w4g128", {"bits": 4, "group_size": 128})):
+            engine = engine_for(args.preset, quant, 8, 1024)
+            r = run_bench(engine, "latency", 1, 512, out_len)
+            results[f"latency_{name}"] = r.as_dict()
+            print(name, f"decode {r.decode_tok_s:.1f} tok/s, ttft {r.ttft_p50_ms:.1f} ms", flush=True)
+            if name == "bf16":
+                results["steady_decode_new_segments"] = steady_decode_segments(engine)
+                if "hf" not in skip:
+                    results["hf_latency_tok_s"] = hf_generate_tok_s(engine, 1, 512, 64)
+                    print("hf batch-1", results["hf_latency_tok_s"], flush=True)
+            del engine
+            free()
+    if "throughput" not in skip:
+        engine = engine_for(args.preset, None, 256, 1024)
+        n = 64 if args.quick else 256
+        r = run_bench(engine, "throughput", n, 512, out_len)
+        results["throughput_bf16"] = r.as_dict()
+        print("throughput", f"{r.output_tok_s:.0f} out tok/s, {r.requests_s:.2f} req/s", flush=True)
+        if "hf" not in skip:
+            results["hf_throughput_b16_tok_s"] = hf_generate_tok_s(engine, 16, 512, 64)
+            print("hf batch-16", results["hf_throughput_b16_tok_s"], flush=True)
+        del engine
+        free()
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
