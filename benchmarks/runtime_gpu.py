@@ -43,7 +43,14 @@ def check_correctness() -> dict:
                            max_batch_size=4, session_len=256)
         ours = engine.logits(ids)
         out = engine.generate([ids[:12]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
-        errors[arch] = {"max_abs_logit_diff": (ours - ref).abs().max().item(), "greedy_equal": out.token_ids == gen_ref}
+        # Tiny random models have near-ties; tf32 dots in the paged kernels may flip one. So: at each step our
+        # token must be within 1e-3 of the best logit transformers gives over our own sequence.
+        with torch.no_grad():
+            full = ref_model(torch.tensor([ids[:12] + out.token_ids], device="cuda")).logits[0, 11:-1]
+        picked = full.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+        gap = (full.max(dim=1).values - picked).max().item()
+        errors[arch] = {"max_abs_logit_diff": (ours - ref).abs().max().item(), "greedy_equal": out.token_ids == gen_ref,
+                        "worst_greedy_gap": gap}
         del engine, ref_model
     return errors
 

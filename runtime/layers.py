@@ -35,8 +35,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 4:
             return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
-        if self.bits == 8:
-            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias)
+        if self.bits == 8:  # group_size 0 / None: one scale per output channel
+            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size or self.qweight.shape[0], self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
