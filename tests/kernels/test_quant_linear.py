@@ -16,11 +16,19 @@ from kernel_testing import rel_err
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
 
-def _case(M, G, dtype, lead=()):
-    K, N = 3 * G, 96  # odd multiples of the group / of 32, so edge tiles are masked
+def _case(M, G, dtype, lead=(), K=None):
+    K, N = K or 128 * 3, 96  # N not a multiple of the block, so edge tiles are masked
     w = torch.randn(N, K)
     x = torch.randn(*lead, M, K, dtype=dtype)
     return x, w, torch.randn(N, dtype=dtype)
+
+
+def _each_config(x, qw, s, z, G, bias, bits):
+    """Every candidate design/config of the autotuner on this input (the tuner itself takes the first)."""
+    packed = ql._pack_w4(qw, G) if bits == 4 else ql._pack_w8(qw, G)
+    _, cands, run = ql.plan(x.reshape(-1, x.shape[-1]), packed, s, z, bias, G, bits)
+    picked = {c[:2]: c for c in cands}  # one per design and block width: the one splitting K most
+    return {cfg: run(cfg).view(*x.shape[:-1], -1) for cfg in picked.values()}
 
 
 @pytest.mark.parametrize("M", [1, 3, 16, 33])
@@ -32,7 +40,27 @@ def test_w4a16_matches_reference(M, G, dtype):
     exact = x.double() @ dequantize_w4(qw, s, z, G).double() + bias.double()
     ref = ql.w4a16_linear_ref(x, qw, s, z, G, bias)
     assert rel_err(ref, exact) < 1e-2
-    assert rel_err(ql.w4a16_linear_triton(x, qw, s, z, G, bias), ref) < TOL[dtype]
+    for cfg, out in _each_config(x, qw, s, z, G, bias, 4).items():
+        assert rel_err(out, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_w4a16_narrow_blocks(M):
+    """K / 8 not a multiple of 16 (SmolLM2's 576): R < 16, GEMV for M = 1, dequant + matmul otherwise."""
+    x, w, bias = _case(M, 64, torch.bfloat16, K=576)
+    qw, s, z = quantize_w4(w, 64, dtype=torch.bfloat16)
+    assert ql._pack_w4(qw, 64).shape[1] == 8
+    ref = ql.w4a16_linear_ref(x, qw, s, z, 64, bias)
+    assert rel_err(ql.w4a16_linear_triton(x, qw, s, z, 64, bias), ref) < TOL[torch.bfloat16]
+
+
+def test_prepared_layouts_round_trip():
+    qw, s, z = quantize_w4(torch.randn(64, 256), 32, dtype=torch.bfloat16)
+    packed = ql._pack_w4(qw, 32)
+    assert packed.shape == (2, 16, 64) and torch.equal(ql._w4_codes(packed), ql._w4_codes(qw))
+    assert torch.equal(ql._dequant_w4_ref(packed, s, z, 32), dequantize_w4(qw, s, z, 32))
+    q8, s8 = quantize_w8(torch.randn(64, 256), 64, dtype=torch.bfloat16)
+    assert torch.equal(ql._dequant_w8_ref(ql._pack_w8(q8, 64), s8, 64), dequantize_w8(q8, s8, 64))
 
 
 @pytest.mark.parametrize("M", [1, 3, 16, 33])
@@ -43,11 +71,12 @@ def test_w8a16_matches_reference(M, G):
     exact = x.double() @ dequantize_w8(qw, s, G).double()
     ref = ql.w8a16_linear_ref(x, qw, s, G)
     assert rel_err(ref, exact) < 1e-2
-    assert rel_err(ql.w8a16_linear_triton(x, qw, s, G), ref) < TOL[torch.bfloat16]
+    for cfg, out in _each_config(x, qw, s, None, G, None, 8).items():
+        assert rel_err(out, ref) < TOL[torch.bfloat16], cfg
 
 
 def test_w8a16_per_channel_and_leading_dims():
-    x, w, bias = _case(3, 64, torch.float16, lead=(2,))
+    x, w, bias = _case(3, 64, torch.float16, lead=(2,), K=192)
     qw, s = quantize_w8(w, None, dtype=torch.float16)  # G = K
     K = x.shape[-1]
     out = ql.w8a16_linear_triton(x, qw, s, K, bias)
@@ -67,13 +96,15 @@ def test_public_functions_take_reference_on_cpu():
 
 
 def test_regime_selection_and_candidates():
-    assert [ql.select_regime(m) for m in (1, 16, 17, 2048)] == ["decode", "decode", "prefill", "prefill"]
+    assert [ql.select_regime(m) for m in (1, 16, 17, 64, 65)] == ["decode", "decode", "mid", "mid", "prefill"]
     cpu = torch.device("cpu")
-    for G in (32, 64, 128):
-        for bn, bk, split, _ in ql.decode_candidates(1, 4096, 4096, G, cpu):
-            assert G % bk == 0 and 1 <= split <= 4096 // bk
-            assert -(-4096 // bn) * split >= 2 * 4 or split == 4096 // bk  # fills 2x the (4 fake) SMs
-        assert all(G % c[2] == 0 for c in ql.prefill_candidates(64, 4096, 4096, G, cpu))
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused"}
+    assert {c[0] for c in ql.candidates(33, 4096, 4096, 16, cpu)} == {"fused", "dequant"}
+    assert {c[0] for c in ql.candidates(16, 4096, 4096, 8, cpu)} == {"dequant"}  # R < 16: no tl.dot
+    assert {c[0] for c in ql.candidates(2048, 4096, 4096, 16, cpu)} == {"dequant"}
+    for cfg in ql.candidates(1, 4096, 4096, 16, cpu):
+        per, split = ql._split(cfg, 1, 4096, 32, cpu)
+        assert (split - 1) * per < 32 <= split * per  # every K block covered once, no empty program
 
 
 def test_autotuner_caches_choice_per_key():
@@ -84,4 +115,4 @@ def test_autotuner_caches_choice_per_key():
     ql._tuner.chosen.clear()
     x, w, _ = _case(1, 32, torch.bfloat16)
     ql.w4a16_linear_triton(x, *quantize_w4(w, 32, dtype=torch.bfloat16), 32)
-    assert [k[:2] for k in ql._tuner.chosen] == [("decode", 1)]
+    assert [k[:2] for k in ql._tuner.chosen] == [(1, 96)]
