@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -55,3 +56,20 @@ def test_serve_reports_a_bad_model_in_one_line(tmp_path):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1
     assert "error: could not load" in output and "Traceback" not in output
+
+
+def test_deployment_files_agree_with_the_server():
+    """The image exposes and serves the port the manifest probes, and every probe asks /health."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "EXPOSE 23333" in dockerfile
+    assert 'ENTRYPOINT ["lmconvert", "serve", "--server-name", "0.0.0.0", "--server-port", "23333"]' in dockerfile
+    deployment, service = yaml.safe_load_all((root / "deploy" / "kubernetes.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"] == [{"name": "http", "containerPort": 23333}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["env"][0]["name"] == "LMCONVERT_API_KEYS"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
