@@ -32,27 +32,60 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return q.reshape(R * PACK, N)
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """w [K, N] float -> (q int32 [K, N], scales [K//G, N], zeros [K//G, N]) in float32.
+def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32):
+    """nn.Linear weight w [N, K] -> (scales, zeros) fp32 [N, K // G] per group of G input channels.
 
-    Asymmetric: min/max per group mapped onto 0..2^bits-1. Symmetric: absmax onto the signed range,
-    stored unsigned with zero point 2^(bits-1) (W4) or as signed int8 with zero 0 (W8, see quantize_w8).
+    Asymmetric: [min, max] (widened to hold 0) mapped onto 0..2^bits-1 with an integer zero point.
+    Symmetric: absmax onto the signed range, zero point 2^(bits-1). `clip` (scalar or [N, K // G])
+    shrinks the range before rounding. Scales are rounded to `dtype` (the engine's), as they are stored.
     """
-    K, N = w.shape
-    assert K % group_size == 0
-    wg = w.float().reshape(K // group_size, group_size, N)
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group_size, group_size)
     qmax = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
-        scales = (wg.abs().amax(dim=1) / (half - 1)).clamp(min=1e-10)
-        zeros = torch.full_like(scales, float(half))
-    else:
-        wmin = wg.amin(dim=1).clamp(max=0)
-        wmax = wg.amax(dim=1).clamp(min=0)
-        scales = ((wmax - wmin) / qmax).clamp(min=1e-10)
-        zeros = torch.round(-wmin / scales).clamp(0, qmax)
-    q = torch.round(wg / scales.unsqueeze(1) + zeros.unsqueeze(1)).clamp(0, qmax)
-    return q.reshape(K, N).to(torch.int32), scales, zeros
+        scales = (wg.abs().amax(dim=2) * clip / (half - 1)).clamp(min=1e-10).to(dtype).float()
+        return scales, torch.full_like(scales, float(half))
+    wmin = wg.amin(dim=2).clamp(max=0) * clip
+    wmax = wg.amax(dim=2).clamp(min=0) * clip
+    scales = ((wmax - wmin) / qmax).clamp(min=1e-10).to(dtype).float()
+    zeros = torch.round(-wmin / scales).clamp(0, qmax)
+    return scales, zeros
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """w [N, K] -> integer codes [N, K] (as float) in 0..2^bits-1 on the per-group grid."""
+    N, K = w.shape
+    G = K // scales.shape[1]
+    wg = w.float().reshape(N, K // G, G)
+    q = torch.round(wg / scales.unsqueeze(2) + zeros.unsqueeze(2)).clamp(0, 2**bits - 1)
+    return q.reshape(N, K)
+
+
+def grid_values(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Integer codes [N, K] -> the weights they stand for, fp32 [N, K]."""
+    N, K = q.shape
+    G = K // scales.shape[1]
+    return ((q.reshape(N, K // G, G) - zeros.unsqueeze(2)) * scales.unsqueeze(2)).reshape(N, K)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32):
+    """Round-trip w [N, K] through group quantization: what the engine will compute with, in fp32."""
+    scales, zeros = group_params(w, bits, group_size, symmetric, clip, dtype)
+    return grid_values(round_to_grid(w, scales, zeros, bits), scales, zeros)
+
+
+def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """Codes [N, K] and per-group scales/zeros [N, K // G] (nn.Linear orientation) -> engine W4 tensors."""
+    return {"qweight": pack_int4(q.t()), "scales": scales.t().to(dtype).contiguous(),
+            "zeros": zeros.t().to(dtype).contiguous()}
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """w [K, N] float -> (q int32 [K, N], scales [K//G, N], zeros [K//G, N]) in float32 (see group_params)."""
+    scales, zeros = group_params(w.t(), bits, group_size, symmetric)
+    q = round_to_grid(w.t(), scales, zeros, bits)
+    return q.t().to(torch.int32), scales.t(), zeros.t()
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -66,8 +99,8 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 def quantize_w4(w: torch.Tensor, group_size: int, symmetric: bool = False, dtype=torch.float16):
     """nn.Linear weight [N, K] -> (qweight, scales, zeros) in the W4 engine layout."""
-    q, scales, zeros = quantize_groups(w.t(), 4, group_size, symmetric)
-    return pack_int4(q), scales.to(dtype), zeros.to(dtype)
+    scales, zeros = group_params(w, 4, group_size, symmetric, dtype=dtype)
+    return tuple(pack_w4(round_to_grid(w, scales, zeros, 4), scales, zeros, dtype).values())
 
 
 def quantize_w8(w: torch.Tensor, group_size: int | None = None, dtype=torch.float16):

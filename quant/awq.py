@@ -1,0 +1,133 @@
+"""AWQ (Lin et al. 2023): per-input-channel scales and weight clipping, searched on calibration activations.
+
+Scaling input channel k of a linear by s_k and dividing the op that feeds it by s_k leaves the fp
+model unchanged, but shrinks the relative rounding error of the channels that carry large activations.
+The scales are s = mean|x|^alpha (normalized), alpha picked from a grid by the error of the *block* the
+linear sits in: attention for qkv, the whole MLP for gate_up, the linear itself for o and down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmconvert.quant.layer import CalibLayer
+from lmconvert.quant.primitives import fake_quantize
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleGroup:
+    linear: str  # the linear whose input channels are scaled
+    absorb: str  # what takes 1/s: a norm, or rows of the linear that feeds this one
+    block: str  # whose output error picks the scale: "attention", "mlp" or "linear"
+
+
+# Same for every llama-family architecture: the data AutoAWQ spreads over one file per model.
+SCALE_GROUPS = (
+    ScaleGroup("qkv_proj", "input_norm", "attention"),
+    ScaleGroup("o_proj", "v_rows", "linear"),  # v rows feed o's input channels (GQA: one v row, many heads)
+    ScaleGroup("gate_up_proj", "post_attn_norm", "mlp"),
+    ScaleGroup("down_proj", "up_rows", "linear"),  # silu(gate) * up is linear in up's rows
+)
+
+
+@dataclass(slots=True)
+class QuantSpec:
+    bits: int
+    group_size: int
+    symmetric: bool
+    dtype: torch.dtype  # the engine's: scales are rounded to it
+
+    def fake(self, w: torch.Tensor, clip=1.0) -> torch.Tensor:
+        return fake_quantize(w, self.bits, self.group_size, self.symmetric, clip, self.dtype)
+
+
+def run_block(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Tensor:
+    if group.block == "attention":
+        return layer.attention(x)
+    if group.block == "mlp":
+        return layer.mlp(x)
+    return layer.linear[group.linear](x)
+
+
+def channel_magnitude(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Tensor:
+    """mean |x| per input channel; for v -> o, averaged over the heads that share one kv head."""
+    mag = x.abs().mean(dim=0)
+    if group.absorb == "v_rows":
+        cfg = layer.cfg
+        per_kv = mag.view(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).mean(dim=1, keepdim=True)
+        mag = per_kv.expand(-1, cfg.num_heads // cfg.num_kv_heads, -1).reshape(-1)
+    return mag
+
+
+def search_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec,
+                 grid: int) -> tuple[torch.Tensor, list[float]]:
+    """Best scales [K] for group.linear on inputs x [T, K], and the block loss at every grid point.
+
+    Loss: mean squared error of the block output on the first n_loss tokens, with the linear's weight
+    replaced by Q(W s) / s (alpha = 0 is plain round-to-nearest).
+    """
+    mag = channel_magnitude(layer, group, x).clamp(min=1e-6)
+    x_loss = x[:n_loss]
+    w = layer.weight(group.linear)
+    with torch.no_grad():
+        target = run_block(layer, group, x_loss)
+        losses, best, best_loss = [], None, float("inf")
+        for i in range(grid):
+            s = mag.pow(i / grid)
+            s = s / (s.max() * s.min()).sqrt()
+            layer.set_weight(group.linear, spec.fake(w * s) / s)
+            loss = (run_block(layer, group, x_loss) - target).pow(2).mean().item()
+            losses.append(loss)
+            if loss < best_loss:
+                best, best_loss = s, loss
+        layer.set_weight(group.linear, w)
+    return best, losses
+
+
+def fold_scale(layer: CalibLayer, group: ScaleGroup, s: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """W <- W diag(s), feeding op <- op / s, x <- x / s (in place). Folded norms are rounded to the engine dtype."""
+    layer.set_weight(group.linear, layer.weight(group.linear) * s)
+    if group.absorb in layer.norm:
+        norm = layer.norm[group.absorb]
+        norm.weight = (norm.weight / s).to(dtype).float()
+    else:
+        feeder, rows = ("qkv_proj", layer.v_rows()) if group.absorb == "v_rows" else ("gate_up_proj", layer.up_rows())
+        if group.absorb == "v_rows":  # o's channels come in heads; one kv head's scale is shared by its group
+            cfg = layer.cfg
+            s_rows = s.view(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1)
+        else:
+            s_rows = s
+        w = layer.weight(feeder).clone()
+        w[rows] /= s_rows.unsqueeze(1)
+        layer.set_weight(feeder, w)
+        bias = layer.linear[feeder].bias
+        if bias is not None:
+            bias = bias.clone()
+            bias[rows] /= s_rows
+            layer.linear[feeder].bias = bias
+    x /= s
+
+
+def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, steps: int, max_shrink: float = 0.5,
+                skip_rows: slice | None = None) -> torch.Tensor:
+    """Per-(row, group) range shrink factor [N, K // G] minimizing that group's output error d^T H_g d.
+
+    gram: the diagonal blocks H_g [K // G, G, G] of the inputs' second moment. Rows in skip_rows keep
+    their full range (q and k: their error is amplified through the softmax, not seen by this loss).
+    """
+    N, K = w.shape
+    G = spec.group_size
+    best_err = torch.full((N, K // G), float("inf"), device=w.device)
+    best = torch.ones(N, K // G, device=w.device)
+    for i in range(steps):
+        ratio = 1.0 - max_shrink * i / steps
+        d = (spec.fake(w, ratio) - w).view(N, K // G, G).transpose(0, 1)  # [K/G, N, G]
+        err = ((d @ gram) * d).sum(-1).t()  # [N, K/G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    if skip_rows is not None:
+        best[skip_rows] = 1.0
+    return best

@@ -1,0 +1,69 @@
+"""What to quantize and how: QuantConfig, its checks against a model, and the engine's `quantization` block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmconvert.config import ModelConfig
+from lmconvert.errors import UserError
+
+W4_GROUP_SIZES = (128, 64, 32)
+
+
+@dataclass(slots=True)
+class QuantConfig:
+    bits: int = 4  # 4: AWQ / RTN W4A16, 8: INT8 W8A16
+    group_size: int | None = 128  # W8: None = one group per output channel
+    symmetric: bool = False  # W4 only; W8 is always symmetric
+    search_scale: bool = True  # AWQ per-input-channel scale search
+    clip: bool = True  # AWQ weight-clipping search
+    gptq: bool = True  # error-compensating rounding (GPTQ) after the AWQ scaling, instead of nearest
+    calib_data: str | None = None  # .txt / .jsonl / dir; None = the shipped lmconvert.calibration_data
+    calib_samples: int = 16
+    calib_seqlen: int = 512
+    loss_tokens: int = 1024  # calibration tokens the scale search evaluates block outputs on
+    grid: int = 20  # scale-search points (exponents 0, 1/grid, ...); clip search uses grid // 2
+    device: str = "cpu"
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        if self.bits == 8:
+            return "int8"
+        return "awq" if self.needs_calibration else "rtn"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.bits == 4 and (self.search_scale or self.clip)
+
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise UserError for a combination that cannot be quantized; checked before anything is written."""
+        if self.bits not in (4, 8):
+            raise UserError("choose --w4 or --w8")
+        if cfg.quantization:
+            raise UserError(f"the source is already quantized ({cfg.quantization.get('method', '?')}, "
+                            f"{cfg.quantization.get('bits', '?')} bits): quantize the full-precision model")
+        if self.bits == 4 and self.group_size not in W4_GROUP_SIZES:
+            raise UserError(f"--group-size {self.group_size}: W4 supports {', '.join(map(str, W4_GROUP_SIZES))}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise UserError(f"--group-size must be positive, got {self.group_size}")
+        if self.calib_samples <= 0 or self.calib_seqlen < 2:
+            raise UserError("--calib-samples must be positive and --calib-seqlen at least 2")
+        for name, dim in input_dims(cfg).items():
+            if self.group_size and dim % self.group_size:
+                fits = [g for g in (W4_GROUP_SIZES if self.bits == 4 else (128, 64, 32, 16)) if dim % g == 0]
+                hint = f"use --group-size {fits[0]}" if fits else "no supported group size divides it"
+                raise UserError(f"--group-size {self.group_size} does not divide {name}'s input size {dim}: {hint}")
+            if self.bits == 4 and dim % 8:
+                raise UserError(f"{name}'s input size {dim} is not a multiple of 8: W4 packing needs one")
+
+    def block(self) -> dict:
+        """The `quantization` entry of the engine's config.json."""
+        return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "zero_point": self.bits == 4 and not self.symmetric, "modules_not_converted": ["lm_head"]}
+
+
+def input_dims(cfg: ModelConfig) -> dict[str, int]:
+    """Input size of every quantized linear of a decoder layer (engine names)."""
+    return {"qkv_proj": cfg.hidden_size, "o_proj": cfg.q_size, "gate_up_proj": cfg.hidden_size,
+            "down_proj": cfg.intermediate_size}

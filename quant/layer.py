@@ -1,0 +1,101 @@
+"""One decoder layer in fp32 on the quantization device, run over calibration sequences.
+
+It is the runtime's own DecoderLayer (so calibration sees exactly what the engine computes), loaded with
+fp32 weights, plus the four entry points the quantizer needs: the attention block, the MLP block, and
+the inputs of every linear. The residual stream `h` [T, hidden] holds all calibration sequences of one
+length back to back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmconvert import kernels
+from lmconvert.config import ModelConfig
+from lmconvert.runtime.model import DecoderLayer
+
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+CHUNK_TOKENS = 2048  # MLP work is done in slices of this many tokens to bound the activations' memory
+
+
+class CalibLayer:
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device,
+                 rope_cache: torch.Tensor, seqlen: int):
+        self.cfg, self.device, self.rope_cache, self.seqlen = cfg, device, rope_cache, seqlen
+        self.layer = DecoderLayer(cfg, {})
+        self.layer.load({k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()})
+        self.linear = {name: self.layer.get_submodule(path) for name, path in
+                       (("qkv_proj", "self_attn.qkv_proj"), ("o_proj", "self_attn.o_proj"),
+                        ("gate_up_proj", "mlp.gate_up_proj"), ("down_proj", "mlp.down_proj"))}
+        self.norm = {"input_norm": self.layer.input_norm, "post_attn_norm": self.layer.post_attn_norm}
+
+    # ---- blocks ------------------------------------------------------------------------------------
+    def attn_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layer.input_norm(h)
+
+    def mlp_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layer.post_attn_norm(h)
+
+    def attention(self, x: torch.Tensor, capture_o_input: bool = False):
+        """Attention block (qkv, rope, attention, o_proj) on normed input x [T, hidden] of whole sequences.
+
+        The runtime's math, batched over the sequences into one causal SDPA call (much faster on CPU
+        than the runtime's per-sequence masked loop, which serves ragged batches).
+        """
+        attn, cfg, L = self.layer.self_attn, self.cfg, self.seqlen
+        T, n = x.shape[0], x.shape[0] // self.seqlen
+        q, k, v = attn.qkv_proj(x).split(attn.split, dim=-1)
+        q, k = q.reshape(T, cfg.num_heads, cfg.head_dim), k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        positions = torch.arange(L, device=x.device).repeat(n)
+        q, k = kernels.apply_rope(q, k, positions, self.rope_cache)
+        q, k, v = (t.reshape(n, L, -1, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if cfg.sliding_window and cfg.sliding_window < L:
+            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            mask &= ~torch.ones_like(mask).tril(-cfg.sliding_window)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale,
+                                           enable_gqa=True)
+        o = o.transpose(1, 2).reshape(T, cfg.q_size)
+        out = attn.o_proj(o)
+        return (out, o) if capture_o_input else out
+
+    def mlp(self, x: torch.Tensor, capture_down_input: bool = False):
+        """MLP block on normed input x [T, hidden], in token slices."""
+        outs, downs = [], []
+        for part in x.split(CHUNK_TOKENS):
+            act = kernels.silu_mul(self.layer.mlp.gate_up_proj(part))
+            outs.append(self.layer.mlp.down_proj(act))
+            if capture_down_input:
+                downs.append(act)
+        out = torch.cat(outs)
+        return (out, torch.cat(downs)) if capture_down_input else out
+
+    # ---- weights -----------------------------------------------------------------------------------
+    def weight(self, name: str) -> torch.Tensor:
+        return self.linear[name].weight
+
+    def set_weight(self, name: str, w: torch.Tensor) -> None:
+        self.linear[name].weight = w
+
+    def v_rows(self) -> slice:
+        return slice(self.cfg.q_size + self.cfg.kv_size, self.cfg.q_size + 2 * self.cfg.kv_size)
+
+    def up_rows(self) -> slice:
+        return slice(self.cfg.intermediate_size, 2 * self.cfg.intermediate_size)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Current fp32 tensors of the layer under engine suffix names (weights folded, not quantized)."""
+        out = {}
+        for name, module in self.layer.named_modules():
+            for attr in ("weight", "bias"):
+                t = getattr(module, attr, None)
+                if isinstance(t, torch.Tensor) and name:
+                    out[f"{_engine_name(name)}.{attr}"] = t
+        return out
+
+
+def _engine_name(module_path: str) -> str:
+    return module_path.rsplit(".", 1)[-1]

@@ -1,0 +1,114 @@
+"""quantize(src, dst, QuantConfig): a model source in, a quantized engine directory out, one layer at a time.
+
+Memory holds the calibration set's residual stream [tokens, hidden] and one decoder layer; the layer's
+input is the previous quantized layer's output, so each layer corrects for the errors made before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lmconvert import kernels
+from lmconvert.engine import open_model
+from lmconvert.engine.writer import EngineWriter, check_destination
+from lmconvert.errors import UserError
+from lmconvert.quant.awq import QuantSpec
+from lmconvert.quant.calib import calibration_windows, load_texts
+from lmconvert.quant.config import QuantConfig
+from lmconvert.quant.layer import CalibLayer
+from lmconvert.quant.rtn import quantize_layer_plain
+from lmconvert.quant.w4_layer import LayerStats, quantize_layer_w4
+
+
+@dataclass(slots=True)
+class QuantResult:
+    path: Path
+    method: str
+    seconds: float
+    bytes_before: int  # tensors of the source in its dtype
+    bytes_after: int  # tensors of the quantized engine
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / max(1, self.bytes_after)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: choose cpu or cuda")
+    return device
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[loss]}"))
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, overwrite: bool = False,
+             arch: str = "auto", model_source: str | None = None) -> QuantResult:
+    """Quantize SRC (engine dir or checkpoint) into a new engine at dst. Bad input raises UserError first."""
+    start = time.monotonic()
+    check_destination(dst, overwrite)
+    source = open_model(src, arch=arch, model_source=model_source)
+    cfg = source.config
+    qc.validate(cfg)
+    device = resolve_device(qc.device)
+    dtype = cfg.torch_dtype
+    spec = QuantSpec(qc.bits, qc.group_size, qc.symmetric, dtype)
+    windows = None
+    if qc.needs_calibration:  # read and check the calibration text before anything is written
+        windows = calibration_windows(source.load_tokenizer(), load_texts(qc.calib_data), qc.calib_samples,
+                                      qc.calib_seqlen, qc.seed)
+    out_cfg = dataclasses.replace(cfg, eos_token_ids=list(cfg.eos_token_ids), quantization=qc.block())
+    result = QuantResult(Path(dst), qc.method, 0.0, 0, 0)
+
+    with EngineWriter(dst, overwrite) as writer, _progress() as bar:
+        source.save_tokenizer(writer.tokenizer_dir)
+        glob = source.global_tensors()
+        h = None
+        if windows is not None:
+            h = F.embedding(windows.flatten(), glob["embed_tokens.weight"]).to(device=device, dtype=torch.float32)
+        result.bytes_before = result.bytes_after = _nbytes(glob)
+        writer.write_globals(glob)  # embeddings and lm_head stay in the engine dtype
+        del glob
+        rope = kernels.build_rope_cache(cfg.head_dim, max(qc.calib_seqlen, 2), cfg.rope_theta, cfg.rope_scaling, device)
+        task = bar.add_task(f"{qc.method} W{qc.bits} g{qc.group_size or 'channel'}", total=cfg.num_layers, loss="")
+        for i in range(cfg.num_layers):
+            tensors = source.layer_tensors(i)
+            result.bytes_before += _nbytes(tensors)
+            if h is None:
+                out = quantize_layer_plain(tensors, qc.bits, qc.group_size, qc.symmetric, dtype)
+                loss = ""
+            else:
+                layer = CalibLayer(cfg, tensors, device, rope, qc.calib_seqlen)
+                del tensors
+                out, h, stats = quantize_layer_w4(layer, h, qc, spec)
+                result.layers.append(stats)
+                loss = f"layer {i} output error: rtn {stats.loss_rtn:.2e} -> {qc.method} {stats.loss:.2e}"
+                del layer
+            writer.write_layer(i, out)
+            result.bytes_after += _nbytes(out)
+            del out
+            bar.update(task, advance=1, loss=loss)
+        writer.write_config(out_cfg, source.generation_config)
+    result.path = writer.dst
+    result.seconds = time.monotonic() - start
+    return result

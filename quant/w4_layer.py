@@ -1,0 +1,114 @@
+"""W4 quantization of one decoder layer: AWQ scales, clip search, then rounding (GPTQ or nearest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmconvert.quant.awq import SCALE_GROUPS, QuantSpec, fold_scale, search_clip, search_scale
+from lmconvert.quant.config import QuantConfig
+from lmconvert.quant.gptq import gptq_round, group_gram, hessian
+from lmconvert.quant.layer import LINEARS, CalibLayer
+from lmconvert.quant.primitives import group_params, grid_values, pack_w4, round_to_grid
+
+
+@dataclass(slots=True)
+class LayerStats:
+    loss_rtn: float  # relative squared error of the attention + MLP outputs with round-to-nearest weights
+    loss: float  # the same with the weights as written
+
+
+class BlockProbe:
+    """fp outputs of the attention and MLP blocks on a few sequences, to score any set of weights against."""
+
+    def __init__(self, layer: CalibLayer, h: torch.Tensor):
+        self.h = h
+        self.attn = layer.attention(layer.attn_norm(h))
+        self.h_mid = h + self.attn
+        self.mlp = layer.mlp(layer.mlp_norm(self.h_mid))
+        self.norm = self.attn.pow(2).sum().item() + self.mlp.pow(2).sum().item()
+
+    def loss(self, layer: CalibLayer) -> float:
+        attn = layer.attention(layer.attn_norm(self.h))
+        mlp = layer.mlp(layer.mlp_norm(self.h_mid))
+        return ((attn - self.attn).pow(2).sum().item() + (mlp - self.mlp).pow(2).sum().item()) / self.norm
+
+
+def rtn_loss(layer: CalibLayer, probe: BlockProbe, spec: QuantSpec) -> float:
+    weights = {name: layer.weight(name) for name in LINEARS}
+    for name, w in weights.items():
+        layer.set_weight(name, spec.fake(w))
+    loss = probe.loss(layer)
+    for name, w in weights.items():
+        layer.set_weight(name, w)
+    return loss
+
+
+@torch.no_grad()
+def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec: QuantSpec):
+    """-> (engine tensors of the layer, the quantized layer's output stream, LayerStats).
+
+    h [T, hidden]: this layer's input, i.e. the previous *quantized* layer's output on the calibration set.
+    """
+    n_loss = min(h.shape[0], max(1, qc.loss_tokens // layer.seqlen) * layer.seqlen)  # whole sequences
+    probe = BlockProbe(layer, h[:n_loss])
+    loss_rtn = rtn_loss(layer, probe, spec)
+
+    # 1. fp forward: the input of every linear over the whole calibration set
+    x_attn = layer.attn_norm(h)
+    attn, o_in = layer.attention(x_attn, capture_o_input=True)
+    x_mlp = layer.mlp_norm(h + attn)
+    del attn
+    _, down_in = layer.mlp(x_mlp, capture_down_input=True)
+    inputs = {"qkv_proj": x_attn, "o_proj": o_in, "gate_up_proj": x_mlp, "down_proj": down_in}
+
+    # 2. AWQ scales, folded into the op before each linear (x is rescaled with them)
+    if qc.search_scale:
+        for group in SCALE_GROUPS:
+            s, _ = search_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid)
+            fold_scale(layer, group, s, inputs[group.linear], spec.dtype)
+
+    # 3. the quantization grid of every linear, with ranges clipped where that lowers the output error
+    grids = {}
+    for name in LINEARS:
+        w = layer.weight(name)
+        clip = 1.0
+        if qc.clip:
+            skip = slice(0, layer.cfg.q_size + layer.cfg.kv_size) if name == "qkv_proj" else None
+            clip = search_clip(w, group_gram(inputs[name], spec.group_size), spec, max(1, qc.grid // 2), skip_rows=skip)
+        grids[name] = group_params(w, spec.bits, spec.group_size, spec.symmetric, clip, spec.dtype)
+    del inputs, x_attn, o_in, x_mlp, down_in
+
+    # 4. round, in execution order: each linear's inputs come from the linears already quantized
+    codes = {}
+
+    def round_linear(name: str, x: torch.Tensor) -> None:
+        w, (scales, zeros) = layer.weight(name), grids[name]
+        q = gptq_round(w, hessian(x), scales, zeros, spec.bits) if qc.gptq else round_to_grid(w, scales, zeros, spec.bits)
+        codes[name] = q
+        layer.set_weight(name, grid_values(q, scales, zeros))
+
+    x_attn = layer.attn_norm(h)
+    round_linear("qkv_proj", x_attn)
+    _, o_in = layer.attention(x_attn, capture_o_input=True)
+    del x_attn
+    round_linear("o_proj", o_in)
+    h = h + layer.linear["o_proj"](o_in)
+    del o_in
+    x_mlp = layer.mlp_norm(h)
+    round_linear("gate_up_proj", x_mlp)
+    _, down_in = layer.mlp(x_mlp, capture_down_input=True)
+    del x_mlp
+    round_linear("down_proj", down_in)
+    h = h + layer.linear["down_proj"](down_in)
+    del down_in
+
+    tensors = {}
+    for name, t in layer.tensors().items():
+        module, attr = name.rsplit(".", 1)
+        if module in codes and attr == "weight":
+            tensors.update({f"{module}.{k}": v for k, v in pack_w4(codes[module], *grids[module], spec.dtype).items()})
+        else:
+            tensors[name] = t.to(spec.dtype)
+    return tensors, h, LayerStats(loss_rtn, probe.loss(layer))
