@@ -57,7 +57,9 @@ class LLMEngine:
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
         self.config = source.config
         self.device = torch.device(device) if device else default_device()
-        self.dtype = parse_dtype(dtype) if dtype else self.config.torch_dtype
+        # CPUs run bf16/fp16 matmuls far slower than fp32 (as llama.cpp, compute in fp32 there by default)
+        default = self.config.torch_dtype if self.device.type == "cuda" else torch.float32
+        self.dtype = parse_dtype(dtype) if dtype else default
         self.tokenizer = source.load_tokenizer()
         self.generation_config = gen = source.generation_config or {}
         eos = gen.get("eos_token_id", [])
@@ -67,6 +69,8 @@ class LLMEngine:
             num_cache_tokens = max(self.session_len, 4 * 1024)
         self.runner = ModelRunner(source, self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count,
                                   max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs)
+        # a sequence must always fit the cache alone, or preemption could never make room for it
+        self.session_len = min(self.session_len, self.runner.num_blocks * block_size)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_batch_size, max(max_num_batched_tokens, block_size), self.session_len), self.block_manager)

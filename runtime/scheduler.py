@@ -65,6 +65,7 @@ class Scheduler:
             self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.ensure_slots(seq, seq.num_computed + n):
+                self.blocks.free_seq(seq)  # a waiting sequence holds no blocks (it re-matches its prefix later)
                 if not self.running and not batch:  # cannot fit even alone: fail it rather than spin
                     raise RuntimeError("KV cache too small for one request: raise the cache size or lower session_len")
                 break
