@@ -161,5 +161,60 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
         click.echo(json.dumps(figures))
 
 
+@main.command()
+@click.argument("src")
+@click.option("--w4", is_flag=True, help="AWQ W4A16: 4-bit weights in groups, 16-bit activations.")
+@click.option("--w8", is_flag=True, help="INT8 weight-only (W8A16), symmetric.")
+@click.option("--dst-path", required=True, help="Engine directory to create.")
+@click.option("--group-size", type=int, default=None,
+              help="W4: 128 (default), 64 or 32 input channels per scale. W8: default one scale per output channel.")
+@click.option("--sym", is_flag=True, help="W4: symmetric grid (zero point 8) instead of asymmetric.")
+@click.option("--calib-data", default=None, help='.txt, .jsonl (field "text") or a directory of them (default: shipped set).')
+@click.option("--calib-samples", type=int, default=16, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--no-search-scale", is_flag=True, help="Skip the AWQ scale search (with --no-clip: plain round-to-nearest).")
+@click.option("--no-clip", is_flag=True, help="Skip the weight-clipping search.")
+@click.option("--no-gptq", is_flag=True, help="Round to nearest after the AWQ steps instead of GPTQ error compensation.")
+@click.option("--device", default=None, help="cpu | cuda (default: cuda when available).")
+@click.option("--arch", default="auto", show_default=True, help="Architecture check when SRC is a checkpoint.")
+@click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None, help="Cache to search for a model id.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
+def quantize(src: str, w4: bool, w8: bool, dst_path: str, group_size: int | None, sym: bool, calib_data: str | None,
+             calib_samples: int, calib_seqlen: int, no_search_scale: bool, no_clip: bool, no_gptq: bool,
+             device: str | None, arch: str, model_source: str | None, overwrite: bool):
+    """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ) or W8 engine at --dst-path."""
+    from lmconvert.quant import QuantConfig
+    from lmconvert.quant import quantize as run_quantize
+    from lmconvert.quant.report import print_summary
+
+    if w4 == w8:
+        raise UserError("choose exactly one of --w4 and --w8")
+    qc = QuantConfig(bits=4 if w4 else 8, group_size=group_size or (128 if w4 else None), symmetric=sym,
+                     search_scale=not no_search_scale, clip=not no_clip, gptq=not no_gptq, calib_data=calib_data,
+                     calib_samples=calib_samples, calib_seqlen=calib_seqlen, device=device)
+    print_summary(run_quantize(src, dst_path, qc, overwrite=overwrite, arch=arch, model_source=model_source))
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--text", required=True, help="UTF-8 text file to score.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=40, show_default=True, help="Score the first N non-overlapping windows.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"ppl", "tokens", "seconds"} as one last JSON line.')
+@engine_options
+def eval_command(model: str, text: str, seq_len: int, windows: int, as_json: bool, **opts):
+    """Perplexity of MODEL (engine dir, quantized or not, or checkpoint) on a text file (fp32 compute on CPU)."""
+    import json
+
+    from lmconvert.quant.eval import engine_defaults, perplexity, read_text
+
+    content = read_text(text)
+    engine = build_engine(model, engine_defaults(opts, seq_len))
+    result = perplexity(engine, content, seq_len, windows)
+    click.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.seconds:.1f} s)")
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+
+
 if __name__ == "__main__":
     main()

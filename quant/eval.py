@@ -70,14 +70,20 @@ def perplexity(engine, text: str, seq_len: int = 512, windows: int = 40, show_pr
     return EvalResult(math.exp(nll / count), count, time.monotonic() - start)
 
 
-def open_for_eval(model: str, device: str | None = None, dtype: str | None = None, seq_len: int = 512, **engine_kwargs):
-    """An LLMEngine sized for scoring windows of seq_len tokens; fp32 compute on CPU unless dtype is given."""
-    from lmconvert.runtime import LLMEngine
+def engine_defaults(opts: dict, seq_len: int) -> dict:
+    """Engine options for scoring: session and KV cache of one window, fp32 compute on CPU unless asked."""
     from lmconvert.runtime.engine import default_device
 
-    device = device or str(default_device())
-    if dtype is None and torch.device(device).type == "cpu":
-        dtype = "fp32"
-    engine_kwargs.setdefault("session_len", seq_len + 1)
-    engine_kwargs["num_cache_tokens"] = engine_kwargs.get("num_cache_tokens") or seq_len + 16
-    return LLMEngine(model, device=device, dtype=dtype, **engine_kwargs)
+    opts = dict(opts)
+    opts["device"] = opts.get("device") or str(default_device())
+    if opts.get("dtype") is None and torch.device(opts["device"]).type == "cpu":
+        opts["dtype"] = "fp32"
+    opts["session_len"] = opts.get("session_len") or seq_len + 1
+    opts["num_cache_tokens"] = opts.get("num_cache_tokens") or seq_len + 16
+    return opts
+
+
+def open_for_eval(model: str, seq_len: int = 512, **opts):
+    from lmconvert.runtime import LLMEngine
+
+    return LLMEngine(model, **engine_defaults(opts, seq_len))
