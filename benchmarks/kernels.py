@@ -43,27 +43,67 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def quant4(w, G):  # quantize on the CPU: the primitives are the contract, not a GPU path
-    return [t.cuda() for t in quantize_w4(w.cpu(), G, dtype=torch.bfloat16)]
+def quant4(w, G, dtype=torch.bfloat16):  # quantize on the CPU: the primitives are the contract, not a GPU path
+    qw, s, z = (t.cuda() for t in quantize_w4(w.cpu(), G, dtype=dtype))
+    return ql.prepare_w4(qw, s, z, G)
 
 
 def quant8(w, G):
-    return [t.contiguous().cuda() for t in quantize_w8(w.cpu(), G, dtype=torch.bfloat16)]
+    qw, s = (t.contiguous().cuda() for t in quantize_w8(w.cpu(), G, dtype=torch.bfloat16))
+    return ql.prepare_w8(qw, s, G)
 
 
-def check_correctness():
-    dev, bf = "cuda", torch.bfloat16
+def check_linears():
+    """Every candidate config of every design vs the torch reference, fresh inputs each; twice (the split-K
+    workspace must come back clean); then a CUDA graph replayed 3 times with new inputs copied in."""
     out = {}
+    for M in (1, 3, 16, 33, 64, 300):
+        for G, K, dtype in ((32, 768, torch.bfloat16), (64, 1536, torch.bfloat16), (128, 3072, torch.bfloat16),
+                            (128, 3072, torch.float16), (64, 576, torch.bfloat16)):
+            N = 480
+            for bits in (4, 8):
+                if bits == 8 and dtype == torch.float16:
+                    continue
+                w = torch.randn(N, K)
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                bias = torch.randn(N, device="cuda", dtype=dtype)
+                if bits == 4:
+                    qw, s, z = quant4(w, G, dtype)
+                    ref = ql.w4a16_linear_ref(x, qw, s, z, G, bias)
+                else:
+                    (qw, s), z = quant8(w, G), None
+                    ref = ql.w8a16_linear_ref(x, qw, s, G, bias)
+                _, cands, run = ql.plan(x, qw, s, z, bias, G, bits)
+                worst = 0.0
+                for cfg in cands:
+                    for _ in range(2):
+                        y = run(cfg)
+                        assert torch.isfinite(y.float()).all(), cfg
+                        worst = max(worst, rel(y, ref))
+                out[f"w{bits} M{M} G{G} K{K} {str(dtype)[6:]} ({len(cands)} cfgs)"] = worst
+    K, N, G = 4096, 6144, 128
+    qw, s, z = quant4(torch.randn(N, K), G)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    ql.w4a16_linear(x, qw, s, z, G)  # tune + compile outside the graph
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = ql.w4a16_linear(x, qw, s, z, G)
+    worst = 0.0
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        worst = max(worst, rel(y, ql.w4a16_linear_ref(x, qw, s, z, G)))
+    out[f"w4 graph replays M1 cfg {ql._tuner.chosen[next(k for k in ql._tuner.chosen if k[1] == N)]}"] = worst
+    return out
+
+
+def check_correctness(linears_only=False):
+    dev, bf = "cuda", torch.bfloat16
     tuner, ql._tuner = ql._tuner, Autotuner(timing=False)
-    for M in (1, 3, 16, 33, 300):
-        for G in (32, 64, 128):
-            K, N = 3 * G * 8, 480
-            w = torch.randn(N, K)
-            x = torch.randn(M, K, device=dev, dtype=bf)
-            qw, s, z = quant4(w, G)
-            out[f"w4 M{M} G{G}"] = rel(ql.w4a16_linear_triton(x, qw, s, z, G), ql.w4a16_linear_ref(x, qw, s, z, G))
-            q8, s8 = quant8(w, G)
-            out[f"w8 M{M} G{G}"] = rel(ql.w8a16_linear_triton(x, q8, s8, G), ql.w8a16_linear_ref(x, q8, s8, G))
+    out = check_linears()
+    if linears_only:
+        ql._tuner = tuner
+        return out
     for bs, KVH, window, q_lens in ((16, 8, None, [1] * 5), (32, 4, 100, [1] * 5), (64, 1, None, [1] * 5),
                                      (16, 8, None, [1, 40, 7, 300, 1]), (32, 4, 64, [1, 40, 7, 300, 1])):
         ctxs = [700, 40, 1500, 300, 2049]
@@ -113,7 +153,7 @@ def bench_linears(copy_bw, quick):
         wbs = [wb] + [wb.clone() for _ in range(sets["bf16"] - 1)]
         w4s = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(sets["w4"] - 1)]
         w8s = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(sets["w8"] - 1)]
-        for M in (1, 16, 2048):
+        for M in (1, 16, 64, 2048):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_bf = bench(lambda i: x @ wbs[i], len(wbs))
             t_w4 = bench(lambda i: ql.w4a16_linear_triton(x, *w4s[i], 128), len(w4s))
@@ -121,9 +161,9 @@ def bench_linears(copy_bw, quick):
             row = dict(kernel="w4a16", M=M, K=K, N=N, us=t_w4 * 1e3, cublas_us=t_bf * 1e3, speedup=t_bf / t_w4,
                        gbps=w4_bytes / t_w4 / 1e6, pct_copy=100 * w4_bytes / t_w4 / 1e6 / copy_bw)
             rows.append(row)
-            if M == 1:
+            if M in (1, 16, 2048):
                 t_w8 = bench(lambda i: ql.w8a16_linear_triton(x, *w8s[i], 128), len(w8s))
-                w8_bytes = q8.nbytes + s8.nbytes + x.nbytes + N * 2
+                w8_bytes = q8.nbytes + s8.nbytes + x.nbytes + M * N * 2
                 rows.append(dict(kernel="w8a16", M=M, K=K, N=N, us=t_w8 * 1e3, cublas_us=t_bf * 1e3,
                                  speedup=t_bf / t_w8, gbps=w8_bytes / t_w8 / 1e6,
                                  pct_copy=100 * w8_bytes / t_w8 / 1e6 / copy_bw))
@@ -161,14 +201,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--linears", action="store_true", help="only the quantized linears")
+    ap.add_argument("--wide", action="store_true", help="tune over a wider candidate list (to trim the default)")
     args = ap.parse_args()
+    if args.wide:
+        narrow = ql.candidates
+
+        def wide(M, N, K, R, device):
+            c = narrow(M, N, K, R, device)
+            fused = [f for f in c if f[0] == "fused"]
+            extra = [(f[0], f[1], f[2], w, st) for f in fused for w, st in ((4, 1), (4, 3), (8, 2)) if M == 1]
+            extra += [("fused", 256, p, 8, 2) for p in (2, 4) if fused and M > 1]
+            return c + extra + [("dequant", 256)] * any(f[0] == "dequant" for f in c)
+        ql.candidates = wide
     torch.manual_seed(0)
-    errs = check_correctness()
+    errs = check_correctness(args.linears)
     for name, e in errs.items():
-        print(f"check {name:40s} {e:.2e}")
+        print(f"check {name:50s} {e:.2e}" + ("  FAIL" if e > 1e-2 else ""))
     copy_bw = copy_gbps()
     rows = []
-    for section in (lambda: bench_linears(copy_bw, args.quick), lambda: bench_decode_attention(copy_bw)):
+    sections = [lambda: bench_linears(copy_bw, args.quick)]
+    if not args.linears:
+        sections.append(lambda: bench_decode_attention(copy_bw))
+    for section in sections:
         try:  # one failing section still leaves the other's numbers
             rows += section()
         except Exception as e:  # noqa: BLE001
@@ -179,6 +234,9 @@ def main():
     for r in rows:
         print(f"{r['kernel']:20s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
               f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f}")
+    for key, times in ql._tuner.times.items():  # every candidate's time, to trim the candidate lists
+        best = min(times.values())
+        print("tune", key[:5], " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -15,6 +15,7 @@ from ._triton import INTERPRET
 @dataclass(slots=True)
 class Autotuner:
     chosen: dict = field(default_factory=dict)  # key -> config, for the life of the process
+    times: dict = field(default_factory=dict)  # key -> {config: ms} as measured (for benchmark logs)
     timing: bool = True  # False: take the first candidate (quick correctness runs)
 
     def pick(self, key, candidates, launch):
@@ -23,15 +24,16 @@ class Autotuner:
             return self.chosen[key]
         best = candidates[0]
         if self.timing and len(candidates) > 1 and torch.cuda.is_available() and not INTERPRET:
-            from triton.testing import do_bench
+            from triton.testing import do_bench_cudagraph
 
             times = {}
             for cfg in candidates:
-                try:
-                    times[cfg] = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+                try:  # graph replays: a few-us kernel timed with launches would measure the launch
+                    times[cfg] = do_bench_cudagraph(lambda: launch(cfg), rep=20, return_mode="median")
                 except Exception:  # out of shared memory / registers on this card: skip the candidate
                     continue
             best = min(times, key=times.get)
+            self.times[key] = times
         self.chosen[key] = best
         return best
 

@@ -90,9 +90,14 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_ptrs = qw_ptr + offs_r[:, None] * N + offs_n[None, :]
     x_rows = x_ptr + offs_m[:, None] * K
-    b_end = tl.minimum((pid_k + 1) * BLOCKS_PER_SPLIT, N_BLOCKS)
-    for b in range(pid_k * BLOCKS_PER_SPLIT, b_end):
-        w = tl.load(w_ptrs + b * (R * N), mask=mask_n[None, :], other=0)
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
+    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=mask_n[None, :], other=0)
+    for b in range(b_begin, b_end):
+        # prefetch the next block's words: Triton does not pipeline loads that feed no tl.dot, and the
+        # unpacking is long enough to hide a DRAM round trip behind it (the last one re-reads, from L2)
+        w = w_next
+        w_next = tl.load(w_ptrs + tl.minimum(b + 1, b_end - 1) * (R * N), mask=mask_n[None, :], other=0)
         k0 = b * (P * R)
         if G_BIG:  # the whole block is one group
             s, z = _group(s_ptr, z_ptr, k0, G, N, offs_n, mask_n, BITS)

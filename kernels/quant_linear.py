@@ -141,14 +141,16 @@ def block_m(M):
 
 def candidates(M, N, K, R, device):
     """("fused", BLOCK_N, programs per SM, num_warps, num_stages) / ("dequant", BLOCK_N)."""
-    fused, dq = [], [("dequant", 128)]
+    fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1 or (M <= FUSED_MAX_M and R >= 16):
         for bn in (128, 256) if M == 1 else (64, 128):
-            for per_sm in (2, 4, 8):
-                fused.append(("fused", bn, per_sm, 4, 2 if device.type == "cuda" else 1))
+            for per_sm in (2, 4, 8):  # the weight loads are prefetched by hand: no num_stages pipelining
+                fused.append(("fused", bn, per_sm, 4, 1))
+        if M == 1:
+            fused += [("fused", 256, 2, 8, 1), ("fused", 256, 4, 8, 1)]
     if M <= 16 and fused:
         return fused
-    return fused + dq if M <= FUSED_MAX_M else dq
+    return fused[:4] + dq if M <= FUSED_MAX_M else dq[:1]
 
 
 def _split(cfg, M, N, n_blocks, device):
