@@ -60,7 +60,7 @@ def make_random_checkpoint(dst: Path, size_gb: float) -> dict:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tokenizer  # the same tiny tokenizer the tests use
+    from tiny_models import build_tokenizer  # the same tiny tokenizer the tests use
 
     build_tokenizer().save_pretrained(dst)
     return {"layers": layers, "layer_bytes": layer_params * 2, "embed_bytes": vocab * h * 2}

@@ -27,7 +27,7 @@ from lmconvert.runtime.bench import hf_generate_tok_s, run_bench  # noqa: E402
 
 
 def check_correctness() -> dict:
-    from conftest import build_checkpoint
+    from tiny_models import build_checkpoint
     from transformers import AutoModelForCausalLM
 
     errors = {}

@@ -15,7 +15,7 @@ from lmconvert.runtime.serve_client import run_load
 from lmconvert.runtime.serve_launch import BackgroundServer
 from lmconvert.runtime.server import create_app
 
-from conftest import SENTENCES
+from tiny_models import SENTENCES
 
 PROMPTS = [f"{SENTENCES[i % len(SENTENCES)]} {i}" for i in range(20)]
 MAX_TOKENS = 8
