@@ -43,12 +43,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, pa
         k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0)
         scores = dot_acc(q, tl.trans(k), tl.zeros((BLOCK_G, BS), tl.float32), UPCAST) * qk_scale
         pos = b * BS + offs
-        scores = tl.where(((pos < ctx) & (pos >= start))[None, :], scores, float("-inf"))
+        live = (pos < ctx) & (pos >= start)
+        scores = tl.where(live[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        # slots past the context hold stale or uninitialised data: p is 0 there, but 0 * NaN is NaN
+        v = tl.load(v_ptr + kv_off, mask=live[:, None] & d_ok[None, :], other=0.0)
         acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -111,7 +113,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, strid
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=(k_pos <= last_pos)[:, None] & d_ok[None, :], other=0.0)
         acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

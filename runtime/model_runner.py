@@ -29,8 +29,8 @@ class ModelRunner:
         self.num_blocks = self._count_blocks(num_cache_tokens, cache_max_entry_count)
         shape = (self.num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.k_cache = torch.empty(shape, dtype=dtype, device=device)
-            layer.self_attn.v_cache = torch.empty(shape, dtype=dtype, device=device)
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.sampler = Sampler()
         self.graphs = None
         if device.type == "cuda" and use_cuda_graphs:
