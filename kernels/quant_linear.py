@@ -143,11 +143,11 @@ def candidates(M, N, K, R, device):
     """("fused", BLOCK_N, programs per SM, num_warps, num_stages) / ("dequant", BLOCK_N)."""
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1 or (M <= FUSED_MAX_M and R >= 16):
+        # weights are prefetched by hand; num_stages 2 pipelines the x tiles of tl.dot (M > 1)
         for bn in (128, 256) if M == 1 else (64, 128):
-            for per_sm in (2, 4, 8):  # the weight loads are prefetched by hand: no num_stages pipelining
-                fused.append(("fused", bn, per_sm, 4, 1))
-        if M == 1:
-            fused += [("fused", 256, 2, 8, 1), ("fused", 256, 4, 8, 1)]
+            for per_sm in (2, 4, 8) if M == 1 else (4, 8):
+                for stages in (1,) if M == 1 else (2, 1):
+                    fused.append(("fused", bn, per_sm, 4, stages))
     if M <= 16 and fused:
         return fused
     return fused[:4] + dq if M <= FUSED_MAX_M else dq[:1]
