@@ -9,12 +9,14 @@ from ._triton import next_pow2, tl, triton, use_triton
 
 
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, KVH, D]
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat[slots] = k.view(k.shape[0], *k_cache.shape[2:])[keep].to(k_cache.dtype)
-    v_flat[slots] = v.view(v.shape[0], *v_cache.shape[2:])[keep].to(v_cache.dtype)
+    slots = slot_mapping.long()
+    k_rows = k.reshape(k.shape[0], *k_cache.shape[2:])
+    v_rows = v.reshape(v.shape[0], *v_cache.shape[2:])
+    if bool((slots < 0).any()):  # padding rows (CUDA-graph batches): drop them; plain CPU steps have none
+        keep = slots >= 0
+        slots, k_rows, v_rows = slots[keep], k_rows[keep], v_rows[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k_rows.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v_rows.to(v_cache.dtype))
 
 
 @triton.jit

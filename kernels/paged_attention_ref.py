@@ -36,6 +36,12 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context
     BS = k_cache.shape[1]
     ctx = context_lens.tolist()
     out = torch.empty_like(q)
+    if T == S == 1 and (sliding_window is None or ctx[0] <= sliding_window):
+        # one decoding sequence that sees its whole context: no mask needed (the CPU batch-1 hot path)
+        L = ctx[0]
+        k, v = _gather(k_cache, block_tables[0, :-(-L // BS)], L), _gather(v_cache, block_tables[0, :-(-L // BS)], L)
+        out = F.scaled_dot_product_attention(q[0].unsqueeze(1), k, v, scale=scale, enable_gqa=H != k.shape[0])
+        return out.view(1, H, D)
     if T == S:  # decode: every sequence has exactly one query, at position ctx - 1
         L = max(ctx)
         nb = -(-L // BS)
