@@ -4,8 +4,8 @@ from .activation import silu_mul
 from .kv_cache import store_kv
 from .norm import rms_norm
 from .paged_attention import paged_attention
-from .quant_linear import prepare_w4, w4a16_linear, w8a16_linear
+from .quant_linear import prepare_w4, prepare_w8, w4a16_linear, w8a16_linear
 from .rope import apply_rope, build_rope_cache
 
-__all__ = ["apply_rope", "build_rope_cache", "paged_attention", "prepare_w4", "rms_norm", "silu_mul", "store_kv",
+__all__ = ["apply_rope", "build_rope_cache", "paged_attention", "prepare_w4", "prepare_w8", "rms_norm", "silu_mul", "store_kv",
            "w4a16_linear", "w8a16_linear"]
