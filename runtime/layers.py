@@ -25,8 +25,13 @@ class Linear(nn.Module):
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, value in tensors.items():
             setattr(self, key, value)
-        if self.bits == 4 and hasattr(kernels, "prepare_w4"):
+        if self.bits == 8 and not self.group_size:  # per output channel: one group spanning K
+            self.group_size = self.qweight.shape[0]
+        # repack once into the kernels' layout (a no-op on CPU)
+        if self.bits == 4:
             self.qweight, self.scales, self.zeros = kernels.prepare_w4(self.qweight, self.scales, self.zeros, self.group_size)
+        elif self.bits == 8:
+            self.qweight, self.scales = kernels.prepare_w8(self.qweight, self.scales, self.group_size)
 
     @property
     def out_features(self) -> int:
@@ -35,8 +40,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 4:
             return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
-        if self.bits == 8:  # group_size 0 / None: one scale per output channel
-            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size or self.qweight.shape[0], self.bias)
+        if self.bits == 8:
+            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
