@@ -174,13 +174,13 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
 @click.option("--calib-seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--no-search-scale", is_flag=True, help="Skip the AWQ scale search (with --no-clip: plain round-to-nearest).")
 @click.option("--no-clip", is_flag=True, help="Skip the weight-clipping search.")
-@click.option("--no-gptq", is_flag=True, help="Round to nearest after the AWQ steps instead of GPTQ error compensation.")
+@click.option("--gptq", is_flag=True, help="GPTQ error-compensating rounding on the AWQ grid (fits the calibration domain).")
 @click.option("--device", default=None, help="cpu | cuda (default: cuda when available).")
 @click.option("--arch", default="auto", show_default=True, help="Architecture check when SRC is a checkpoint.")
 @click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None, help="Cache to search for a model id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def quantize(src: str, w4: bool, w8: bool, dst_path: str, group_size: int | None, sym: bool, calib_data: str | None,
-             calib_samples: int, calib_seqlen: int, no_search_scale: bool, no_clip: bool, no_gptq: bool,
+             calib_samples: int, calib_seqlen: int, no_search_scale: bool, no_clip: bool, gptq: bool,
              device: str | None, arch: str, model_source: str | None, overwrite: bool):
     """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ) or W8 engine at --dst-path."""
     from lmconvert.quant import QuantConfig
@@ -190,7 +190,7 @@ def quantize(src: str, w4: bool, w8: bool, dst_path: str, group_size: int | None
     if w4 == w8:
         raise UserError("choose exactly one of --w4 and --w8")
     qc = QuantConfig(bits=4 if w4 else 8, group_size=group_size or (128 if w4 else None), symmetric=sym,
-                     search_scale=not no_search_scale, clip=not no_clip, gptq=not no_gptq, calib_data=calib_data,
+                     search_scale=not no_search_scale, clip=not no_clip, gptq=gptq, calib_data=calib_data,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen, device=device)
     print_summary(run_quantize(src, dst_path, qc, overwrite=overwrite, arch=arch, model_source=model_source))
 

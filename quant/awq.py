@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lmconvert.quant.gptq import group_gram
+from lmconvert.quant.grid import fit_grid
 from lmconvert.quant.layer import CalibLayer
-from lmconvert.quant.primitives import fake_quantize
+from lmconvert.quant.primitives import fake_quantize, grid_values, round_to_grid
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +40,10 @@ class QuantSpec:
     group_size: int
     symmetric: bool
     dtype: torch.dtype  # the engine's: scales are rounded to it
+    integer_zero: bool = False  # free zero points (see primitives.group_params); True: classic RTN grid
 
     def fake(self, w: torch.Tensor, clip=1.0) -> torch.Tensor:
-        return fake_quantize(w, self.bits, self.group_size, self.symmetric, clip, self.dtype)
+        return fake_quantize(w, self.bits, self.group_size, self.symmetric, clip, self.dtype, self.integer_zero)
 
 
 def run_block(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Tensor:
@@ -110,24 +113,30 @@ def fold_scale(layer: CalibLayer, group: ScaleGroup, s: torch.Tensor, x: torch.T
     x /= s
 
 
-def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, steps: int, max_shrink: float = 0.5,
-                skip_rows: slice | None = None) -> torch.Tensor:
-    """Per-(row, group) range shrink factor [N, K // G] minimizing that group's output error d^T H_g d.
+def fitted_block_loss(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, s: torch.Tensor, n_loss: int,
+                      spec: QuantSpec, steps: int) -> float:
+    """Block loss with the linear quantized as it will be: W s on a grid fitted to the inputs x / s."""
+    w = layer.weight(group.linear)
+    ws = w * s
+    scales, zeros = fit_grid(ws, group_gram(x / s, spec.group_size), spec.bits, spec.symmetric, spec.dtype, steps,
+                             integer_zero=spec.integer_zero)
+    with torch.no_grad():
+        target = run_block(layer, group, x[:n_loss])
+        layer.set_weight(group.linear, grid_values(round_to_grid(ws, scales, zeros, spec.bits), scales, zeros) / s)
+        loss = (run_block(layer, group, x[:n_loss]) - target).pow(2).mean().item()
+    layer.set_weight(group.linear, w)
+    return loss
 
-    gram: the diagonal blocks H_g [K // G, G, G] of the inputs' second moment. Rows in skip_rows keep
-    their full range (q and k: their error is amplified through the softmax, not seen by this loss).
+
+def choose_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec, grid: int,
+                 fit_steps: int | None) -> torch.Tensor:
+    """search_scale's pick, checked against no scaling with the fitted grid (fit_steps) when there is one.
+
+    The search scores exponents with a plain min/max grid; the fitted grid can make scaling unnecessary
+    (weights that already sit on a 4-bit grid, e.g. from a GGUF), so both finalists are scored as written.
     """
-    N, K = w.shape
-    G = spec.group_size
-    best_err = torch.full((N, K // G), float("inf"), device=w.device)
-    best = torch.ones(N, K // G, device=w.device)
-    for i in range(steps):
-        ratio = 1.0 - max_shrink * i / steps
-        d = (spec.fake(w, ratio) - w).view(N, K // G, G).transpose(0, 1)  # [K/G, N, G]
-        err = ((d @ gram) * d).sum(-1).t()  # [N, K/G]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, ratio), best)
-    if skip_rows is not None:
-        best[skip_rows] = 1.0
-    return best
+    s, _ = search_scale(layer, group, x, n_loss, spec, grid)
+    if not fit_steps:
+        return s
+    ones = torch.ones_like(s)
+    return min((s, ones), key=lambda c: fitted_block_loss(layer, group, x, c, n_loss, spec, fit_steps))

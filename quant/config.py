@@ -17,12 +17,12 @@ class QuantConfig:
     symmetric: bool = False  # W4 only; W8 is always symmetric
     search_scale: bool = True  # AWQ per-input-channel scale search
     clip: bool = True  # AWQ weight-clipping search
-    gptq: bool = True  # error-compensating rounding (GPTQ) after the AWQ scaling, instead of nearest
+    gptq: bool = False  # error-compensating rounding (GPTQ) on the AWQ grid, instead of nearest (see docs)
     calib_data: str | None = None  # .txt / .jsonl / dir; None = the shipped lmconvert.calibration_data
     calib_samples: int = 16
     calib_seqlen: int = 512
-    loss_tokens: int = 1024  # calibration tokens the scale search evaluates block outputs on
-    grid: int = 20  # scale-search points (exponents 0, 1/grid, ...); clip search uses grid // 2
+    loss_tokens: int = 512  # calibration tokens the scale search evaluates block outputs on
+    grid: int = 10  # scale-search points (exponents 0, 1/grid, ...); the range search of the grid fit: grid // 2
     device: str = "cpu"
     seed: int = 0
 

@@ -4,7 +4,8 @@ Engine layout of one quantized linear with input dim K, output dim N, group size
 (weights stored transposed, so that y = x @ W with W [K, N]):
   W4: qweight int32 [K // 8, N]   nibble j (bits 4j..4j+3) of qweight[r, n] holds q[8r + j, n] in 0..15
       scales  [K // G, N]          model dtype
-      zeros   [K // G, N]          model dtype, integer zero points (8 when symmetric)
+      zeros   [K // G, N]          model dtype: zero points, integers from round-to-nearest (8 when symmetric),
+                                   fractional where the AWQ grid fit chose so (kernels compute in fp32 anyway)
       W[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
   W8: qweight int8 [K, N], scales [K // G, N] (G = K: per output channel), W = q * scales
 """
@@ -22,7 +23,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     K, N = q.shape
     assert K % PACK == 0, "K must be a multiple of 8"
     q = q.to(torch.int32).reshape(K // PACK, PACK, N)
-    return (q << _SHIFTS.view(1, PACK, 1)).sum(dim=1, dtype=torch.int32)
+    return (q << _SHIFTS.to(q.device).view(1, PACK, 1)).sum(dim=1, dtype=torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -32,12 +33,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return q.reshape(R * PACK, N)
 
 
-def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32):
+def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32,
+                 integer_zero: bool = True):
     """nn.Linear weight w [N, K] -> (scales, zeros) fp32 [N, K // G] per group of G input channels.
 
-    Asymmetric: [min, max] (widened to hold 0) mapped onto 0..2^bits-1 with an integer zero point.
+    Asymmetric: [min, max] mapped onto 0..2^bits-1. With integer_zero (classic RTN / AWQ) the range is
+    widened to hold 0 and the zero point rounded; without, the zero point is free (a fractional
+    -min / scale, like llama.cpp's stored minimum), so the grid spans exactly [min, max].
     Symmetric: absmax onto the signed range, zero point 2^(bits-1). `clip` (scalar or [N, K // G])
-    shrinks the range before rounding. Scales are rounded to `dtype` (the engine's), as they are stored.
+    shrinks the range before rounding. Scales and zeros are rounded to `dtype` (the engine's), as stored.
     """
     N, K = w.shape
     wg = w.float().reshape(N, K // group_size, group_size)
@@ -46,10 +50,11 @@ def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, c
         half = 2 ** (bits - 1)
         scales = (wg.abs().amax(dim=2) * clip / (half - 1)).clamp(min=1e-10).to(dtype).float()
         return scales, torch.full_like(scales, float(half))
-    wmin = wg.amin(dim=2).clamp(max=0) * clip
-    wmax = wg.amax(dim=2).clamp(min=0) * clip
+    wmin, wmax = wg.amin(dim=2) * clip, wg.amax(dim=2) * clip
+    if integer_zero:
+        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     scales = ((wmax - wmin) / qmax).clamp(min=1e-10).to(dtype).float()
-    zeros = torch.round(-wmin / scales).clamp(0, qmax)
+    zeros = torch.round(-wmin / scales).clamp(0, qmax) if integer_zero else (-wmin / scales).to(dtype).float()
     return scales, zeros
 
 
@@ -69,9 +74,10 @@ def grid_values(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> t
     return ((q.reshape(N, K // G, G) - zeros.unsqueeze(2)) * scales.unsqueeze(2)).reshape(N, K)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32):
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32,
+                  integer_zero: bool = True):
     """Round-trip w [N, K] through group quantization: what the engine will compute with, in fp32."""
-    scales, zeros = group_params(w, bits, group_size, symmetric, clip, dtype)
+    scales, zeros = group_params(w, bits, group_size, symmetric, clip, dtype, integer_zero)
     return grid_values(round_to_grid(w, scales, zeros, bits), scales, zeros)
 
 

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lmconvert.quant.awq import SCALE_GROUPS, QuantSpec, fold_scale, search_clip, search_scale
+from lmconvert.quant.awq import SCALE_GROUPS, QuantSpec, choose_scale, fold_scale
 from lmconvert.quant.config import QuantConfig
 from lmconvert.quant.gptq import gptq_round, group_gram, hessian
+from lmconvert.quant.grid import fit_grid
 from lmconvert.quant.layer import LINEARS, CalibLayer
-from lmconvert.quant.primitives import group_params, grid_values, pack_w4, round_to_grid
+from lmconvert.quant.primitives import fake_quantize, group_params, grid_values, pack_w4, round_to_grid
+
+
+KEEP_QK = False
 
 
 @dataclass(slots=True)
@@ -38,7 +42,7 @@ class BlockProbe:
 def rtn_loss(layer: CalibLayer, probe: BlockProbe, spec: QuantSpec) -> float:
     weights = {name: layer.weight(name) for name in LINEARS}
     for name, w in weights.items():
-        layer.set_weight(name, spec.fake(w))
+        layer.set_weight(name, fake_quantize(w, spec.bits, spec.group_size, spec.symmetric, 1.0, spec.dtype))
     loss = probe.loss(layer)
     for name, w in weights.items():
         layer.set_weight(name, w)
@@ -51,6 +55,7 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
 
     h [T, hidden]: this layer's input, i.e. the previous *quantized* layer's output on the calibration set.
     """
+    fit_steps = max(1, qc.grid // 2)
     n_loss = min(h.shape[0], max(1, qc.loss_tokens // layer.seqlen) * layer.seqlen)  # whole sequences
     probe = BlockProbe(layer, h[:n_loss])
     loss_rtn = rtn_loss(layer, probe, spec)
@@ -66,18 +71,19 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     # 2. AWQ scales, folded into the op before each linear (x is rescaled with them)
     if qc.search_scale:
         for group in SCALE_GROUPS:
-            s, _ = search_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid)
+            s = choose_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid, fit_steps if qc.clip else None)
             fold_scale(layer, group, s, inputs[group.linear], spec.dtype)
 
-    # 3. the quantization grid of every linear, with ranges clipped where that lowers the output error
+    # 3. the quantization grid of every linear: ranges and zero points fitted to the block's inputs
     grids = {}
     for name in LINEARS:
         w = layer.weight(name)
-        clip = 1.0
         if qc.clip:
-            skip = slice(0, layer.cfg.q_size + layer.cfg.kv_size) if name == "qkv_proj" else None
-            clip = search_clip(w, group_gram(inputs[name], spec.group_size), spec, max(1, qc.grid // 2), skip_rows=skip)
-        grids[name] = group_params(w, spec.bits, spec.group_size, spec.symmetric, clip, spec.dtype)
+            keep = slice(0, layer.cfg.q_size + layer.cfg.kv_size) if name == "qkv_proj" and KEEP_QK else None
+            grids[name] = fit_grid(w, group_gram(inputs[name], spec.group_size), spec.bits, spec.symmetric, spec.dtype,
+                                   fit_steps, keep_rows=keep, integer_zero=spec.integer_zero)
+        else:
+            grids[name] = group_params(w, spec.bits, spec.group_size, spec.symmetric, 1.0, spec.dtype, spec.integer_zero)
     del inputs, x_attn, o_in, x_mlp, down_in
 
     # 4. round, in execution order: each linear's inputs come from the linears already quantized
@@ -108,7 +114,7 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     for name, t in layer.tensors().items():
         module, attr = name.rsplit(".", 1)
         if module in codes and attr == "weight":
-            tensors.update({f"{module}.{k}": v for k, v in pack_w4(codes[module], *grids[module], spec.dtype).items()})
+            tensors.update({f"{module}.{k}": v.cpu() for k, v in pack_w4(codes[module], *grids[module], spec.dtype).items()})
         else:
-            tensors[name] = t.to(spec.dtype)
+            tensors[name] = t.to(device="cpu", dtype=spec.dtype)
     return tensors, h, LayerStats(loss_rtn, probe.loss(layer))
