@@ -13,6 +13,7 @@ from pathlib import Path
 from lmconvert.errors import UserError
 from lmconvert.load.gguf_file import GGUFCheckpoint
 from lmconvert.load.hf import HFCheckpoint
+from lmconvert.load.quantized import QuantizedHFCheckpoint, quantization_config
 from lmconvert.load.resolve import resolve_source
 
 
@@ -23,6 +24,8 @@ def open_checkpoint(src: str | os.PathLike, arch: str = "auto", model_source: st
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:  # a directory holding one GGUF
             return GGUFCheckpoint(ggufs[0], arch)
+        if quantization_config(path) is not None:  # AWQ / GPTQ / compressed-tensors: repacked, not requantized
+            return QuantizedHFCheckpoint(path, arch)
         return HFCheckpoint(path, arch)
     if path.suffix.lower() == ".gguf":
         return GGUFCheckpoint(path, arch)
