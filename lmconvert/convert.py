@@ -35,6 +35,8 @@ def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def layer_tensors(ckpt, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Engine tensors of decoder layer i, read from the checkpoint one tensor at a time and cast to dtype."""
+    if hasattr(ckpt, "layer_tensors"):  # pre-quantized checkpoints fuse their packed linears themselves
+        return ckpt.layer_tensors(i, dtype)
     raw = {s: ckpt.get(f"layers.{i}.{s}").to(dtype) for s in ckpt.arch.layer_names()}
     return fuse(raw)
 
