@@ -195,6 +195,19 @@ def quantize(src: str, w4: bool, w8: bool, dst_path: str, group_size: int | None
     print_summary(run_quantize(src, dst_path, qc, overwrite=overwrite, arch=arch, model_source=model_source))
 
 
+@main.command()
+@click.argument("engine")
+@click.option("--format", "fmt", type=click.Choice(["autoawq", "compressed-tensors"]), required=True,
+              help="Checkpoint layout to write (W4 engines only; codes are copied, not requantized).")
+@click.option("--dst-path", required=True, help="Checkpoint directory to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
+def export(engine: str, fmt: str, dst_path: str, overwrite: bool):
+    """Export a W4 ENGINE as an AutoAWQ or compressed-tensors checkpoint that transformers loads."""
+    from lmconvert.export import export as run_export
+
+    click.echo(f"checkpoint written to {run_export(engine, fmt, dst_path, overwrite)}")
+
+
 @main.command("eval")
 @click.argument("model")
 @click.option("--text", required=True, help="UTF-8 text file to score.")
