@@ -19,6 +19,8 @@ ENGINE_OPTIONS = [
     click.option("--cache-block-seq-len", "block_size", type=int, default=16, show_default=True,
                  help="Tokens per KV cache block."),
     click.option("--num-cache-tokens", type=int, default=None, help="KV cache size in tokens (instead of the fraction)."),
+    click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Tensor parallelism: split the model over N GPUs of this host (N processes; gloo on CPU)."),
 ]
 
 SAMPLING_OPTIONS = [
@@ -48,7 +50,7 @@ def build_engine(model: str, opts: dict, **extra):
     from lmconvert.runtime import LLMEngine
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
-            "cache_max_entry_count", "block_size", "num_cache_tokens")
+            "cache_max_entry_count", "block_size", "num_cache_tokens", "tp")
     return LLMEngine(model, **{k: opts[k] for k in keys}, **extra)
 
 

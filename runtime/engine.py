@@ -15,7 +15,6 @@ import torch
 from lmconvert.config import parse_dtype
 from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
-from lmconvert.runtime.context import dense_context, reset_context, set_context
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
 from lmconvert.runtime.model_runner import ModelRunner
 from lmconvert.runtime.sampling import SamplingParams
@@ -51,7 +50,7 @@ class LLMEngine:
                  max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
-                 model_source: str | None = None):
+                 model_source: str | None = None, tp: int = 1):
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
@@ -67,8 +66,15 @@ class LLMEngine:
         self.session_len = session_len or min(self.config.max_position_embeddings, 8192)
         if num_cache_tokens is None and self.device.type != "cuda":
             num_cache_tokens = max(self.session_len, 4 * 1024)
-        self.runner = ModelRunner(source, self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count,
-                                  max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs)
+        runner_args = (self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count,
+                       max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs)
+        if tp > 1:  # workers (spawned here, or torchrun's other ranks) rebuild the source themselves
+            from lmconvert.runtime.tp_runner import start_tp
+
+            spec = model if hasattr(model, "layer_tensors") else (model, arch, model_source)
+            self.runner = start_tp(tp, source, spec, runner_args)
+        else:
+            self.runner = ModelRunner(source, *runner_args)
         # a sequence must always fit the cache alone, or preemption could never make room for it
         self.session_len = min(self.session_len, self.runner.num_blocks * block_size)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
@@ -165,14 +171,11 @@ class LLMEngine:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits [T, vocab] of one whole sequence, computed without the KV cache (eval, tests)."""
-        model = self.runner.model
-        set_context(dense_context([len(token_ids)], self.device))
-        try:
-            ids = torch.tensor(token_ids, device=self.device)
-            hidden = model(ids, torch.arange(len(token_ids), device=self.device))
-        finally:
-            reset_context()
-        return model.compute_logits(hidden)
+        return self.runner.logits(token_ids)
+
+    def close(self) -> None:
+        """Stops tensor-parallel workers (a no-op at tp=1); also runs at interpreter exit."""
+        self.runner.close()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:

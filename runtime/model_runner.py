@@ -22,8 +22,7 @@ class ModelRunner:
                  max_num_batched_tokens: int = 2048, session_len: int = 4096, use_cuda_graphs: bool = True):
         self.cfg: ModelConfig = source.config
         self.device, self.dtype, self.block_size = device, dtype, block_size
-        self.model = Transformer(self.cfg)
-        self.model.load_weights(source, device, dtype)
+        self.model = self._load_model(source)
         if device.type == "cuda":
             self._warm_up(min(max_num_batched_tokens, session_len))
         self.num_blocks = self._count_blocks(num_cache_tokens, cache_max_entry_count)
@@ -35,6 +34,14 @@ class ModelRunner:
         self.graphs = None
         if device.type == "cuda" and use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, max_batch_size, -(-session_len // block_size), device)
+
+    def _load_model(self, source) -> Transformer:
+        model = Transformer(self.cfg)
+        model.load_weights(source, self.device, self.dtype)
+        return model
+
+    def close(self) -> None:  # the tensor-parallel runner stops its workers here
+        pass
 
     @torch.inference_mode()
     def _warm_up(self, num_tokens: int) -> None:
@@ -56,6 +63,10 @@ class ModelRunner:
         return max(1, num_cache_tokens // self.block_size)
 
     def _prepare(self, batch: list[tuple[Sequence, int]]):
+        return self._tensors(*self._flatten(batch))
+
+    def _flatten(self, batch: list[tuple[Sequence, int]]):
+        """The step as host lists: token ids, positions, slots, cu_seqlens, context lens, block tables, logit rows."""
         bs = self.block_size
         ids, positions, slots, cu, ctx_lens, logit_rows = [], [], [], [0], [], []
         for seq, n in batch:
@@ -69,29 +80,46 @@ class ModelRunner:
                 logit_rows.append(cu[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in batch)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+        return ids, positions, slots, cu, ctx_lens, tables, logit_rows
 
+    def _tensors(self, ids, positions, slots, cu, ctx_lens, tables, logit_rows):
         def dev(x, dtype):
             return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         ctx = Context(cu_seqlens_q=dev(cu, torch.int32), slot_mapping=dev(slots, torch.int64),
                       block_tables=dev(tables, torch.int32), context_lens=dev(ctx_lens, torch.int32),
-                      max_query_len=max(n for _, n in batch), is_decode=all(n == 1 for _, n in batch))
+                      max_query_len=max(b - a for a, b in zip(cu, cu[1:])), is_decode=len(ids) == len(ctx_lens))
         return dev(ids, torch.int64), dev(positions, torch.int64), ctx, logit_rows
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
         """Computes the step; returns one sampled token per sequence whose known tokens are now all computed."""
-        input_ids, positions, ctx, logit_rows = self._prepare(batch)
-        if ctx.is_decode and self.graphs is not None and self.graphs.fits(len(batch), ctx.block_tables.shape[1]):
-            logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
-        else:
-            set_context(ctx)
-            try:
-                hidden = self.model(input_ids, positions)
-            finally:
-                reset_context()
-            if not logit_rows:
-                return []
-            logits = self.model.compute_logits(hidden[logit_rows])
+        logits = self.execute(*self._prepare(batch))
+        if logits is None:
+            return []
         sampling_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
         return self.sampler(logits, sampling_seqs)
+
+    def execute(self, input_ids, positions, ctx: Context, logit_rows: list[int]) -> torch.Tensor | None:
+        """The model part of a step (tensor-parallel workers run only this): logits of logit_rows, or None."""
+        if ctx.is_decode and self.graphs is not None and self.graphs.fits(len(input_ids), ctx.block_tables.shape[1]):
+            return self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        return self.model.compute_logits(hidden[logit_rows]) if logit_rows else None
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [T, vocab] of one whole sequence, computed without the KV cache (eval, tests)."""
+        return self.dense_logits(torch.tensor(token_ids, device=self.device))
+
+    def dense_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        set_context(dense_context([len(ids)], self.device))
+        try:
+            hidden = self.model(ids, torch.arange(len(ids), device=self.device))
+        finally:
+            reset_context()
+        return self.model.compute_logits(hidden)

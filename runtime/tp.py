@@ -1,0 +1,142 @@
+"""Tensor parallelism by sharding weights as they load and hooking collectives onto existing Linears.
+
+As gpt-fast's tp.py, model.py and layers.py hold no TP code: a rank builds the ordinary Transformer from a
+local config (its share of heads and MLP width), loads it from a ShardedSource and calls apply_tp.
+  column-parallel: qkv_proj (q heads split; k/v heads split, or replicated when fewer than ranks),
+                   gate_up_proj (gate and up split separately), lm_head (vocab, padded; logits all-gathered)
+  row-parallel:    o_proj, down_proj (input dim split, output all-reduced; a bias stays on rank 0)
+  replicated:      norms, q/k norms, the embedding table
+Quantized tensors keep the engine layout ([K/8 | K/G | K, N]): a column split cuts N, a row split cuts K,
+which must fall on group boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from lmconvert.config import ModelConfig
+from lmconvert.errors import UserError
+
+QUANT_ATTRS = ("qweight", "scales", "zeros")
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
+    """The config one rank builds its model from: its heads and MLP width (vocab stays global)."""
+    problems = [f"{what} {n}" for what, n in (("attention heads", cfg.num_heads),
+                                              ("intermediate size", cfg.intermediate_size)) if n % world]
+    nkv = cfg.num_kv_heads
+    if (nkv % world if nkv >= world else world % nkv):
+        problems.append(f"KV heads {nkv}")
+    if problems:
+        raise UserError(f"--tp {world} does not divide the model's {', '.join(problems)}")
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=max(1, nkv // world),
+                               intermediate_size=cfg.intermediate_size // world)
+
+
+def kv_heads(cfg: ModelConfig, rank: int, world: int) -> range:
+    """KV heads of a rank; with fewer KV heads than ranks each is replicated on world // num_kv_heads ranks."""
+    if cfg.num_kv_heads >= world:
+        n = cfg.num_kv_heads // world
+        return range(rank * n, rank * n + n)
+    h = rank * cfg.num_kv_heads // world
+    return range(h, h + 1)
+
+
+def column_segments(module: str, cfg: ModelConfig, rank: int, world: int) -> list[tuple[int, int]]:
+    """(start, length) runs of the full output dim that this rank keeps, in order."""
+    if module == "qkv_proj":
+        D, q = cfg.head_dim, cfg.q_size // world
+        heads = kv_heads(cfg, rank, world)
+        k = (cfg.q_size + heads.start * D, len(heads) * D)
+        return [(rank * q, q), k, (k[0] + cfg.kv_size, k[1])]
+    if module == "gate_up_proj":
+        n = cfg.intermediate_size // world
+        return [(rank * n, n), (cfg.intermediate_size + rank * n, n)]
+    raise KeyError(module)
+
+
+def take_columns(t: torch.Tensor, attr: str, segments: list[tuple[int, int]]) -> torch.Tensor:
+    dim = -1 if attr in QUANT_ATTRS else 0  # nn.Linear weight / bias: [N, K] / [N]; quantized: [., N]
+    return torch.cat([t.narrow(dim, s, n) for s, n in segments], dim)  # a copy: the full tensor can go
+
+
+def take_rows(t: torch.Tensor, attr: str, rank: int, world: int, name: str) -> torch.Tensor | None:
+    """Row-parallel share of the input dim K; None for a bias off rank 0 (added once, before the all-reduce)."""
+    if attr == "bias":
+        return t if rank == 0 else None
+    dim = 0 if attr in QUANT_ATTRS else 1
+    rows = t.shape[dim]
+    if attr != "weight" and rows == 1:  # W8 per-channel scales: one group spanning K, the same on every rank
+        return t
+    if rows % world:
+        what = "quantization groups" if attr in ("scales", "zeros") else "input rows"
+        raise UserError(f"{name}: {rows} {what} do not split evenly over --tp {world} (splits must fall on group "
+                        "boundaries)")
+    n = rows // world
+    return t.narrow(dim, rank * n, n).clone()
+
+
+def vocab_shard(t: torch.Tensor, attr: str, vocab: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's slice of lm_head's vocab, zero-padded to ceil(vocab / world) so all-gather sizes match."""
+    dim = -1 if attr in QUANT_ATTRS else 0
+    per = -(-vocab // world)
+    start, end = min(vocab, rank * per), min(vocab, rank * per + per)
+    part = t.narrow(dim, start, end - start)
+    pad = list(part.shape)
+    pad[dim] = per - (end - start)
+    return torch.cat([part, part.new_zeros(pad)], dim)
+
+
+class ShardedSource:
+    """A model source (see lmconvert.engine) that yields one rank's shard of every tensor."""
+
+    def __init__(self, source, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+        self.full_config: ModelConfig = source.config
+        self.config = shard_config(source.config, world)
+
+    def __getattr__(self, name):  # tokenizer, generation_config, path, ... of the wrapped source
+        return getattr(self.source, name)
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.source.global_tensors())
+        if not any(k.startswith("lm_head.") for k in tensors):  # tied: the head is a vocab slice of the embedding
+            tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        vocab = self.full_config.vocab_size
+        return {k: vocab_shard(v, k.rsplit(".", 1)[1], vocab, self.rank, self.world) if k.startswith("lm_head.") else v
+                for k, v in tensors.items()}
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in self.source.layer_tensors(i).items():
+            module, attr = name.rsplit(".", 1)
+            if module in ("qkv_proj", "gate_up_proj"):
+                t = take_columns(t, attr, column_segments(module, self.full_config, self.rank, self.world))
+            elif module in ("o_proj", "down_proj"):
+                t = take_rows(t, attr, self.rank, self.world, f"layers.{i}.{name}")
+            if t is not None:
+                out[name] = t
+        return out
+
+
+def apply_tp(model, world: int, vocab_size: int, group=None) -> None:
+    """All-reduce after the row-parallel Linears, all-gather of the vocab-parallel logits (forward hooks)."""
+
+    def all_reduce(_module, _inputs, out):
+        dist.all_reduce(out, group=group)
+
+    def all_gather(_module, _inputs, out):
+        T, per = out.shape
+        full = out.new_empty(world * T, per)
+        _gather_into(full, out.contiguous(), group=group)
+        return full.view(world, T, per).transpose(0, 1).reshape(T, world * per)[:, :vocab_size]
+
+    for layer in model.layers:
+        layer.self_attn.o_proj.register_forward_hook(all_reduce)
+        layer.mlp.down_proj.register_forward_hook(all_reduce)
+    model.lm_head.register_forward_hook(all_gather)

@@ -1,0 +1,153 @@
+"""Tensor-parallel model runner: rank 0 schedules and samples, the other ranks only run the model.
+
+Each step rank 0 broadcasts the flattened batch (as nano-vllm does) as two int64 tensors over the model's
+process group: a fixed header (command and sizes), then one payload (ids, positions, slots, cu_seqlens,
+context lens, block tables, logit rows). Every rank builds its step tensors from the same broadcast data, so
+all take the same path (CUDA graph or eager) and meet at the same collectives.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import traceback
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from lmconvert.errors import UserError
+from lmconvert.runtime.context import Context
+from lmconvert.runtime.dist import Launch, init_group, rank_device, spawn_workers, torchrun_ranks
+from lmconvert.runtime.model_runner import ModelRunner
+from lmconvert.runtime.tp import ShardedSource, apply_tp
+
+EXIT, STEP, DENSE = 0, 1, 2
+HEADER = 8  # [command, payload length, T, B, block-table width, logit rows, max query len, unused]
+
+
+class TPRunner(ModelRunner):
+    def __init__(self, source, runner_args: tuple, rank: int, world: int, launch: Launch | None = None):
+        self.rank, self.world, self.launch = rank, world, launch
+        self.closed = False
+        super().__init__(ShardedSource(source, rank, world), *runner_args)
+        if rank == 0:  # workers must hear EXIT even when the engine is never closed explicitly
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().close())
+
+    def _load_model(self, source: ShardedSource):
+        model = super()._load_model(source)
+        apply_tp(model, self.world, source.full_config.vocab_size)
+        return model
+
+    def _count_blocks(self, num_cache_tokens, fraction) -> int:
+        n = torch.tensor([super()._count_blocks(num_cache_tokens, fraction)], device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)  # free memory differs per GPU; block ids must mean the same
+        return int(n.item())
+
+    # ---- rank 0 ----------------------------------------------------------------------------------
+    def _prepare(self, batch):
+        ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch)
+        payload = ids + positions + slots + cu + ctx_lens + [b for row in tables for b in row] + logit_rows
+        header = [STEP, len(payload), len(ids), len(ctx_lens), len(tables[0]), len(logit_rows),
+                  max(b - a for a, b in zip(cu, cu[1:]))]
+        return self._unpack(header, self._send(header, payload), logit_rows)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        return self.dense_logits(self._send([DENSE, len(token_ids)], token_ids))
+
+    def _send(self, header: list[int], payload: list[int]) -> torch.Tensor:
+        def dev(x):
+            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        dist.broadcast(dev(header + [0] * (HEADER - len(header))), 0)
+        data = dev(payload)
+        dist.broadcast(data, 0)
+        return data
+
+    def close(self) -> None:
+        if self.rank != 0 or self.closed:
+            return
+        self.closed = True
+        dist.broadcast(torch.tensor([EXIT] + [0] * (HEADER - 1), device=self.device), 0)
+        dist.destroy_process_group()
+        if self.launch is not None:
+            for p in self.launch.processes:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.terminate()
+            shutil.rmtree(self.launch.store_dir, ignore_errors=True)
+
+    # ---- every rank ------------------------------------------------------------------------------
+    def _unpack(self, header: list[int], data: torch.Tensor, logit_rows: list[int] | None):
+        _, _, T, B, W, L, max_q = header[:7]
+        ids, positions, slots, cu, ctx_lens, tables, rows = data.split([T, T, T, B + 1, B, B * W, L])
+        ctx = Context(cu_seqlens_q=cu.int(), slot_mapping=slots, block_tables=tables.view(B, W).int(),
+                      context_lens=ctx_lens.int(), max_query_len=max_q, is_decode=T == B)
+        return ids, positions, ctx, logit_rows if logit_rows is not None else rows.tolist()
+
+    # ---- ranks 1.. -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def serve(self) -> None:
+        """Runs what rank 0 broadcasts until it says EXIT."""
+        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        while True:
+            dist.broadcast(header, 0)
+            h = header.tolist()
+            if h[0] == EXIT:
+                return
+            data = torch.empty(h[1], dtype=torch.int64, device=self.device)
+            dist.broadcast(data, 0)
+            if h[0] == STEP:
+                self.execute(*self._unpack(h, data, None))
+            else:
+                self.dense_logits(data)
+
+
+def open_source(spec):
+    """A worker's model source: (path, arch, model_source) is opened again; an object came pickled."""
+    if isinstance(spec, tuple):
+        from lmconvert.engine import open_model
+
+        path, arch, model_source = spec
+        return open_model(path, arch=arch, model_source=model_source)
+    return spec
+
+
+def _worker_main(rank: int, world: int, init_method: str, spec, runner_args: tuple) -> None:
+    try:
+        device = rank_device(runner_args[0], rank, world)
+        if device.type == "cpu":  # ranks share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        init_group(device, rank, world, init_method)
+        TPRunner(open_source(spec), (device, *runner_args[1:]), rank, world).serve()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # the peers' collectives then fail instead of waiting
+
+
+def start_tp(tp: int, source, spec, runner_args: tuple) -> TPRunner:
+    """Rank 0's runner, its workers started (spawn) or joined (torchrun). Never returns on torchrun's ranks > 0."""
+    device = runner_args[0]
+    ranks = torchrun_ranks()
+    if ranks is not None:
+        rank, world, local_rank = ranks
+        if world != tp:
+            raise UserError(f"--tp {tp} but WORLD_SIZE is {world}")
+        device = rank_device(device, local_rank, world)
+        init_group(device, rank, world)
+        runner = TPRunner(source, (device, *runner_args[1:]), rank, world)
+        if rank == 0:
+            return runner
+        runner.serve()
+        dist.destroy_process_group()
+        sys.exit(0)
+    device = rank_device(device, 0, tp)  # fails before spawning when the GPUs are missing
+    launch = spawn_workers(tp, _worker_main, (spec, runner_args))
+    init_group(device, 0, tp, launch.init_method)
+    return TPRunner(source, (device, *runner_args[1:]), 0, tp, launch)

@@ -1,0 +1,102 @@
+"""Tensor parallelism on CPU over gloo: tp=2 gives the logits and tokens of tp=1 (fp32, tiny models)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lmconvert.config import ModelConfig
+from lmconvert.errors import UserError
+from lmconvert.runtime import LLMEngine, SamplingParams
+from lmconvert.runtime.tp import ShardedSource, kv_heads, shard_config, take_rows
+
+
+def random_ids(n: int, seed: int, vocab: int = 300) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(arch="qwen3", vocab_size=321, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                num_kv_heads=1, head_dim=16, qk_norm=True, tie_word_embeddings=True, dtype="fp32",
+                max_position_embeddings=512, eos_token_ids=[256])
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def w4_engine(tmp_path_factory):
+    """W4 g32 random engine: one KV head (replicated over the ranks), vocab 321 (padded head shards).
+
+    Untied: the random tied head gives logits ~10x larger, whose fp32 rounding alone nears 1e-5.
+    """
+    from lmconvert.convert import write_engine
+    from lmconvert.load.random_weights import RandomModel
+
+    dst = tmp_path_factory.mktemp("tp-w4") / "engine"
+    cfg = tiny_config(tie_word_embeddings=False)
+    return write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32}), dst, False, "tiny w4")
+
+
+def test_shard_plan():
+    from lmconvert.load.random_weights import RandomModel
+
+    cfg = tiny_config(num_kv_heads=2)
+    assert [list(kv_heads(cfg, r, 4)) for r in range(4)] == [[0], [0], [1], [1]]
+    assert [list(kv_heads(cfg, r, 2)) for r in range(2)] == [[0], [1]]
+    with pytest.raises(UserError, match="attention heads"):
+        shard_config(cfg, 3)
+    # a row split must fall on group boundaries: 2 groups of K do not split over 4 ranks
+    with pytest.raises(UserError, match="group boundaries"):
+        take_rows(torch.zeros(2, 8), "scales", 0, 4, "down_proj.scales")
+    # the column shards of all ranks together hold every q, k, v row exactly once
+    src = RandomModel(tiny_config(num_kv_heads=2, qkv_bias=True))
+    full = src.layer_tensors(0)["qkv_proj.bias"]
+    parts = [ShardedSource(src, r, 2).layer_tensors(0)["qkv_proj.bias"].split([32, 16, 16]) for r in range(2)]
+    assert torch.equal(torch.cat([p[i] for i in range(3) for p in parts]), full)
+
+
+def test_tp2_matches_tp1(tiny_engine):
+    """qwen2 (qkv bias, untied head): dense logits, and greedy tokens through chunked prefill and paged decode."""
+    path = str(tiny_engine("qwen2"))
+    kw = dict(device="cpu", num_cache_tokens=512, block_size=4, max_num_batched_tokens=16)
+    prompts = [random_ids(21, seed=1), random_ids(9, seed=2)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    one = LLMEngine(path, **kw)
+    ids = random_ids(40, seed=3)
+    ref_logits, ref_out = one.logits(ids), one.generate(prompts, params)
+    two = LLMEngine(path, tp=2, **kw)
+    try:
+        assert (two.logits(ids) - ref_logits).abs().max().item() <= 1e-5
+        assert [o.token_ids for o in two.generate(prompts, params)] == [o.token_ids for o in ref_out]
+    finally:
+        two.close()
+
+
+def test_tp2_w4_matches_tp1(w4_engine):
+    kw = dict(device="cpu", num_cache_tokens=256)
+    ids = random_ids(30, seed=4)
+    ref = LLMEngine(str(w4_engine), **kw).logits(ids)
+    two = LLMEngine(str(w4_engine), tp=2, **kw)
+    try:
+        assert (two.logits(ids) - ref).abs().max().item() <= 1e-5
+    finally:
+        two.close()
+
+
+def test_cli_generate_tp2_prints_tp1(tiny_engine):
+    """The real console entry point (workers spawned from it) prints what tp=1 prints."""
+    from lmconvert.cli import main
+
+    args = ["generate", str(tiny_engine("qwen3")), "--prompt", "The quick brown fox", "--temperature", "0", "--repetition-penalty", "1.5",
+            "--device", "cpu", "--max-new-tokens", "16", "--num-cache-tokens", "256"]
+    one = CliRunner().invoke(main, args + ["--tp", "1"])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    two = subprocess.run([sys.executable, "-m", "lmconvert.cli", *args, "--tp", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.output
