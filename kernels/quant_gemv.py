@@ -70,14 +70,39 @@ def _group(s_ptr, z_ptr, k, G, N, offs_n, mask_n, BITS: tl.constexpr):
 
 
 @triton.jit
+def _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr,
+            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Write the [BM, BN] fp32 tile acc (+ bias) to y. ATOMIC: split-K in one launch: partials go into the
+    fp32 workspace by atomic add, the last program of a tile (per-tile counter) reads and zeroes the
+    workspace, resets the counter and writes y, so the launch leaves both clean (graph safe)."""
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    write = True
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds precede the counter's release (as cooperative grid sync)
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        write = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1
+        if write:
+            # on the int32 view of the workspace: the interpreter has no fp32 atomic_xchg
+            acc = tl.atomic_xchg(ws_bits_ptr + offs, tl.zeros_like(acc).to(tl.int32), mask=mask)
+            acc = tl.where(mask, acc.to(tl.float32, bitcast=True), 0.0)  # masked lanes return junk
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    if write:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+
+@triton.jit
 def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, G, N_BLOCKS,
                  BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr, G_BIG: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
     """y[m-tile, n-tile] over K-blocks [pid_k*BPS, (pid_k+1)*BPS). BLOCK_M == 1: FMAs into an [R, BN]
-    accumulator reduced once at the end; else tl.dot per sub-tile. ATOMIC: split-K in one launch: partials
-    go into the fp32 workspace by atomic add, the last program of a tile (per-tile counter) reads and
-    zeroes the workspace, resets the counter and writes y, so the launch leaves both clean (graph safe)."""
+    accumulator reduced once at the end (groups smaller than a block; else gemv_kernel); else tl.dot per
+    sub-tile. PREFETCH: next block's words loaded by hand (else left to Triton's pipeliner)."""
     P: tl.constexpr = 32 // BITS
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -92,12 +117,16 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
     x_rows = x_ptr + offs_m[:, None] * K
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
-    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=mask_n[None, :], other=0)
+    if PREFETCH:
+        w_next = tl.load(w_ptrs + b_begin * (R * N), mask=mask_n[None, :], other=0)
     for b in range(b_begin, b_end):
         # prefetch the next block's words: Triton does not pipeline loads that feed no tl.dot, and the
         # unpacking is long enough to hide a DRAM round trip behind it (the last one re-reads, from L2)
-        w = w_next
-        w_next = tl.load(w_ptrs + tl.minimum(b + 1, b_end - 1) * (R * N), mask=mask_n[None, :], other=0)
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + tl.minimum(b + 1, b_end - 1) * (R * N), mask=mask_n[None, :], other=0)
+        else:
+            w = tl.load(w_ptrs + b * (R * N), mask=mask_n[None, :], other=0)
         k0 = b * (P * R)
         if G_BIG:  # the whole block is one group
             s, z = _group(s_ptr, z_ptr, k0, G, N, offs_n, mask_n, BITS)
@@ -113,23 +142,83 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
                 acc = dot_acc(xj, wj.to(xj.dtype), acc, UPCAST)
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=0)[None, :]
-    offs = offs_m[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    write = True
-    if ATOMIC:
-        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds precede the counter's release (as cooperative grid sync)
-        tile = pid_m * tl.num_programs(0) + pid_n
-        write = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1
-        if write:
-            # on the int32 view of the workspace: the interpreter has no fp32 atomic_xchg
-            acc = tl.atomic_xchg(ws_bits_ptr + offs, tl.zeros_like(acc).to(tl.int32), mask=mask)
-            acc = tl.where(mask, acc.to(tl.float32, bitcast=True), 0.0)  # masked lanes return junk
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    if write:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _code(w, wl8, wr8, w16, J: tl.constexpr, BITS: tl.constexpr):
+    """Value J as fp32 MAGIC_J + code (one LOP3), from the word tile w and its rotations by 8 / -8 / 16.
+    W4: codes land at bit 12 (MAGIC 2048, odd J) or 16 (128, even J); W8: at bit 8 (MAGIC 32768). The
+    rotations serve two values each (three funnel shifts per word) and keep MAGIC small: the gemv sums
+    MAGIC * x terms in fp32 and removes them once per block, so a smaller MAGIC loses fewer bits."""
+    if BITS == 8:
+        src = wl8 if J == 0 else w if J == 1 else wr8 if J == 2 else w16
+        return ((src & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True)
+    if J == 0 or J == 7:
+        src = w16
+    elif J == 1 or J == 2:
+        src = wl8
+    elif J == 3 or J == 4:
+        src = w
+    else:
+        src = wr8
+    if J % 2 == 1:
+        return ((src & 0xF000) | 0x45000000).to(tl.float32, bitcast=True)
+    return ((src & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, G, N_BLOCKS,
+                BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """M = 1, a block never spans two groups (G % (P*R) == 0). Per block and element:
+    part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight), acc += s * part (once per block);
+    y = sum_r acc - sum_b s_b * (z_b * X_b + C_b), X_b = sum of x over the block, C_b = sum_j MAGIC_j *
+    X_bj: the zero point and MAGIC terms are removed per column once, from block sums of x computed
+    while the first words load."""
+    P: tl.constexpr = 32 // BITS
+    KB: tl.constexpr = P * R
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    mask_n = offs_n < N
+    w_ptrs = qw_ptr + offs_r[:, None] * N + offs_n[None, :]
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
+    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=mask_n[None, :], other=0)
+    # per-column correction, CHUNK blocks at a time: x [CHUNK, KB] -> X_b, C_b -> sum_b s_b (z_b X_b + C_b)
+    offs_c, offs_kk = tl.arange(0, CHUNK), tl.arange(0, KB)
+    corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c in range(b_begin, b_end, CHUNK):
+        blk = c + offs_c
+        mask_b = blk < b_end
+        xt = tl.load(x_ptr + blk[:, None] * KB + offs_kk[None, :], mask=mask_b[:, None], other=0.0).to(tl.float32)
+        xsum = tl.sum(xt, axis=1)[:, None]
+        sz = (blk * KB // G)[:, None] * N + offs_n[None, :]
+        mask_sz = mask_b[:, None] & mask_n[None, :]
+        s = tl.load(s_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
+        if BITS == 4:
+            magic = tl.where((offs_kk // R) % 2 == 1, 2048.0, 128.0)
+            cm = tl.sum(xt * magic[None, :], axis=1)[:, None]
+            z = tl.load(z_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
+            corr += tl.sum(s * (z * xsum + cm), axis=0)
+        else:  # MAGIC 32768 + the stored offset 128
+            corr += tl.sum(s * xsum, axis=0) * 32896.0
+    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    for b in range(b_begin, b_end):
+        # words prefetched one block ahead by hand (Triton pipelines only loads feeding tl.dot)
+        w = w_next.to(tl.uint32, bitcast=True)
+        w_next = tl.load(w_ptrs + tl.minimum(b + 1, b_end - 1) * (R * N), mask=mask_n[None, :], other=0)
+        k0 = b * KB
+        s = tl.load(s_ptr + (k0 // G) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        wl8, wr8, w16 = (w << 8) | (w >> 24), (w >> 8) | (w << 24), (w << 16) | (w >> 16)
+        part = _code(w, wl8, wr8, w16, 0, BITS) * tl.load(x_ptr + k0 + offs_r).to(tl.float32)[:, None]
+        for j in tl.static_range(1, P):
+            part += _code(w, wl8, wr8, w16, j, BITS) * tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]
+        acc += s * part
+    y = (tl.sum(acc, axis=0) - corr)[None, :]
+    offs_m = tl.arange(0, 1)
+    _finish(y, offs_m, offs_n, offs_m < 1, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 
 from ._triton import INTERPRET, next_pow2, triton, use_triton
 from .autotune import Autotuner
-from .quant_gemv import dequant_kernel, fused_kernel
+from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel
 
 FUSED_MAX_M = 64  # above: dequant + cuBLAS only
 _tuner = Autotuner()
@@ -139,23 +139,27 @@ def block_m(M):
     return 1 if M == 1 else max(16, next_pow2(M))
 
 
-def candidates(M, N, K, R, device):
-    """("fused", BLOCK_N, programs per SM, num_warps, num_stages) / ("dequant", BLOCK_N)."""
+def candidates(M, N, K, R, device, gemv=False):
+    """("gemv", BLOCK_N, programs per SM, num_warps) / ("fused", BLOCK_N, programs per SM, num_warps,
+    num_stages, prefetch) / ("dequant", BLOCK_N). gemv: M = 1 and no block spans two quant groups."""
+    if M == 1 and gemv:
+        return [("gemv", bn, per_sm, warps) for bn in (64, 128, 256) for warps in (4, 8) for per_sm in (1, 2, 4, 8)
+                if bn * 16 >= warps * 128]  # at least 4 words per thread
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
-    if M == 1 or (M <= FUSED_MAX_M and R >= 16):
-        # weights are prefetched by hand; num_stages 2 pipelines the x tiles of tl.dot (M > 1)
-        for bn in (128, 256) if M == 1 else (64, 128):
-            for per_sm in (2, 4, 8) if M == 1 else (4, 8):
-                for stages in (1,) if M == 1 else (2,):  # stages 1 never won at M = 16 (H200)
-                    fused.append(("fused", bn, per_sm, 4, stages))
+    if M == 1:
+        fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
+    elif M <= FUSED_MAX_M and R >= 16:
+        # hand prefetch vs Triton's pipeliner (num_stages) on the x tiles and words
+        fused = [("fused", bn, per_sm, 4, st, pf) for bn in (64, 128) for per_sm in (4, 8)
+                 for st, pf in ((2, True), (2, False), (3, False))]
     if M <= 16 and fused:
         return fused
-    return fused[:4] + dq if M <= FUSED_MAX_M else dq[:1]
+    return [f for f in fused if f[4:] == (2, True)] + dq if M <= FUSED_MAX_M else dq[:1]
 
 
 def _split(cfg, M, N, n_blocks, device):
     """Blocks per program, programs along K: split K until per_sm programs per SM."""
-    tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, block_m(M))
+    tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, 1 if cfg[0] == "gemv" else block_m(M))
     split = max(1, min(n_blocks, round(cfg[2] * _num_sms(device) / tiles)))
     per = triton.cdiv(n_blocks, split)
     return per, triton.cdiv(n_blocks, per)
@@ -174,20 +178,25 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
             w = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
             dequant_kernel[(n_blocks, triton.cdiv(N, cfg[1]))](qweight, scales, z, w, N, G, **args, BLOCK_N=cfg[1])
             return x2 @ w if bias is None else torch.addmm(bias.to(x2.dtype), x2, w)
-        _, bn, _, warps, stages = cfg
-        bm = block_m(M)
         per, split = _split(cfg, M, N, n_blocks, x2.device)
-        grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+        bm = 1 if cfg[0] == "gemv" else block_m(M)
+        grid = (triton.cdiv(N, cfg[1]), split, triton.cdiv(M, bm))
         ws, cnt = _workspace(x2.device, M * N, grid[0] * grid[2]) if split > 1 else (scales, scales)
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-        fused_kernel[grid](x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt, M, N, K, G, n_blocks, per, **args,
-                           HAS_BIAS=bias is not None, ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_N=bn,
+        common = (x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt)
+        if cfg[0] == "gemv":
+            gemv_kernel[grid](*common, N, G, n_blocks, per, BITS=bits, R=R, HAS_BIAS=bias is not None,
+                              ATOMIC=split > 1, BLOCK_N=cfg[1], CHUNK=8, num_warps=cfg[3])
+            return out
+        _, bn, _, warps, stages, prefetch = cfg
+        fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
+                           ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_N=bn, PREFETCH=prefetch,
                            num_warps=warps, num_stages=stages)
         return out
 
     bucket = block_m(M) if M <= FUSED_MAX_M else "large"
     key = (bucket, N, K, G, bits, x2.dtype, str(x2.device))
-    return key, candidates(M, N, K, R, x2.device), run
+    return key, candidates(M, N, K, R, x2.device, gemv=args["G_BIG"]), run
 
 
 def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits):

@@ -75,12 +75,13 @@ def test_w8a16_matches_reference(M, G):
         assert rel_err(out, ref) < TOL[torch.bfloat16], cfg
 
 
-def test_w8a16_per_channel_and_leading_dims():
-    x, w, bias = _case(3, 64, torch.float16, lead=(2,), K=192)
+@pytest.mark.parametrize("M", [1, 3])
+def test_w8a16_per_channel_and_leading_dims(M):
+    x, w, bias = _case(M, 64, torch.float16, lead=(2,), K=192)
     qw, s = quantize_w8(w, None, dtype=torch.float16)  # G = K
     K = x.shape[-1]
     out = ql.w8a16_linear_triton(x, qw, s, K, bias)
-    assert out.shape == (2, 3, 96)
+    assert out.shape == (2, M, 96)
     assert rel_err(out, ql.w8a16_linear_ref(x, qw, s, K, bias)) < TOL[torch.float16]
 
 
@@ -98,11 +99,12 @@ def test_public_functions_take_reference_on_cpu():
 def test_regime_selection_and_candidates():
     assert [ql.select_regime(m) for m in (1, 16, 17, 64, 65)] == ["decode", "decode", "mid", "mid", "prefill"]
     cpu = torch.device("cpu")
-    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused"}
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused"}  # groups < block
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, gemv=True)} == {"gemv"}
     assert {c[0] for c in ql.candidates(33, 4096, 4096, 16, cpu)} == {"fused", "dequant"}
     assert {c[0] for c in ql.candidates(16, 4096, 4096, 8, cpu)} == {"dequant"}  # R < 16: no tl.dot
     assert {c[0] for c in ql.candidates(2048, 4096, 4096, 16, cpu)} == {"dequant"}
-    for cfg in ql.candidates(1, 4096, 4096, 16, cpu):
+    for cfg in ql.candidates(1, 4096, 4096, 16, cpu) + ql.candidates(1, 4096, 4096, 16, cpu, gemv=True):
         per, split = ql._split(cfg, 1, 4096, 32, cpu)
         assert (split - 1) * per < 32 <= split * per  # every K block covered once, no empty program
 
