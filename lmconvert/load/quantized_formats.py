@@ -15,7 +15,6 @@ the integer codes and zero points bit for bit. Layouts (all 4-bit, nibble i = bi
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -186,10 +185,3 @@ def format_info(qcfg: dict) -> tuple[str, FormatInfo]:
                         f"supported are {', '.join(FORMATS)}")
     return method, FORMATS[method](qcfg)
 
-
-def ct_ignored(qcfg: dict, module: str) -> bool:
-    """Whether a compressed-tensors `ignore` entry (a name or 're:' regex) leaves `module` unquantized."""
-    for entry in qcfg.get("ignore") or []:
-        if entry.startswith("re:") and re.match(entry[3:], module) or entry == module:
-            return True
-    return False
