@@ -103,7 +103,9 @@ class ModelRunner:
     def execute(self, input_ids, positions, ctx: Context, logit_rows: list[int]) -> torch.Tensor | None:
         """The model part of a step (tensor-parallel workers run only this): logits of logit_rows, or None."""
         if ctx.is_decode and self.graphs is not None and self.graphs.fits(len(input_ids), ctx.block_tables.shape[1]):
-            return self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+            logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+            # a one-token prefill chunk that is not the prompt's last looks like a decode but samples nothing
+            return logits if len(logit_rows) == len(input_ids) else (logits[logit_rows] if logit_rows else None)
         set_context(ctx)
         try:
             hidden = self.model(input_ids, positions)

@@ -8,7 +8,6 @@ all take the same path (CUDA graph or eager) and meet at the same collectives.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import sys
@@ -30,12 +29,10 @@ HEADER = 8  # [command, payload length, T, B, block-table width, logit rows, max
 
 class TPRunner(ModelRunner):
     def __init__(self, source, runner_args: tuple, rank: int, world: int, launch: Launch | None = None):
-        self.rank, self.world, self.launch = rank, world, launch
-        self.closed = False
+        self.rank, self.world = rank, world
         super().__init__(ShardedSource(source, rank, world), *runner_args)
-        if rank == 0:  # workers must hear EXIT even when the engine is never closed explicitly
-            ref = weakref.ref(self)
-            atexit.register(lambda: ref() is not None and ref().close())
+        # workers must hear EXIT even when the engine is dropped unclosed: on collection or at exit
+        self._finalizer = weakref.finalize(self, _shutdown, self.device, launch) if rank == 0 else None
 
     def _load_model(self, source: ShardedSource):
         model = super()._load_model(source)
@@ -69,17 +66,8 @@ class TPRunner(ModelRunner):
         return data
 
     def close(self) -> None:
-        if self.rank != 0 or self.closed:
-            return
-        self.closed = True
-        dist.broadcast(torch.tensor([EXIT] + [0] * (HEADER - 1), device=self.device), 0)
-        dist.destroy_process_group()
-        if self.launch is not None:
-            for p in self.launch.processes:
-                p.join(timeout=60)
-                if p.is_alive():
-                    p.terminate()
-            shutil.rmtree(self.launch.store_dir, ignore_errors=True)
+        if self._finalizer is not None:
+            self._finalizer()  # runs once
 
     # ---- every rank ------------------------------------------------------------------------------
     def _unpack(self, header: list[int], data: torch.Tensor, logit_rows: list[int] | None):
@@ -105,6 +93,17 @@ class TPRunner(ModelRunner):
                 self.execute(*self._unpack(h, data, None))
             else:
                 self.dense_logits(data)
+
+
+def _shutdown(device: torch.device, launch: Launch | None) -> None:
+    dist.broadcast(torch.tensor([EXIT] + [0] * (HEADER - 1), device=device), 0)
+    dist.destroy_process_group()
+    if launch is not None:
+        for p in launch.processes:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+        shutil.rmtree(launch.store_dir, ignore_errors=True)
 
 
 def open_source(spec):

@@ -88,7 +88,7 @@ def test_tp2_w4_matches_tp1(w4_engine):
 
 
 def test_cli_generate_tp2_prints_tp1(tiny_engine):
-    """The real console entry point (workers spawned from it) prints what tp=1 prints."""
+    """The real entry point, workers spawned by it or ranks started by torchrun, prints what tp=1 prints."""
     from lmconvert.cli import main
 
     args = ["generate", str(tiny_engine("qwen3")), "--prompt", "The quick brown fox", "--temperature", "0", "--repetition-penalty", "1.5",
@@ -96,7 +96,9 @@ def test_cli_generate_tp2_prints_tp1(tiny_engine):
     one = CliRunner().invoke(main, args + ["--tp", "1"])
     assert one.exit_code == 0, one.output
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    two = subprocess.run([sys.executable, "-m", "lmconvert.cli", *args, "--tp", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr
-    assert two.stdout == one.output
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for launcher in ([sys.executable], torchrun):
+        two = subprocess.run([*launcher, "-m", "lmconvert.cli", *args, "--tp", "2"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert two.returncode == 0, two.stderr
+        assert two.stdout == one.output

@@ -1,0 +1,96 @@
+"""Tensor-parallel figures at real size with random weights: tp=N against tp=1 on the GPUs of one host.
+
+    export PYTHONPATH=$(bash benchmarks/device_setup.sh)
+    python benchmarks/tp_gpu.py [--preset qwen3-8b] [--tp 2] [--quant w4] [--throughput 256] [--json FILE]
+
+1. agreement: the same random model at tp=N and tp=1, greedy tokens of one prompt and max logit difference;
+2. batch-1 latency (512 in / 256 out), tp=1 then tp=N, and the decode speed-up;
+3. with --throughput R: R requests at once (512 in / 256 out) at both sizes.
+Each rank builds the random model itself (the source is pickled to the workers, not its tensors) and keeps
+its shard. NVLink multicast stays off (NCCL_NVLS_ENABLE=0), also in the spawned workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+import torch  # noqa: E402
+
+from lmconvert.load.random_weights import RandomModel, config_from  # noqa: E402
+from lmconvert.runtime import LLMEngine, SamplingParams  # noqa: E402
+from lmconvert.runtime.bench import random_prompts, run_bench  # noqa: E402
+
+
+def build(args, tp: int) -> tuple[LLMEngine, float]:
+    quant = {"w4": {"bits": 4, "group_size": args.group_size}, "w8": {"bits": 8, "group_size": None}}.get(args.quant)
+    source = RandomModel(config_from(args.preset), quant, device=args.device)
+    start = time.monotonic()
+    engine = LLMEngine(source, device=args.device, tp=tp, session_len=args.input_len + args.output_len + 16,
+                       max_batch_size=max(8, args.throughput), num_cache_tokens=args.num_cache_tokens)
+    return engine, time.monotonic() - start
+
+
+def measure(args, tp: int) -> dict:
+    engine, load_s = build(args, tp)
+    try:
+        prompt = random_prompts(1, min(64, args.input_len), engine.config.vocab_size, seed=7)[0]
+        out = engine.generate([prompt], SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))[0]
+        result = {"tp": tp, "load_s": round(load_s, 1), "greedy": out.token_ids,
+                  "logits": engine.logits(prompt[:16]).cpu(),
+                  "latency": run_bench(engine, "latency", 1, args.input_len, args.output_len).as_dict()}
+        if args.throughput:
+            result["throughput"] = run_bench(engine, "throughput", args.throughput, args.input_len,
+                                             args.output_len).as_dict()
+        if args.device.startswith("cuda"):
+            result["peak_gib_rank0"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        return result
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="qwen3-8b", help="random_weights preset or a config.json")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--quant", choices=["bf16", "w4", "w8"], default="bf16")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--throughput", type=int, default=0, help="requests at once for the throughput run (0: skip)")
+    p.add_argument("--num-cache-tokens", type=int, default=None, help="default: 0.8 of free GPU memory")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    runs = [measure(args, 1), measure(args, args.tp)]
+    one, many = runs
+    report = {"preset": args.preset, "quant": args.quant, "tp": args.tp,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "greedy_equal": one["greedy"] == many["greedy"],
+              "max_logit_diff": (one.pop("logits") - many.pop("logits")).abs().max().item(),
+              "decode_speedup": many["latency"]["decode_tok_s"] / one["latency"]["decode_tok_s"], "runs": runs}
+    if args.throughput:
+        report["throughput_speedup"] = many["throughput"]["output_tok_s"] / one["throughput"]["output_tok_s"]
+    for run in runs:
+        run.pop("greedy")
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
