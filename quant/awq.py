@@ -15,7 +15,7 @@ import torch
 from lmconvert.quant.gptq import group_gram
 from lmconvert.quant.grid import fit_grid
 from lmconvert.quant.layer import CalibLayer
-from lmconvert.quant.primitives import fake_quantize, grid_values, round_to_grid
+from lmconvert.quant.primitives import fake_quantize, snap_to_grid
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,7 @@ def search_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: 
         for i in range(grid):
             s = mag.pow(i / grid)
             s = s / (s.max() * s.min()).sqrt()
-            layer.set_weight(group.linear, spec.fake(w * s) / s)
+            layer.set_weight(group.linear, spec.fake(w * s).div_(s))
             loss = (run_block(layer, group, x_loss) - target).pow(2).mean().item()
             losses.append(loss)
             if loss < best_loss:
@@ -122,7 +122,7 @@ def fitted_block_loss(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, s: 
                              integer_zero=spec.integer_zero)
     with torch.no_grad():
         target = run_block(layer, group, x[:n_loss])
-        layer.set_weight(group.linear, grid_values(round_to_grid(ws, scales, zeros, spec.bits), scales, zeros) / s)
+        layer.set_weight(group.linear, snap_to_grid(ws, scales, zeros, spec.bits).div_(s))
         loss = (run_block(layer, group, x[:n_loss]) - target).pow(2).mean().item()
     layer.set_weight(group.linear, w)
     return loss

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lmconvert.quant.primitives import grid_values, group_params, round_to_grid
+from lmconvert.quant.primitives import ROW_CHUNK, grid_values, group_params, round_to_grid
 
 REFITS = 2
 
@@ -60,13 +60,22 @@ def fit_grid(w: torch.Tensor, gram: torch.Tensor, bits: int, symmetric: bool, dt
              max_shrink: float = 0.5, keep_rows: slice | None = None, integer_zero: bool = False):
     """Best (scales, zeros) [N, K // G] for w [N, K] given the group grams [K // G, G, G] (module docstring).
 
-    Rows in keep_rows keep the plain min/max grid: q and k, whose error is amplified through the softmax
-    in a way this per-linear loss does not see.
+    Rows in keep_rows keep the plain min/max grid (an option for q and k, whose error is amplified through
+    the softmax). Rows are fitted a block at a time, which bounds the temporaries of a large linear.
     """
+    parts = [_fit_rows(w[r:r + ROW_CHUNK], gram, bits, symmetric, dtype, steps, max_shrink, integer_zero)
+             for r in range(0, w.shape[0], ROW_CHUNK)]
+    best_s, best_z = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if keep_rows is not None:
+        plain_s, plain_z = group_params(w[keep_rows], bits, gram.shape[-1], symmetric, 1.0, dtype, integer_zero)
+        best_s[keep_rows], best_z[keep_rows] = plain_s, plain_z
+    return best_s, best_z
+
+
+def _fit_rows(w, gram, bits, symmetric, dtype, steps, max_shrink, integer_zero):
     G = gram.shape[-1]
     best_s, best_z = group_params(w, bits, G, symmetric, 1.0, dtype, integer_zero)
     best_err = group_error(w, grid_values(round_to_grid(w, best_s, best_z, bits), best_s, best_z), gram)
-    plain = (best_s.clone(), best_z.clone())
     for i in range(steps):
         s, z = group_params(w, bits, G, symmetric, 1.0 - max_shrink * i / steps, dtype, integer_zero)
         for _ in range(REFITS):
@@ -75,6 +84,4 @@ def fit_grid(w: torch.Tensor, gram: torch.Tensor, bits: int, symmetric: bool, dt
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    if keep_rows is not None:
-        best_s[keep_rows], best_z[keep_rows] = plain[0][keep_rows], plain[1][keep_rows]
     return best_s, best_z

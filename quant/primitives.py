@@ -74,11 +74,26 @@ def grid_values(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> t
     return ((q.reshape(N, K // G, G) - zeros.unsqueeze(2)) * scales.unsqueeze(2)).reshape(N, K)
 
 
+ROW_CHUNK = 1024  # rows rounded at a time: keeps the temporaries of a large linear small
+
+
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip=1.0, dtype=torch.float32,
                   integer_zero: bool = True):
     """Round-trip w [N, K] through group quantization: what the engine will compute with, in fp32."""
-    scales, zeros = group_params(w, bits, group_size, symmetric, clip, dtype, integer_zero)
-    return grid_values(round_to_grid(w, scales, zeros, bits), scales, zeros)
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], ROW_CHUNK):
+        scales, zeros = group_params(w[r:r + ROW_CHUNK], bits, group_size, symmetric, clip, dtype, integer_zero)
+        out[r:r + ROW_CHUNK] = grid_values(round_to_grid(w[r:r + ROW_CHUNK], scales, zeros, bits), scales, zeros)
+    return out
+
+
+def snap_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """w [N, K] rounded to nearest on a given grid, dequantized (fp32), a block of rows at a time."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], ROW_CHUNK):
+        rows = slice(r, r + ROW_CHUNK)
+        out[rows] = grid_values(round_to_grid(w[rows], scales[rows], zeros[rows], bits), scales[rows], zeros[rows])
+    return out
 
 
 def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
