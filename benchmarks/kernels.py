@@ -204,6 +204,8 @@ def bench_linears(copy_bw, quick, decode=False):
                 rows.append(dict(kernel="w8a16", M=M, K=K, N=N, us=t_w8 * 1e3, cublas_us=t_bf * 1e3,
                                  speedup=t_bf / t_w8, gbps=w8_bytes / t_w8 / 1e6,
                                  pct_copy=100 * w8_bytes / t_w8 / 1e6 / copy_bw))
+            for r in rows[-2:]:  # as they come: a run cut short still reports
+                print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
         del wbs, w4s, w8s
     return rows
 
