@@ -242,14 +242,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--linears", action="store_true", help="only the quantized linears")
     ap.add_argument("--wide", action="store_true", help="tune over a wider candidate list (to trim the default)")
-    ap.add_argument("--decode", action="store_true", help="linears at M = 1 and 16 only, old M = 1 design too")
+    ap.add_argument("--decode", action="store_true", help="linears at M = 1 and 16 only")
     args = ap.parse_args()
     plain = ql.candidates
 
-    def offered(M, N, K, R, device, gemv=False):  # drop what failed its check; --decode: old design as baseline
+    def offered(M, N, K, R, device, gemv=False):  # drop what failed its check
         c = plain(M, N, K, R, device, gemv)
-        if args.decode and M == 1 and gemv:
-            c = c + [("fused", bn, p, 4, 1, True) for bn, p in ((128, 4), (256, 2), (128, 8))]
         return [f for f in c if not any(b[-1] == f and b[0] == ql.block_m(M) for b in BAD)]
     ql.candidates = offered
     args.linears |= args.decode

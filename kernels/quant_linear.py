@@ -142,19 +142,20 @@ def block_m(M):
 def candidates(M, N, K, R, device, gemv=False):
     """("gemv", BLOCK_N, programs per SM, num_warps) / ("fused", BLOCK_N, programs per SM, num_warps,
     num_stages, prefetch) / ("dequant", BLOCK_N). gemv: M = 1 and no block spans two quant groups."""
-    if M == 1 and gemv:
-        return [("gemv", bn, per_sm, warps) for bn in (64, 128, 256) for warps in (4, 8) for per_sm in (1, 2, 4, 8)
-                if bn * 16 >= warps * 128]  # at least 4 words per thread
+    if M == 1 and gemv:  # H200: small tiles, many programs won; the old FMA design still won W8 (3 of 4)
+        return [("gemv", bn, per_sm, 4) for bn in (32, 64, 128) for per_sm in (4, 8, 16)] + \
+            [("gemv", 32, per_sm, 2) for per_sm in (8, 16)] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
         fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
+    elif M <= 16 and R >= 16:  # H200: Triton's pipeliner beat the hand prefetch, BN 64 beat 128
+        fused = [("fused", bn, per_sm, 4, st, False) for bn, per_sm in ((32, 8), (32, 16), (64, 4), (64, 8))
+                 for st in (2, 3)]
     elif M <= FUSED_MAX_M and R >= 16:
-        # hand prefetch vs Triton's pipeliner (num_stages) on the x tiles and words
-        fused = [("fused", bn, per_sm, 4, st, pf) for bn in (64, 128) for per_sm in (4, 8)
-                 for st, pf in ((2, True), (2, False), (3, False))]
+        fused = [("fused", bn, per_sm, 4, 2, True) for bn in (64, 128) for per_sm in (4, 8)]
     if M <= 16 and fused:
         return fused
-    return [f for f in fused if f[4:] == (2, True)] + dq if M <= FUSED_MAX_M else dq[:1]
+    return fused + dq if M <= FUSED_MAX_M else dq[:1]
 
 
 def _split(cfg, M, N, n_blocks, device):
