@@ -3,7 +3,6 @@
 A slot of -1 means "don't store" (padding rows, e.g. under CUDA-graph batch padding).
 """
 
-import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 

@@ -6,9 +6,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
-from tiny_models import ARCH_CONFIGS, SENTENCES, build_checkpoint, build_tokenizer  # noqa: F401
+from tiny_models import build_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -5,22 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from lmconvert.cli import main
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
+from cli_helpers import assert_one_line_error, run
 
 
 @pytest.fixture

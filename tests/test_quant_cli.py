@@ -5,22 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from lmconvert.cli import main
+from cli_helpers import assert_one_line_error, run
 from tiny_models import SENTENCES
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ A Checkpoint has `.config` (ModelConfig, dtype = the checkpoint's), `.generation
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from lmconvert.errors import UserError
 from lmconvert.load.gguf_file import GGUFCheckpoint
