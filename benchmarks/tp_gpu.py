@@ -74,7 +74,11 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    runs = [measure(args, 1), measure(args, args.tp)]
+    runs = []
+    for tp in (1, args.tp):  # progress as it goes: a run cut short still says how far it got
+        print(f"tp={tp}: building and measuring", flush=True)
+        runs.append(measure(args, tp))
+        print(f"tp={tp}: load {runs[-1]['load_s']} s, decode {runs[-1]['latency']['decode_tok_s']:.1f} tok/s", flush=True)
     one, many = runs
     report = {"preset": args.preset, "quant": args.quant, "tp": args.tp,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
