@@ -57,11 +57,9 @@ def build_engine(model: str, opts: dict, **extra):
 def build_sampling(engine, opts: dict):
     """Sampling parameters: the user's flags, else the model's generation_config, else plain defaults."""
     from lmconvert.runtime import SamplingParams
+    from lmconvert.runtime.sampling import generation_defaults
 
-    gen = engine.generation_config
-    defaults = {"temperature": gen.get("temperature", 1.0) if gen.get("do_sample", True) else 0.0,
-                "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0) or 0,
-                "repetition_penalty": gen.get("repetition_penalty", 1.0)}
+    defaults = generation_defaults(engine.generation_config)
     chosen = {k: (opts[k] if opts.get(k) is not None else v) for k, v in defaults.items()}
     try:
         return SamplingParams(max_tokens=opts["max_new_tokens"], seed=opts["seed"], stop=list(opts["stop"]), **chosen)

@@ -30,6 +30,13 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def generation_defaults(gen: dict) -> dict:
+    """Sampling fields a model's generation_config.json sets (do_sample false means greedy)."""
+    return {"temperature": gen.get("temperature", 1.0) if gen.get("do_sample", True) else 0.0,
+            "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0) or 0,
+            "repetition_penalty": gen.get("repetition_penalty", 1.0)}
+
+
 def _apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device, dtype=torch.long)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from lmconvert.errors import UserError
 from lmconvert.runtime.engine import LLMEngine
 from lmconvert.runtime.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body
+from lmconvert.runtime.sampling import SamplingParams, generation_defaults as sampling_defaults
 from lmconvert.runtime.serve_engine import AsyncEngine
 from lmconvert.runtime.serve_metrics import prometheus_text
 from lmconvert.runtime.serve_routes import (ApiError, ServeConfig, chat_reply, chat_stream, check_request, collect,
@@ -44,13 +45,9 @@ class ServerState:
     created: int = 0
 
 
-def generation_defaults(engine: LLMEngine):
+def generation_defaults(engine: LLMEngine) -> SamplingParams:
     """The model's generation_config as SamplingParams, exactly as `chat` and `generate` read it."""
-    from lmconvert.cli_options import build_sampling
-
-    unset = {"max_new_tokens": 1, "seed": None, "stop": (), "temperature": None, "top_p": None, "top_k": None,
-             "repetition_penalty": None}
-    return build_sampling(engine, unset)
+    return SamplingParams(max_tokens=1, **sampling_defaults(engine.generation_config))
 
 
 def _load(state: ServerState, load: Callable[[], LLMEngine], on_error: Callable[[str], None] | None) -> None:
