@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from lmconvert import kernels
 from lmconvert.config import ModelConfig
-from lmconvert.runtime.model import DecoderLayer
+from lmconvert.arch import LAYER_LINEARS as LINEARS
+from lmconvert.runtime.layers import causal_mask
+from lmconvert.runtime.model import LAYER_MODULES, DecoderLayer
 
-LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 CHUNK_TOKENS = 2048  # MLP work is done in slices of this many tokens to bound the activations' memory
 
 
@@ -25,9 +26,7 @@ class CalibLayer:
         self.cfg, self.device, self.rope_cache, self.seqlen = cfg, device, rope_cache, seqlen
         self.layer = DecoderLayer(cfg, {})
         self.layer.load({k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()})
-        self.linear = {name: self.layer.get_submodule(path) for name, path in
-                       (("qkv_proj", "self_attn.qkv_proj"), ("o_proj", "self_attn.o_proj"),
-                        ("gate_up_proj", "mlp.gate_up_proj"), ("down_proj", "mlp.down_proj"))}
+        self.linear = {name: self.layer.get_submodule(LAYER_MODULES[name]) for name in LINEARS}
         self.norm = {"input_norm": self.layer.input_norm, "post_attn_norm": self.layer.post_attn_norm}
 
     # ---- blocks ------------------------------------------------------------------------------------
@@ -52,10 +51,7 @@ class CalibLayer:
         positions = torch.arange(L, device=x.device).repeat(n)
         q, k = kernels.apply_rope(q, k, positions, self.rope_cache)
         q, k, v = (t.reshape(n, L, -1, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
-        mask = None
-        if cfg.sliding_window and cfg.sliding_window < L:
-            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            mask &= ~torch.ones_like(mask).tril(-cfg.sliding_window)
+        mask = causal_mask(L, cfg.sliding_window, x.device) if cfg.sliding_window and cfg.sliding_window < L else None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale,
                                            enable_gqa=True)
         o = o.transpose(1, 2).reshape(T, cfg.q_size)

@@ -5,6 +5,7 @@ Keeping it in one module-level slot (as nano-vllm does) keeps each layer's forwa
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,16 @@ def get_context() -> Context:
 
 def reset_context() -> None:
     set_context(None)
+
+
+@contextmanager
+def use_context(ctx: Context):
+    """The model calls inside the block see ctx; it is cleared afterwards even on error."""
+    set_context(ctx)
+    try:
+        yield ctx
+    finally:
+        reset_context()
 
 
 def dense_context(seq_lens: list[int], device) -> Context:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lmconvert.runtime.context import Context, reset_context, set_context
+from lmconvert.runtime.context import Context, use_context
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -43,15 +43,12 @@ class DecodeGraphs:
     def _capture(self) -> None:
         pool = None
         for bs in reversed(self.buckets):  # largest first, so smaller graphs fit in its memory pool
-            set_context(self._context(bs))
-            try:
+            with use_context(self._context(bs)):
                 self._step(bs)  # warm-up: autotuning and lazy initialisation stay out of the graph
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
                     self.logits[bs] = self._step(bs)
-            finally:
-                reset_context()
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()

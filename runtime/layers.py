@@ -55,14 +55,20 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
+def causal_mask(n: int, sliding_window: int | None, device) -> torch.Tensor:
+    """bool [n, n]: query i sees keys j <= i, and with a window only j > i - window (HF Mistral)."""
+    mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    if sliding_window:
+        mask &= ~torch.ones_like(mask).tril(-sliding_window)
+    return mask
+
+
 def dense_causal_attention(q, k, v, cu_seqlens: list[int], scale: float, sliding_window: int | None):
     """Attention of whole sequences over themselves (no cache): q [T, H, D], k/v [T, Hkv, D]."""
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         n = end - start
-        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        if sliding_window:
-            mask &= ~torch.ones_like(mask).tril(-sliding_window)
+        mask = causal_mask(n, sliding_window, q.device)
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = o.transpose(0, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmconvert.config import ModelConfig
-from lmconvert.runtime.context import Context, dense_context, reset_context, set_context
+from lmconvert.runtime.context import Context, dense_context, use_context
 from lmconvert.runtime.cuda_graphs import DecodeGraphs
 from lmconvert.runtime.model import Transformer
 from lmconvert.runtime.sampling import Sampler
@@ -47,11 +47,8 @@ class ModelRunner:
     def _warm_up(self, num_tokens: int) -> None:
         """One full-budget prefill before sizing the KV cache: its activation peak and kernel tuning are then paid."""
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        set_context(dense_context([num_tokens], self.device))
-        try:
+        with use_context(dense_context([num_tokens], self.device)):
             self.model.compute_logits(self.model(ids, torch.arange(num_tokens, device=self.device))[-1:])
-        finally:
-            reset_context()
         torch.cuda.synchronize()
 
     def _count_blocks(self, num_cache_tokens: int | None, fraction: float) -> int:
@@ -106,11 +103,8 @@ class ModelRunner:
             logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
             # a one-token prefill chunk that is not the prompt's last looks like a decode but samples nothing
             return logits if len(logit_rows) == len(input_ids) else (logits[logit_rows] if logit_rows else None)
-        set_context(ctx)
-        try:
+        with use_context(ctx):
             hidden = self.model(input_ids, positions)
-        finally:
-            reset_context()
         return self.model.compute_logits(hidden[logit_rows]) if logit_rows else None
 
     @torch.inference_mode()
@@ -119,9 +113,6 @@ class ModelRunner:
         return self.dense_logits(torch.tensor(token_ids, device=self.device))
 
     def dense_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        set_context(dense_context([len(ids)], self.device))
-        try:
+        with use_context(dense_context([len(ids)], self.device)):
             hidden = self.model(ids, torch.arange(len(ids), device=self.device))
-        finally:
-            reset_context()
         return self.model.compute_logits(hidden)
