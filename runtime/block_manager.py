@@ -85,11 +85,15 @@ class BlockManager:
         """After a step: publish the blocks that are now full of computed tokens."""
         if not self.prefix_caching:
             return
-        for index in range(seq.num_computed // self.block_size):
+        # hashed blocks always form a prefix of the table, so only the newly full ones at its end need work
+        full = seq.num_computed // self.block_size
+        first = full
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash is None:
+            first -= 1
+        for index in range(first, full):
             block = self.blocks[seq.block_table[index]]
-            if block.hash is None:
-                block.hash, block.tokens = self._chain_hash(seq, index)
-                self.by_hash.setdefault(block.hash, block.block_id)
+            block.hash, block.tokens = self._chain_hash(seq, index)
+            self.by_hash.setdefault(block.hash, block.block_id)
 
     def free_seq(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
