@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lmconvert.arch import FUSED_MODULES, get_arch
 from lmconvert.engine import open_engine
+from lmconvert.engine.writer import write_safetensors
 from lmconvert.errors import UserError
 from lmconvert.load.quantized_formats import AWQ_ORDER, pack_cols
 from lmconvert.quant.primitives import unpack_int4
@@ -103,7 +103,7 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
 
         def write(k: int, tensors: dict[str, torch.Tensor]) -> None:
             name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            save_file({t: v.contiguous() for t, v in tensors.items()}, tmp / name, metadata={"format": "pt"})
+            write_safetensors(tensors, tmp / name)
             weight_map.update(dict.fromkeys(tensors, name))
 
         write(0, {arch.hf_name(k): v for k, v in engine.global_tensors().items()})

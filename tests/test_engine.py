@@ -108,3 +108,21 @@ def test_gguf_engine_end_to_end(smollm2_gguf, tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
     assert tok.convert_ids_to_tokens(engine.config.eos_token_ids) == ["<|im_end|>"]
+
+
+def test_write_safetensors_reads_back_with_the_safetensors_library(tmp_path):
+    from safetensors import safe_open
+
+    from lmconvert.engine.writer import SAFETENSORS_DTYPES, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dtype}": (torch.randn(3, 5, generator=g) * 50).to(dtype) for dtype in SAFETENSORS_DTYPES}
+    tensors["strided"] = torch.randn(4, 6, generator=g)[:, ::2]  # not contiguous
+    tensors["empty"] = torch.empty(0, 4)
+    write_safetensors(tensors, tmp_path / "x.safetensors")
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            back = f.get_tensor(name)
+            assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t), name

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lmconvert.config import ModelConfig
 from lmconvert.engine import format as fmt
@@ -27,6 +26,37 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {dst}: {parent} is not a writable directory")
     return dst
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
+                      torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a .safetensors file straight from the tensors' memory.
+
+    safetensors.torch.save_file first copies every tensor into Python bytes, so writing an embedding and
+    an lm_head briefly needs twice their size; here each tensor is written from a byte view of its own
+    storage (a copy only for a non-contiguous one). The file is the standard format: u64 header size,
+    JSON header (sorted names, 8-byte aligned), then the data in header order.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
 
 
 class EngineWriter:
@@ -67,8 +97,7 @@ class EngineWriter:
         return path
 
     def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, self.tmp / rel, metadata={"format": "pt"})
+        write_safetensors(tensors, self.tmp / rel)
         self.bytes_written += (self.tmp / rel).stat().st_size
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
