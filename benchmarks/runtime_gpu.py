@@ -5,7 +5,9 @@
 1. correctness: tiny random checkpoints, runtime on CUDA (Triton paths) vs transformers on CUDA;
 2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, and transformers bf16;
 3. throughput: 256 requests of 512 in / 256 out (bf16), and transformers at batch 16;
-4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0).
+4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0), Triton kernels
+   compiled during them (should be 0), and where one decode step's GPU time goes (torch profiler);
+5. memory: allocated / reserved CUDA memory after every 100 of 1000 requests (should stay flat).
 """
 
 from __future__ import annotations
@@ -78,11 +80,84 @@ def steady_decode_segments(engine: LLMEngine, steps: int = 200) -> int:
     return torch.cuda.memory_stats()["segment.all.allocated"] - before
 
 
+def compiled_triton_kernels() -> int:
+    """Number of compiled variants held by every Triton kernel of lmconvert.kernels (grows on a recompile)."""
+    import importlib
+    import pkgutil
+
+    import lmconvert.kernels as pkg
+
+    total = 0
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"lmconvert.kernels.{info.name}")
+        for obj in vars(module).values():
+            fn = getattr(obj, "fn", obj)  # autotuned kernels wrap the JITFunction
+            caches = getattr(fn, "device_caches", None)
+            if caches is not None:  # triton >= 3.2: device -> (kernel cache, ...)
+                total += sum(len(c[0]) for c in caches.values())
+            elif isinstance(getattr(fn, "cache", None), dict):
+                total += sum(len(c) for c in fn.cache.values())
+    return total
+
+
+KERNEL_KINDS = (("attention", ("paged", "attn", "flash")), ("W4/W8 GEMV/GEMM", ("gemv", "w4", "w8", "quant", "dequant")),
+                ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "sm90", "xmma")), ("norm", ("norm",)), ("rope", ("rope",)),
+                ("silu*mul", ("silu",)), ("kv store", ("store_kv",)), ("all-reduce", ("nccl", "allreduce")))
+
+
+def decode_step_profile(engine: LLMEngine, steps: int = 20) -> dict:
+    """GPU time of one steady batch-1 decode step by kernel kind (CUDA graph replays; CUPTI sees their kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request(list(range(100, 612)), SamplingParams(max_tokens=steps + 40, temperature=0, ignore_eos=True))
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            engine.step()
+        end.record()
+        torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    kinds: dict[str, float] = {}
+    top = []
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        if not us:
+            continue
+        name = evt.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / steps
+        top.append((us / steps, evt.key[:60]))
+    api = {e.key: e.count for e in prof.key_averages() if e.key in ("cudaGraphLaunch", "cudaLaunchKernel", "cudaMalloc")}
+    return {"wall_ms_per_step": start.elapsed_time(end) / steps, "gpu_us_per_step_by_kind": kinds,
+            "top_kernels_us_per_step": sorted(top, reverse=True)[:12], "cuda_api_calls": api}
+
+
+def memory_over_requests(engine: LLMEngine, total: int = 1000, wave: int = 100) -> list[dict]:
+    """Allocated / reserved MiB after every wave of short requests: flat means nothing leaks per request."""
+    rows = []
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True)
+    for done in range(wave, total + 1, wave):
+        prompts = [list(range(100 + i % 50, 100 + i % 50 + 32 + i % 64)) for i in range(done - wave, done)]
+        engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        rows.append({"requests": done, "allocated_mib": round(torch.cuda.memory_allocated() / 2**20, 1),
+                     "reserved_mib": round(torch.cuda.memory_reserved() / 2**20, 1)})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-8b")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, for a first look")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,latency,throughput,hf")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,latency,throughput,hf,memory")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -100,7 +175,15 @@ def main():
             results[f"latency_{name}"] = r.as_dict()
             print(name, f"decode {r.decode_tok_s:.1f} tok/s, ttft {r.ttft_p50_ms:.1f} ms", flush=True)
             if name == "bf16":
+                compiled = compiled_triton_kernels()
                 results["steady_decode_new_segments"] = steady_decode_segments(engine)
+                results["steady_decode_triton_compiles"] = compiled_triton_kernels() - compiled
+                results["decode_step_profile"] = decode_step_profile(engine)
+                print("steady decode", results["steady_decode_new_segments"], "new segments,",
+                      results["steady_decode_triton_compiles"], "compiles;", results["decode_step_profile"], flush=True)
+                if "memory" not in skip:
+                    results["memory_over_1000_requests"] = memory_over_requests(engine)
+                    print("memory", results["memory_over_1000_requests"], flush=True)
                 if "hf" not in skip:
                     results["hf_latency_tok_s"] = hf_generate_tok_s(engine, 1, 512, 64)
                     print("hf batch-1", results["hf_latency_tok_s"], flush=True)

@@ -21,7 +21,12 @@ import time
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runtime_gpu's profiler helper
 
 from lmconvert.load.random_weights import RandomModel, config_from  # noqa: E402
 from lmconvert.runtime import LLMEngine, SamplingParams  # noqa: E402
@@ -45,6 +50,10 @@ def measure(args, tp: int) -> dict:
         result = {"tp": tp, "load_s": round(load_s, 1), "greedy": out.token_ids,
                   "logits": engine.logits(prompt[:16]).cpu(),
                   "latency": run_bench(engine, "latency", 1, args.input_len, args.output_len).as_dict()}
+        if args.device.startswith("cuda"):  # where rank 0's decode step goes, all-reduce included
+            from runtime_gpu import decode_step_profile
+
+            result["decode_step_profile"] = decode_step_profile(engine)
         if args.throughput:
             result["throughput"] = run_bench(engine, "throughput", args.throughput, args.input_len,
                                              args.output_len).as_dict()
