@@ -51,6 +51,17 @@ def init_group(device: torch.device, rank: int, world: int, init_method: str = "
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
 
 
+def close_group(device: torch.device) -> None:
+    """Leave the process group. On GPUs it is aborted: once collectives have been captured in CUDA graphs,
+    destroy_process_group hangs in ncclCommDestroy (pytorch/pytorch#115388); abort does not wait.
+    Either way the default group is gone afterwards, so a later engine can start a new one."""
+    if device.type == "cuda" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        torch.cuda.synchronize(device)  # what was sent (the EXIT broadcast) has been delivered
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def spawn_workers(world: int, target, args: tuple) -> Launch:
     """Starts ranks 1..world-1 as `target(rank, world, init_method, *args)`; the caller is rank 0."""
     store_dir = tempfile.mkdtemp(prefix="lmconvert-tp-")

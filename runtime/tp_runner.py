@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from lmconvert.errors import UserError
 from lmconvert.runtime.context import Context
-from lmconvert.runtime.dist import Launch, init_group, rank_device, spawn_workers, torchrun_ranks
+from lmconvert.runtime.dist import Launch, close_group, init_group, rank_device, spawn_workers, torchrun_ranks
 from lmconvert.runtime.model_runner import ModelRunner
 from lmconvert.runtime.tp import ShardedSource, apply_tp
 
@@ -97,7 +97,7 @@ class TPRunner(ModelRunner):
 
 def _shutdown(device: torch.device, launch: Launch | None) -> None:
     dist.broadcast(torch.tensor([EXIT] + [0] * (HEADER - 1), device=device), 0)
-    dist.destroy_process_group()
+    close_group(device)
     if launch is not None:
         for p in launch.processes:
             p.join(timeout=60)
@@ -123,7 +123,7 @@ def _worker_main(rank: int, world: int, init_method: str, spec, runner_args: tup
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         init_group(device, rank, world, init_method)
         TPRunner(open_source(spec), (device, *runner_args[1:]), rank, world).serve()
-        dist.destroy_process_group()
+        close_group(device)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -144,7 +144,7 @@ def start_tp(tp: int, source, spec, runner_args: tuple) -> TPRunner:
         if rank == 0:
             return runner
         runner.serve()
-        dist.destroy_process_group()
+        close_group(device)
         sys.exit(0)
     device = rank_device(device, 0, tp)  # fails before spawning when the GPUs are missing
     launch = spawn_workers(tp, _worker_main, (spec, runner_args))
