@@ -45,21 +45,7 @@ def build(args, tp: int) -> tuple[LLMEngine, float]:
 def measure(args, tp: int) -> dict:
     engine, load_s = build(args, tp)
     try:
-        prompt = random_prompts(1, min(64, args.input_len), engine.config.vocab_size, seed=7)[0]
-        out = engine.generate([prompt], SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))[0]
-        result = {"tp": tp, "load_s": round(load_s, 1), "greedy": out.token_ids,
-                  "logits": engine.logits(prompt[:16]).cpu(),
-                  "latency": run_bench(engine, "latency", 1, args.input_len, args.output_len).as_dict()}
-        if args.device.startswith("cuda"):  # where rank 0's decode step goes, all-reduce included
-            from runtime_gpu import decode_step_profile
-
-            result["decode_step_profile"] = decode_step_profile(engine)
-        if args.throughput:
-            result["throughput"] = run_bench(engine, "throughput", args.throughput, args.input_len,
-                                             args.output_len).as_dict()
-        if args.device.startswith("cuda"):
-            result["peak_gib_rank0"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-        return result
+        return measure_engine(args, engine, tp, load_s)
     finally:
         engine.close()
         del engine
@@ -67,6 +53,26 @@ def measure(args, tp: int) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+
+
+def measure_engine(args, engine: LLMEngine, tp: int, load_s: float) -> dict:
+    prompt = random_prompts(1, min(64, args.input_len), engine.config.vocab_size, seed=7)[0]
+    out = engine.generate([prompt], SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))[0]
+    result = {"tp": tp, "load_s": round(load_s, 1), "greedy": out.token_ids,
+              "logits": engine.logits(prompt[:16]).cpu(),
+              "latency": run_bench(engine, "latency", 1, args.input_len, args.output_len).as_dict()}
+    if args.device.startswith("cuda"):  # where rank 0's decode step goes, all-reduce included
+        from runtime_gpu import decode_step_profile
+
+        result["decode_step_profile"] = decode_step_profile(engine)
+    if args.throughput:
+        result["throughput"] = run_bench(engine, "throughput", args.throughput, args.input_len,
+                                         args.output_len).as_dict()
+    if args.device.startswith("cuda"):
+        result["peak_gib_rank0"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    # printed before the engine closes: a hang at shutdown must not lose the figures
+    print(json.dumps({k: v for k, v in result.items() if k not in ("greedy", "logits")}), flush=True)
+    return result
 
 
 def main() -> None:

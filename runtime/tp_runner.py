@@ -8,6 +8,7 @@ all take the same path (CUDA graph or eager) and meet at the same collectives.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -67,6 +68,8 @@ class TPRunner(ModelRunner):
 
     def close(self) -> None:
         if self._finalizer is not None:
+            self.graphs = None  # graphs with captured collectives keep the NCCL communicator busy (see close_group)
+            gc.collect()
             self._finalizer()  # runs once
 
     # ---- every rank ------------------------------------------------------------------------------
