@@ -246,8 +246,8 @@ def main():
     args = ap.parse_args()
     plain = ql.candidates
 
-    def offered(M, N, K, R, device, gemv=False):  # drop what failed its check
-        c = plain(M, N, K, R, device, gemv)
+    def offered(M, N, K, R, device, whole=False, bits=4):  # drop what failed its check
+        c = plain(M, N, K, R, device, whole, bits)
         return [f for f in c if not any(b[-1] == f and b[0] == ql.block_m(M) for b in BAD)]
     ql.candidates = offered
     args.linears |= args.decode

@@ -16,7 +16,7 @@ import torch
 
 from ._triton import INTERPRET, next_pow2, triton, use_triton
 from .autotune import Autotuner
-from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel
+from .quant_gemv import dequant_kernel, dot_kernel, fused_kernel, gemv_kernel
 
 FUSED_MAX_M = 64  # above: dequant + cuBLAS only
 _tuner = Autotuner()
@@ -139,12 +139,21 @@ def block_m(M):
     return 1 if M == 1 else max(16, next_pow2(M))
 
 
-def candidates(M, N, K, R, device, gemv=False):
-    """("gemv", BLOCK_N, programs per SM, num_warps) / ("fused", BLOCK_N, programs per SM, num_warps,
-    num_stages, prefetch) / ("dequant", BLOCK_N). gemv: M = 1 and no block spans two quant groups."""
-    if M == 1 and gemv:  # H200: small tiles, many programs won; the old FMA design still won W8 (3 of 4)
-        return [("gemv", bn, per_sm, 4) for bn in (32, 64, 128) for per_sm in (4, 8, 16)] + \
-            [("gemv", 32, per_sm, 2) for per_sm in (8, 16)] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
+def _step_configs(n_blocks, R, warps, words=(32, 64)):
+    """(BLOCK_N, BB blocks per step, steps per program, num_warps) for gemv / dot: the [BB, R, BN] word tile
+    is 32-64 words a thread (16 KB+ a program in flight; more spills), one step (all loads up front) or a few."""
+    return [(bn, bb, steps, w) for w in warps for bn in (32, 64, 128) for bb in (1, 2, 4, 8)
+            if bb * R * bn // (32 * w) in words for steps in (1, 2, 4) if bb * steps <= n_blocks]
+
+
+def candidates(M, N, K, R, device, whole=False, bits=4):
+    """("gemv", BLOCK_N, BB, steps, num_warps) / ("dot", BLOCK_N, BB, steps, num_warps, num_stages) /
+    ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) / ("dequant", BLOCK_N).
+    whole: no block spans two quant groups (G % (P*R) == 0), which gemv and dot need."""
+    n_blocks = K // (32 // bits * R)
+    if M == 1 and whole:  # the old FMA design stays a candidate: it won W8 on 3 of 4 shapes before
+        return [("gemv", *c) for c in _step_configs(n_blocks, R, (4, 8))] + \
+            [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
         fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
@@ -153,14 +162,21 @@ def candidates(M, N, K, R, device, gemv=False):
                  for st in (2, 3)]
     elif M <= FUSED_MAX_M and R >= 16:
         fused = [("fused", bn, per_sm, 4, 2, True) for bn in (64, 128) for per_sm in (4, 8)]
+    if M <= 16 and R >= 16 and whole:  # the pipeliner's stages matter only with several steps
+        fused += [("dot", *c, st) for c in _step_configs(n_blocks, R, (4,), (16, 32, 64)) if c[0] <= 64
+                  for st in ((2,) if c[2] == 1 else (2, 3))]
     if M <= 16 and fused:
         return fused
     return fused + dq if M <= FUSED_MAX_M else dq[:1]
 
 
 def _split(cfg, M, N, n_blocks, device):
-    """Blocks per program, programs along K: split K until per_sm programs per SM."""
-    tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, 1 if cfg[0] == "gemv" else block_m(M))
+    """Blocks per program, programs along K. gemv / dot: BB * steps blocks each; fused: split K until
+    per_sm programs per SM."""
+    if cfg[0] in ("gemv", "dot"):
+        per = min(n_blocks, cfg[2] * cfg[3])
+        return per, triton.cdiv(n_blocks, per)
+    tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, block_m(M))
     split = max(1, min(n_blocks, round(cfg[2] * _num_sms(device) / tiles)))
     per = triton.cdiv(n_blocks, split)
     return per, triton.cdiv(n_blocks, per)
@@ -187,7 +203,13 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
         common = (x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt)
         if cfg[0] == "gemv":
             gemv_kernel[grid](*common, N, G, n_blocks, per, BITS=bits, R=R, HAS_BIAS=bias is not None,
-                              ATOMIC=split > 1, BLOCK_N=cfg[1], CHUNK=8, num_warps=cfg[3])
+                              ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2], num_warps=cfg[4])
+            return out
+        if cfg[0] == "dot":
+            _, bn, bb, _, warps, stages = cfg
+            dot_kernel[grid](*common, M, N, K, G, n_blocks, per, BITS=bits, R=R, SAFE=args["SAFE"],
+                             HAS_BIAS=bias is not None, ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm,
+                             BLOCK_N=bn, BB=bb, num_warps=warps, num_stages=stages)
             return out
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
@@ -197,7 +219,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
 
     bucket = block_m(M) if M <= FUSED_MAX_M else "large"
     key = (bucket, N, K, G, bits, x2.dtype, str(x2.device))
-    return key, candidates(M, N, K, R, x2.device, gemv=args["G_BIG"]), run
+    return key, candidates(M, N, K, R, x2.device, whole=args["G_BIG"], bits=bits), run
 
 
 def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits):
