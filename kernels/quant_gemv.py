@@ -146,48 +146,11 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
 
 
 @triton.jit
-def dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, G, N_BLOCKS,
-               BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr, HAS_BIAS: tl.constexpr,
-               ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BB: tl.constexpr):
-    """M > 1, a block never spans two groups. Like gemv_kernel, a step takes BB blocks as one [BB, R, BN]
-    word tile (BB x the bytes per load of fused_kernel); value j of all BB*R rows is one [BB*R, BN] operand
-    of a single tl.dot (k = BB*R instead of R), against x gathered at k = (b0+b)*P*R + j*R + r."""
-    P: tl.constexpr = 32 // BITS
-    KB: tl.constexpr = P * R
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < M
-    cols = offs_n[None, None, :]
-    offs_b = tl.arange(0, BB)[:, None, None]
-    w_ptrs = qw_ptr + (offs_b * R + tl.arange(0, R)[None, :, None]) * N + cols
-    rows = tl.arange(0, BB * R)  # (b, r) flattened, as the reshaped word tile
-    x_ptrs = x_ptr + offs_m[:, None] * K + ((rows // R) * KB + rows % R)[None, :]
-    b_begin = pid_k * BLOCKS_PER_SPLIT
-    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b0 in range(b_begin, b_end, BB):
-        blk = b0 + offs_b
-        mask_w = (blk < b_end) & (cols < N)
-        w = tl.load(w_ptrs + b0 * (R * N), mask=mask_w, other=0)
-        sz = (blk * KB // G) * N + cols
-        s = tl.load(s_ptr + sz, mask=mask_w, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz, mask=mask_w, other=0.0).to(tl.float32) if BITS == 4 else s
-        mask_x = mask_m[:, None] & (b0 + rows // R < b_end)[None, :]
-        for j in tl.static_range(P):
-            xj = tl.load(x_ptrs + b0 * KB + j * R, mask=mask_x, other=0.0)
-            wj = tl.reshape(_dequant(w, s, z, j, BITS, SAFE), (BB * R, BLOCK_N))
-            acc = dot_acc(xj, wj.to(xj.dtype), acc, UPCAST)
-    _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
-
-
-@triton.jit
 def _code(w, wl8, wr8, w16, J: tl.constexpr, BITS: tl.constexpr):
-    """Value J as fp32 _magic(J) + code (one LOP3), from the word tile w and its rotations by 8 / -8 / 16.
+    """Value J as fp32 MAGIC_J + code (one LOP3), from the word tile w and its rotations by 8 / -8 / 16.
     W4: codes land at bit 12 (MAGIC 2048, odd J) or 16 (128, even J); W8: at bit 8 (MAGIC 32768). The
     rotations serve two values each (three funnel shifts per word) and keep MAGIC small: the gemv sums
-    MAGIC * x terms in fp32 and removes them afterwards, so a smaller MAGIC loses fewer bits."""
+    MAGIC * x terms in fp32 and removes them once per block, so a smaller MAGIC loses fewer bits."""
     if BITS == 8:
         src = wl8 if J == 0 else w if J == 1 else wr8 if J == 2 else w16
         return ((src & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True)
@@ -205,62 +168,63 @@ def _code(w, wl8, wr8, w16, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _magic(J: tl.constexpr, BITS: tl.constexpr):
-    """What _code adds to value J's stored code: W8 also removes the stored offset 128."""
-    if BITS == 8:
-        return 32896.0
-    return 2048.0 if J % 2 == 1 else 128.0
-
-
-@triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, G, N_BLOCKS,
                 BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr):
-    """M = 1, a block never spans two groups (G % (P*R) == 0). Each step takes BB blocks as one
-    [BB, R, BN] word tile, so a program has BB*R*BN words in flight per load (the next step's tile is
-    prefetched; BLOCKS_PER_SPLIT == BB: one step, every load issued up front, one DRAM latency).
-    Per element: part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight); the MAGIC and zero
-    terms leave per (block, row) from row sums of x: acc += s * (part - sum_j MAGIC_j x_j - z * sum_j x_j)."""
+                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, CHUNK: tl.constexpr):
+    """M = 1, a block never spans two groups (G % (P*R) == 0). Each step takes BB blocks as one [BB, R, BN]
+    word tile (BB x the bytes per load; the next step's tile is prefetched). Per block and element:
+    part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight), acc += s * part;
+    y = sum acc - sum_b s_b * (z_b * X_b + C_b), X_b = sum of x over the block, C_b = sum_j MAGIC_j *
+    X_bj: the zero point and MAGIC terms are removed per column once, from block sums of x computed
+    while the first words load."""
     P: tl.constexpr = 32 // BITS
     KB: tl.constexpr = P * R
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
     cols = offs_n[None, None, :]
-    mask_n = cols < N
     offs_b = tl.arange(0, BB)[:, None, None]
     offs_r = tl.arange(0, R)[None, :, None]
     w_ptrs = qw_ptr + (offs_b * R + offs_r) * N + cols
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
-    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=(b_begin + offs_b < b_end) & mask_n, other=0)
+    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=(b_begin + offs_b < b_end) & (cols < N), other=0)
+    # per-column correction, CHUNK blocks at a time: x [CHUNK, KB] -> X_b, C_b -> sum_b s_b (z_b X_b + C_b)
+    offs_c, offs_kk = tl.arange(0, CHUNK), tl.arange(0, KB)
+    corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c in range(b_begin, b_end, CHUNK):
+        blk = c + offs_c
+        mask_b = blk < b_end
+        xt = tl.load(x_ptr + blk[:, None] * KB + offs_kk[None, :], mask=mask_b[:, None], other=0.0).to(tl.float32)
+        xsum = tl.sum(xt, axis=1)[:, None]
+        sz = (blk * KB // G)[:, None] * N + offs_n[None, :]
+        mask_sz = mask_b[:, None] & mask_n[None, :]
+        s = tl.load(s_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
+        if BITS == 4:
+            magic = tl.where((offs_kk // R) % 2 == 1, 2048.0, 128.0)
+            cm = tl.sum(xt * magic[None, :], axis=1)[:, None]
+            z = tl.load(z_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
+            corr += tl.sum(s * (z * xsum + cm), axis=0)
+        else:  # MAGIC 32768 + the stored offset 128
+            corr += tl.sum(s * xsum, axis=0) * 32896.0
     acc = tl.zeros((BB, R, BLOCK_N), dtype=tl.float32)
     for b0 in range(b_begin, b_end, BB):
         # prefetch by hand (Triton pipelines only loads feeding tl.dot); masked off past the split's end
         w = w_next.to(tl.uint32, bitcast=True)
-        w_next = tl.load(w_ptrs + (b0 + BB) * (R * N), mask=(b0 + BB + offs_b < b_end) & mask_n, other=0)
+        w_next = tl.load(w_ptrs + (b0 + BB) * (R * N), mask=(b0 + BB + offs_b < b_end) & (cols < N), other=0)
         blk = b0 + offs_b
         mask_b = blk < b_end
-        sz = (blk * KB // G) * N + cols
-        s = tl.load(s_ptr + sz, mask=mask_b & mask_n, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + (blk * KB // G) * N + cols, mask=mask_b & (cols < N), other=0.0).to(tl.float32)
         x_ptrs = x_ptr + blk * KB + offs_r
         wl8, wr8, w16 = (w << 8) | (w >> 24), (w >> 8) | (w << 24), (w << 16) | (w >> 16)
-        xj = tl.load(x_ptrs, mask=mask_b, other=0.0).to(tl.float32)
-        part = _code(w, wl8, wr8, w16, 0, BITS) * xj
-        x_sum = xj
-        x_magic = _magic(0, BITS) * xj
+        part = _code(w, wl8, wr8, w16, 0, BITS) * tl.load(x_ptrs, mask=mask_b, other=0.0).to(tl.float32)
         for j in tl.static_range(1, P):
             xj = tl.load(x_ptrs + j * R, mask=mask_b, other=0.0).to(tl.float32)
             part += _code(w, wl8, wr8, w16, j, BITS) * xj
-            x_sum += xj
-            x_magic += _magic(j, BITS) * xj
-        part -= x_magic
-        if BITS == 4:
-            part -= tl.load(z_ptr + sz, mask=mask_b & mask_n, other=0.0).to(tl.float32) * x_sum
         acc += s * part
-    y = tl.sum(tl.sum(acc, axis=1), axis=0)[None, :]
+    y = (tl.sum(tl.sum(acc, axis=1), axis=0) - corr)[None, :]
     offs_m = tl.arange(0, 1)
-    _finish(y, offs_m, offs_n, offs_m < 1, offs_n < N, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr,
-            HAS_BIAS, ATOMIC)
+    _finish(y, offs_m, offs_n, offs_m < 1, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 
 from ._triton import INTERPRET, next_pow2, triton, use_triton
 from .autotune import Autotuner
-from .quant_gemv import dequant_kernel, dot_kernel, fused_kernel, gemv_kernel
+from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel
 
 FUSED_MAX_M = 64  # above: dequant + cuBLAS only
 _tuner = Autotuner()
@@ -139,21 +139,19 @@ def block_m(M):
     return 1 if M == 1 else max(16, next_pow2(M))
 
 
-def _step_configs(n_blocks, R, warps, words=(32, 64)):
-    """(BLOCK_N, BB blocks per step, steps per program, num_warps) for gemv / dot: the [BB, R, BN] word tile
-    is 32-64 words a thread (16 KB+ a program in flight; more spills), one step (all loads up front) or a few."""
-    return [(bn, bb, steps, w) for w in warps for bn in (32, 64, 128) for bb in (1, 2, 4, 8)
-            if bb * R * bn // (32 * w) in words for steps in (1, 2, 4) if bb * steps <= n_blocks]
+# ("gemv", BLOCK_N, BB, blocks per program, num_warps). BB = 1 with 8-16 words a thread: the H200 winners
+# of the one-block design for W4 (its unpacking is register heavy); BB 2-4 (32 words a thread, 8-16 KB a
+# program per load): W8 (measured: one-step programs of 32-64 words spilled or starved, 2-200x slower)
+GEMV_CONFIGS = [("gemv", 32, 1, per, 2) for per in (2, 3, 4, 6)] + [("gemv", 64, 1, per, 4) for per in (3, 4, 6, 8)] \
+    + [("gemv", bn, bb, per, w) for bn, bb, w in ((64, 2, 4), (128, 2, 4), (64, 4, 4), (32, 4, 2)) for per in (8, 16)]
 
 
 def candidates(M, N, K, R, device, whole=False, bits=4):
-    """("gemv", BLOCK_N, BB, steps, num_warps) / ("dot", BLOCK_N, BB, steps, num_warps, num_stages) /
-    ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) / ("dequant", BLOCK_N).
-    whole: no block spans two quant groups (G % (P*R) == 0), which gemv and dot need."""
+    """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) /
+    ("dequant", BLOCK_N). whole: no block spans two quant groups (G % (P*R) == 0), which gemv needs."""
     n_blocks = K // (32 // bits * R)
-    if M == 1 and whole:  # the old FMA design stays a candidate: it won W8 on 3 of 4 shapes before
-        return [("gemv", *c) for c in _step_configs(n_blocks, R, (4, 8))] + \
-            [("fused", 128, p, 4, 1, True) for p in (4, 8)]
+    if M == 1 and whole:  # the FMA design stays a candidate: it won W4 on 4 of 4 shapes over BB >= 2 tiles
+        return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
         fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
@@ -162,19 +160,16 @@ def candidates(M, N, K, R, device, whole=False, bits=4):
                  for st in (2, 3)]
     elif M <= FUSED_MAX_M and R >= 16:
         fused = [("fused", bn, per_sm, 4, 2, True) for bn in (64, 128) for per_sm in (4, 8)]
-    if M <= 16 and R >= 16 and whole:  # the pipeliner's stages matter only with several steps
-        fused += [("dot", *c, st) for c in _step_configs(n_blocks, R, (4,), (16, 32, 64)) if c[0] <= 64
-                  for st in ((2,) if c[2] == 1 else (2, 3))]
     if M <= 16 and fused:
         return fused
     return fused + dq if M <= FUSED_MAX_M else dq[:1]
 
 
 def _split(cfg, M, N, n_blocks, device):
-    """Blocks per program, programs along K. gemv / dot: BB * steps blocks each; fused: split K until
-    per_sm programs per SM."""
-    if cfg[0] in ("gemv", "dot"):
-        per = min(n_blocks, cfg[2] * cfg[3])
+    """Blocks per program, programs along K. gemv: as configured; fused: split K until per_sm programs
+    per SM."""
+    if cfg[0] == "gemv":
+        per = min(n_blocks, cfg[3])
         return per, triton.cdiv(n_blocks, per)
     tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, block_m(M))
     split = max(1, min(n_blocks, round(cfg[2] * _num_sms(device) / tiles)))
@@ -203,13 +198,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
         common = (x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt)
         if cfg[0] == "gemv":
             gemv_kernel[grid](*common, N, G, n_blocks, per, BITS=bits, R=R, HAS_BIAS=bias is not None,
-                              ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2], num_warps=cfg[4])
-            return out
-        if cfg[0] == "dot":
-            _, bn, bb, _, warps, stages = cfg
-            dot_kernel[grid](*common, M, N, K, G, n_blocks, per, BITS=bits, R=R, SAFE=args["SAFE"],
-                             HAS_BIAS=bias is not None, ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm,
-                             BLOCK_N=bn, BB=bb, num_warps=warps, num_stages=stages)
+                              ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2], CHUNK=8, num_warps=cfg[4])
             return out
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
