@@ -7,8 +7,10 @@ tensor is never mistaken for an engine one); the kernels repack an unprepared qw
 (correct, slow). The torch references take either layout.
 
 Designs (picked per shape bucket by the autotuner, cached):
-- fused (M <= 64): one launch, GEMV (M = 1, FMAs) or tl.dot on 16..64-row tiles; split-K with in-kernel
-  atomic reduction into a persistent fp32 workspace (see fused_kernel), so the grid fills the GPU.
+- gemv (M = 1, blocks inside one quant group): FMAs on [BB, R, BN] word tiles, zero point and MAGIC
+  removed once per column; fused (M <= 64): the same with a dequant per value, or tl.dot on 16..64-row
+  tiles. Both split K with in-kernel atomic reduction into a persistent fp32 workspace (see _finish), so
+  the grid fills the GPU.
 - dequant (M > 16): dequantize W to the activation dtype in one pass, then cuBLAS.
 """
 
@@ -139,9 +141,9 @@ def block_m(M):
     return 1 if M == 1 else max(16, next_pow2(M))
 
 
-# ("gemv", BLOCK_N, BB, blocks per program, num_warps). BB = 1 with 8-16 words a thread: the H200 winners
-# of the one-block design for W4 (its unpacking is register heavy); BB 2-4 (32 words a thread, 8-16 KB a
-# program per load): W8 (measured: one-step programs of 32-64 words spilled or starved, 2-200x slower)
+# ("gemv", BLOCK_N, BB blocks a step, blocks a program, num_warps). H200: BB = 1 with 8-16 words a thread won
+# 7 of 8 (shape, bits) keys, BB = 2 came within 1-8%; tiles of 32-64 words a thread in one step (every load
+# up front) spilled or starved occupancy: 1.5-100x slower. The unpacking, not bytes in flight, sets the pace.
 GEMV_CONFIGS = [("gemv", 32, 1, per, 2) for per in (2, 3, 4, 6)] + [("gemv", 64, 1, per, 4) for per in (3, 4, 6, 8)] \
     + [("gemv", bn, bb, per, w) for bn, bb, w in ((64, 2, 4), (128, 2, 4), (64, 4, 4), (32, 4, 2)) for per in (8, 16)]
 
@@ -150,7 +152,7 @@ def candidates(M, N, K, R, device, whole=False, bits=4):
     """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) /
     ("dequant", BLOCK_N). whole: no block spans two quant groups (G % (P*R) == 0), which gemv needs."""
     n_blocks = K // (32 // bits * R)
-    if M == 1 and whole:  # the FMA design stays a candidate: it won W4 on 4 of 4 shapes over BB >= 2 tiles
+    if M == 1 and whole:  # fused stays a candidate: it won W8 before the gemv's masked prefetch (now: 0 of 8)
         return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
