@@ -246,19 +246,19 @@ def main():
     args = ap.parse_args()
     plain = ql.candidates
 
-    def offered(M, N, K, R, device, gemv=False):  # drop what failed its check
-        c = plain(M, N, K, R, device, gemv)
+    def offered(M, N, K, R, device, whole=False, bits=4):  # drop what failed its check
+        c = plain(M, N, K, R, device, whole, bits)
         return [f for f in c if not any(b[-1] == f and b[0] == ql.block_m(M) for b in BAD)]
     ql.candidates = offered
     args.linears |= args.decode
     if args.wide:
         narrow = ql.candidates
 
-        def wide(M, N, K, R, device):
-            c = narrow(M, N, K, R, device)
+        def wide(M, N, K, R, device, whole=False, bits=4):
+            c = narrow(M, N, K, R, device, whole, bits)
             fused = [f for f in c if f[0] == "fused"]
-            extra = [(f[0], f[1], f[2], w, st) for f in fused for w, st in ((4, 1), (4, 3), (8, 2)) if M == 1]
-            extra += [("fused", 256, p, 8, 2) for p in (2, 4) if fused and M > 1]
+            extra = [(*f[:3], w, st, f[5]) for f in fused for w, st in ((4, 1), (4, 3), (8, 2)) if M == 1]
+            extra += [("fused", 256, p, 8, 2, True) for p in (2, 4) if fused and M > 1]
             return c + extra + [("dequant", 256)] * any(f[0] == "dequant" for f in c)
         ql.candidates = wide
     torch.manual_seed(0)

@@ -170,22 +170,25 @@ def _code(w, wl8, wr8, w16, J: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, G, N_BLOCKS,
                 BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """M = 1, a block never spans two groups (G % (P*R) == 0). Per block and element:
-    part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight), acc += s * part (once per block);
-    y = sum_r acc - sum_b s_b * (z_b * X_b + C_b), X_b = sum of x over the block, C_b = sum_j MAGIC_j *
+                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, CHUNK: tl.constexpr):
+    """M = 1, a block never spans two groups (G % (P*R) == 0). Each step takes BB blocks as one [BB, R, BN]
+    word tile (BB x the bytes per load; the next step's tile is prefetched). Per block and element:
+    part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight), acc += s * part;
+    y = sum acc - sum_b s_b * (z_b * X_b + C_b), X_b = sum of x over the block, C_b = sum_j MAGIC_j *
     X_bj: the zero point and MAGIC terms are removed per column once, from block sums of x computed
     while the first words load."""
     P: tl.constexpr = 32 // BITS
     KB: tl.constexpr = P * R
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R)
     mask_n = offs_n < N
-    w_ptrs = qw_ptr + offs_r[:, None] * N + offs_n[None, :]
+    cols = offs_n[None, None, :]
+    offs_b = tl.arange(0, BB)[:, None, None]
+    offs_r = tl.arange(0, R)[None, :, None]
+    w_ptrs = qw_ptr + (offs_b * R + offs_r) * N + cols
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
-    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=mask_n[None, :], other=0)
+    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=(b_begin + offs_b < b_end) & (cols < N), other=0)
     # per-column correction, CHUNK blocks at a time: x [CHUNK, KB] -> X_b, C_b -> sum_b s_b (z_b X_b + C_b)
     offs_c, offs_kk = tl.arange(0, CHUNK), tl.arange(0, KB)
     corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -204,19 +207,22 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
             corr += tl.sum(s * (z * xsum + cm), axis=0)
         else:  # MAGIC 32768 + the stored offset 128
             corr += tl.sum(s * xsum, axis=0) * 32896.0
-    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    for b in range(b_begin, b_end):
-        # words prefetched one block ahead by hand (Triton pipelines only loads feeding tl.dot)
+    acc = tl.zeros((BB, R, BLOCK_N), dtype=tl.float32)
+    for b0 in range(b_begin, b_end, BB):
+        # prefetch by hand (Triton pipelines only loads feeding tl.dot); masked off past the split's end
         w = w_next.to(tl.uint32, bitcast=True)
-        w_next = tl.load(w_ptrs + tl.minimum(b + 1, b_end - 1) * (R * N), mask=mask_n[None, :], other=0)
-        k0 = b * KB
-        s = tl.load(s_ptr + (k0 // G) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        w_next = tl.load(w_ptrs + (b0 + BB) * (R * N), mask=(b0 + BB + offs_b < b_end) & (cols < N), other=0)
+        blk = b0 + offs_b
+        mask_b = blk < b_end
+        s = tl.load(s_ptr + (blk * KB // G) * N + cols, mask=mask_b & (cols < N), other=0.0).to(tl.float32)
+        x_ptrs = x_ptr + blk * KB + offs_r
         wl8, wr8, w16 = (w << 8) | (w >> 24), (w >> 8) | (w << 24), (w << 16) | (w >> 16)
-        part = _code(w, wl8, wr8, w16, 0, BITS) * tl.load(x_ptr + k0 + offs_r).to(tl.float32)[:, None]
+        part = _code(w, wl8, wr8, w16, 0, BITS) * tl.load(x_ptrs, mask=mask_b, other=0.0).to(tl.float32)
         for j in tl.static_range(1, P):
-            part += _code(w, wl8, wr8, w16, j, BITS) * tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]
+            xj = tl.load(x_ptrs + j * R, mask=mask_b, other=0.0).to(tl.float32)
+            part += _code(w, wl8, wr8, w16, j, BITS) * xj
         acc += s * part
-    y = (tl.sum(acc, axis=0) - corr)[None, :]
+    y = (tl.sum(tl.sum(acc, axis=1), axis=0) - corr)[None, :]
     offs_m = tl.arange(0, 1)
     _finish(y, offs_m, offs_n, offs_m < 1, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
 

@@ -7,8 +7,10 @@ tensor is never mistaken for an engine one); the kernels repack an unprepared qw
 (correct, slow). The torch references take either layout.
 
 Designs (picked per shape bucket by the autotuner, cached):
-- fused (M <= 64): one launch, GEMV (M = 1, FMAs) or tl.dot on 16..64-row tiles; split-K with in-kernel
-  atomic reduction into a persistent fp32 workspace (see fused_kernel), so the grid fills the GPU.
+- gemv (M = 1, blocks inside one quant group): FMAs on [BB, R, BN] word tiles, zero point and MAGIC
+  removed once per column; fused (M <= 64): the same with a dequant per value, or tl.dot on 16..64-row
+  tiles. Both split K with in-kernel atomic reduction into a persistent fp32 workspace (see _finish), so
+  the grid fills the GPU.
 - dequant (M > 16): dequantize W to the activation dtype in one pass, then cuBLAS.
 """
 
@@ -139,12 +141,19 @@ def block_m(M):
     return 1 if M == 1 else max(16, next_pow2(M))
 
 
-def candidates(M, N, K, R, device, gemv=False):
-    """("gemv", BLOCK_N, programs per SM, num_warps) / ("fused", BLOCK_N, programs per SM, num_warps,
-    num_stages, prefetch) / ("dequant", BLOCK_N). gemv: M = 1 and no block spans two quant groups."""
-    if M == 1 and gemv:  # H200: small tiles, many programs won; the old FMA design still won W8 (3 of 4)
-        return [("gemv", bn, per_sm, 4) for bn in (32, 64, 128) for per_sm in (4, 8, 16)] + \
-            [("gemv", 32, per_sm, 2) for per_sm in (8, 16)] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
+# ("gemv", BLOCK_N, BB blocks a step, blocks a program, num_warps). H200: BB = 1 with 8-16 words a thread won
+# 7 of 8 (shape, bits) keys, BB = 2 came within 1-8%; tiles of 32-64 words a thread in one step (every load
+# up front) spilled or starved occupancy: 1.5-100x slower. The unpacking, not bytes in flight, sets the pace.
+GEMV_CONFIGS = [("gemv", 32, 1, per, 2) for per in (2, 3, 4, 6)] + [("gemv", 64, 1, per, 4) for per in (3, 4, 6, 8)] \
+    + [("gemv", bn, bb, per, w) for bn, bb, w in ((64, 2, 4), (128, 2, 4), (64, 4, 4), (32, 4, 2)) for per in (8, 16)]
+
+
+def candidates(M, N, K, R, device, whole=False, bits=4):
+    """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) /
+    ("dequant", BLOCK_N). whole: no block spans two quant groups (G % (P*R) == 0), which gemv needs."""
+    n_blocks = K // (32 // bits * R)
+    if M == 1 and whole:  # fused stays a candidate: it won W8 before the gemv's masked prefetch (now: 0 of 8)
+        return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
         fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
@@ -159,8 +168,12 @@ def candidates(M, N, K, R, device, gemv=False):
 
 
 def _split(cfg, M, N, n_blocks, device):
-    """Blocks per program, programs along K: split K until per_sm programs per SM."""
-    tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, 1 if cfg[0] == "gemv" else block_m(M))
+    """Blocks per program, programs along K. gemv: as configured; fused: split K until per_sm programs
+    per SM."""
+    if cfg[0] == "gemv":
+        per = min(n_blocks, cfg[3])
+        return per, triton.cdiv(n_blocks, per)
+    tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, block_m(M))
     split = max(1, min(n_blocks, round(cfg[2] * _num_sms(device) / tiles)))
     per = triton.cdiv(n_blocks, split)
     return per, triton.cdiv(n_blocks, per)
@@ -187,7 +200,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
         common = (x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt)
         if cfg[0] == "gemv":
             gemv_kernel[grid](*common, N, G, n_blocks, per, BITS=bits, R=R, HAS_BIAS=bias is not None,
-                              ATOMIC=split > 1, BLOCK_N=cfg[1], CHUNK=8, num_warps=cfg[3])
+                              ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2], CHUNK=8, num_warps=cfg[4])
             return out
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
@@ -197,7 +210,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
 
     bucket = block_m(M) if M <= FUSED_MAX_M else "large"
     key = (bucket, N, K, G, bits, x2.dtype, str(x2.device))
-    return key, candidates(M, N, K, R, x2.device, gemv=args["G_BIG"]), run
+    return key, candidates(M, N, K, R, x2.device, whole=args["G_BIG"], bits=bits), run
 
 
 def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits):

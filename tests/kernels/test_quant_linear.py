@@ -44,6 +44,21 @@ def test_w4a16_matches_reference(M, G, dtype):
         assert rel_err(out, ref) < TOL[dtype], cfg
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_multi_block_steps_ragged_splits(bits):
+    """gemv: BB blocks a step, several steps a program, and a last split with masked blocks."""
+    x, w, bias = _case(1, 128, torch.bfloat16, K=640)  # 5 (W4) / 10 (W8) blocks of P*R k
+    if bits == 4:
+        qw, s, z = quantize_w4(w, 128, dtype=torch.bfloat16)
+        packed, ref = ql._pack_w4(qw, 128), ql.w4a16_linear_ref(x, qw, s, z, 128, bias)
+    else:
+        (qw, s), z = quantize_w8(w, 128, dtype=torch.bfloat16), None
+        packed, ref = ql._pack_w8(qw, 128), ql.w8a16_linear_ref(x, qw, s, 128, bias)
+    _, _, run = ql.plan(x, packed, s, z, bias, 128, bits)
+    for bn, bb, per in ((32, 2, 4), (64, 4, 4), (32, 1, 3), (64, 4, 16)):
+        assert rel_err(run(("gemv", bn, bb, per, 4)), ref) < TOL[torch.bfloat16], (bn, bb, per)
+
+
 @pytest.mark.parametrize("M", [1, 5])
 def test_w4a16_narrow_blocks(M):
     """K / 8 not a multiple of 16 (SmolLM2's 576): R < 16, GEMV for M = 1, dequant + matmul otherwise."""
@@ -100,11 +115,11 @@ def test_regime_selection_and_candidates():
     assert [ql.select_regime(m) for m in (1, 16, 17, 64, 65)] == ["decode", "decode", "mid", "mid", "prefill"]
     cpu = torch.device("cpu")
     assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused"}  # groups < block
-    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, gemv=True)} == {"gemv", "fused"}
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, whole=True)} == {"gemv", "fused"}
     assert {c[0] for c in ql.candidates(33, 4096, 4096, 16, cpu)} == {"fused", "dequant"}
     assert {c[0] for c in ql.candidates(16, 4096, 4096, 8, cpu)} == {"dequant"}  # R < 16: no tl.dot
     assert {c[0] for c in ql.candidates(2048, 4096, 4096, 16, cpu)} == {"dequant"}
-    for cfg in ql.candidates(1, 4096, 4096, 16, cpu) + ql.candidates(1, 4096, 4096, 16, cpu, gemv=True):
+    for cfg in ql.candidates(1, 4096, 4096, 16, cpu) + ql.candidates(1, 4096, 4096, 16, cpu, whole=True):
         per, split = ql._split(cfg, 1, 4096, 32, cpu)
         assert (split - 1) * per < 32 <= split * per  # every K block covered once, no empty program
 
