@@ -3,7 +3,8 @@
 Fused linears are split back along N (qkv_proj -> q/k/v, gate_up_proj -> gate/up); one safetensors shard per
 decoder layer plus an index, so memory stays at one layer. Only integer zero points in 0..15 can be written
 (the engine's fitted grids may hold fractional ones). AutoAWQ stores fp16 scales: an engine whose scales are
-not exact in fp16 is refused; every other tensor keeps the engine's dtype.
+not exact in fp16 is refused; every other tensor keeps the engine's dtype. Engines with an act-order
+`input_perm` are refused: AutoAWQ has no g_idx, and compressed-tensors dropped g_idx ("group" actorder).
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
 def layer_export(tensors: dict[str, torch.Tensor], i: int, cfg, arch, fmt: str, G: int, zero_point: bool) -> dict:
     """Engine tensors of layer i -> HF-named tensors of the format."""
     out, sizes = {}, split_sizes(cfg)
+    permuted = sorted(k.rsplit(".", 1)[0] for k in tensors if k.endswith(".input_perm"))
+    if permuted:
+        raise UserError(f"layer {i} {permuted[0]}: the engine holds an act-order input permutation (imported GPTQ "
+                        "desc_act), which neither AutoAWQ nor compressed-tensors pack-quantized can store")
     modules = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}
     for name, t in tensors.items():
         module, kind = name.rsplit(".", 1)

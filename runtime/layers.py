@@ -14,13 +14,15 @@ class Linear(nn.Module):
     """y = x W^T + b with W held in full precision or in a quantized engine layout.
 
     `quant` is the engine's quantization block ({} for fp): bits 4 → W4A16 kernel, bits 8 → W8A16 kernel.
+    An imported act-order linear also has `input_perm` [K]: its weight rows are sorted by quantization group,
+    so the input columns are gathered in that order first.
     """
 
     def __init__(self, quant: dict | None = None):
         super().__init__()
         self.bits = (quant or {}).get("bits", 16)
         self.group_size = (quant or {}).get("group_size", 0)
-        self.weight = self.qweight = self.scales = self.zeros = self.bias = None
+        self.weight = self.qweight = self.scales = self.zeros = self.bias = self.input_perm = None
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, value in tensors.items():
@@ -38,6 +40,8 @@ class Linear(nn.Module):
         return self.weight.shape[0] if self.weight is not None else self.scales.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         if self.bits == 4:
             return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         if self.bits == 8:

@@ -7,7 +7,8 @@ local config (its share of heads and MLP width), loads it from a ShardedSource a
   row-parallel:    o_proj, down_proj (input dim split, output all-reduced; a bias stays on rank 0)
   replicated:      norms, q/k norms, the embedding table
 Quantized tensors keep the engine layout ([K/8 | K/G | K, N]): a column split cuts N, a row split cuts K,
-which must fall on group boundaries.
+which must fall on group boundaries. An act-order `input_perm` [K] stays whole on a column-parallel linear
+(every rank reads the whole input); on a row-parallel one it must map each rank's slice of K onto itself.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def take_rows(t: torch.Tensor, attr: str, rank: int, world: int, name: str) -> t
     return t.narrow(dim, rank * n, n).clone()
 
 
+def shard_input_perm(perm: torch.Tensor, rank: int, world: int, name: str) -> torch.Tensor:
+    """Row-parallel input_perm: this rank's slice, renumbered locally; refused if any rank's slice reaches into
+    another rank's input rows (checked for all ranks alike, so every rank stops, not just one)."""
+    K = perm.numel()
+    if K % world:
+        raise UserError(f"{name}: {K} input rows do not split evenly over --tp {world}")
+    n = K // world
+    if not torch.equal(perm.long() // n, torch.arange(K) // n):
+        raise UserError(f"{name}: the act-order input permutation crosses the --tp {world} shard boundaries "
+                        "(row-parallel linear); run this engine with --tp 1")
+    return perm[rank * n:(rank + 1) * n] - rank * n
+
+
 def vocab_shard(t: torch.Tensor, attr: str, vocab: int, rank: int, world: int) -> torch.Tensor:
     """This rank's slice of lm_head's vocab, zero-padded to ceil(vocab / world) so all-gather sizes match."""
     dim = -1 if attr in QUANT_ATTRS else 0
@@ -115,7 +129,10 @@ class ShardedSource:
         out = {}
         for name, t in self.source.layer_tensors(i).items():
             module, attr = name.rsplit(".", 1)
-            if module in ("qkv_proj", "gate_up_proj"):
+            if attr == "input_perm":
+                if module in ("o_proj", "down_proj"):
+                    t = shard_input_perm(t, self.rank, self.world, f"layers.{i}.{name}")
+            elif module in ("qkv_proj", "gate_up_proj"):
                 t = take_columns(t, attr, column_segments(module, self.full_config, self.rank, self.world))
             elif module in ("o_proj", "down_proj"):
                 t = take_rows(t, attr, self.rank, self.world, f"layers.{i}.{name}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,7 +12,8 @@ from lmconvert.convert import convert
 from lmconvert.engine import open_engine
 from lmconvert.errors import UserError
 from lmconvert.quant.primitives import unpack_int4
-from test_interop_packers import load_ct_dequantized, write_awq, write_compressed_tensors, write_gptq
+from test_interop_packers import (LINEAR_SUFFIXES, load_ct_dequantized, write_awq, write_compressed_tensors,
+                                  write_gptq)
 
 IDS = [1, 5, 17, 42, 99, 7, 3, 250, 11, 64]
 SPLITS = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
@@ -29,6 +32,10 @@ def engine_weights(path) -> dict[str, torch.Tensor]:
             s = t[f"{module}.scales"].float().repeat_interleave(G, 0)
             z = t[f"{module}.zeros"].float().repeat_interleave(G, 0)
             w = ((q - z) * s).t()
+            if f"{module}.input_perm" in t:  # act-order: engine input column k is the source's column perm[k]
+                perm, w_sorted = t[f"{module}.input_perm"].long(), w
+                w = torch.empty_like(w_sorted)
+                w[:, perm] = w_sorted
             sizes = [eng.config.q_size, eng.config.kv_size, eng.config.kv_size] if module == "qkv_proj" else (
                 [eng.config.intermediate_size] * 2 if module == "gate_up_proj" else [w.shape[0]])
             for part, piece in zip(parts, w.split(sizes)):
@@ -85,26 +92,76 @@ def test_gptq_import(tiny_checkpoint, tmp_path, sym, fmt):
     check(engine, refs, reference_model(src, refs))
 
 
-def test_gptq_act_order_down_proj_is_permuted_exactly(tiny_checkpoint, tmp_path):
-    src = tiny_checkpoint("qwen3")
-    ckpt, refs = write_gptq(src, tmp_path / "gptq", act_order=("down_proj.weight",))
+def undo_intermediate_order(got: dict, refs: dict) -> dict:
+    """down_proj's act-order sort reorders the intermediate channels (gate/up rows, down_proj columns) alike:
+    find that order from gate_proj's rows and undo it."""
+    out = dict(got)
+    for gate in (k for k in got if k.endswith("gate_proj.weight")):
+        order = torch.tensor([torch.nonzero((refs[gate] == row).all(1))[0, 0] for row in got[gate]])
+        prefix = gate.removesuffix("gate_proj.weight")
+        for part, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            name = f"{prefix}{part}.weight"
+            out[name] = torch.empty_like(got[name]).index_copy_(dim, order, got[name])
+    return out
+
+
+@pytest.mark.parametrize("arch,act_order", [("qwen3", ("down_proj.weight",)), ("llama", LINEAR_SUFFIXES),
+                                            ("qwen3", LINEAR_SUFFIXES), ("qwen2", LINEAR_SUFFIXES)])
+def test_gptq_act_order_imports_exactly(tiny_checkpoint, tmp_path, arch, act_order):
+    """Random act-order g_idx: input rows sorted by group, input_perm on q/k/v, o_proj and gate/up; down_proj's
+    order folded into gate/up's output rows. Dequantized weights equal the source's once the orders are undone."""
+    src = tiny_checkpoint(arch)
+    ckpt, refs = write_gptq(src, tmp_path / "gptq", act_order=act_order)
     engine = convert(str(ckpt), str(tmp_path / "engine"))
-    got = engine_weights(engine)
-    # down_proj's input rows (and gate/up's output rows) are permuted alike; the layer computes the same
+    perms = {k for k in open_engine(engine).layer_tensors(0) if k.endswith("input_perm")}
+    full = act_order == LINEAR_SUFFIXES
+    assert perms == ({"qkv_proj.input_perm", "o_proj.input_perm", "gate_up_proj.input_perm"} if full else set())
+    assert json.loads((engine / "config.json").read_text())["format_version"] == (2 if full else 1)
+    got = undo_intermediate_order(engine_weights(engine), refs)
+    assert got.keys() == refs.keys()
     for name, w in refs.items():
-        if "down_proj" not in name and "gate_proj" not in name and "up_proj" not in name:
-            assert torch.equal(got[name], w)
-    down, gate = got["model.layers.0.mlp.down_proj.weight"], got["model.layers.0.mlp.gate_proj.weight"]
-    perm = torch.tensor([torch.nonzero((refs["model.layers.0.mlp.gate_proj.weight"] == row).all(1))[0, 0]
-                         for row in gate])
-    assert torch.equal(down, refs["model.layers.0.mlp.down_proj.weight"][:, perm])
+        assert torch.equal(got[name], w), name
     torch.testing.assert_close(engine_logits(engine), hf_logits(reference_model(src, refs)), rtol=1e-4, atol=1e-4)
 
 
-def test_gptq_act_order_on_attention_is_refused(tiny_checkpoint, tmp_path):
-    ckpt, _ = write_gptq(tiny_checkpoint("llama"), tmp_path / "gptq", act_order=("q_proj.weight",))
-    with pytest.raises(UserError, match="act-order"):
+def test_gptq_act_order_that_differs_between_fused_linears_is_refused(tiny_checkpoint, tmp_path):
+    ckpt, _ = write_gptq(tiny_checkpoint("llama"), tmp_path / "gptq", act_order=("q_proj.weight", "k_proj.weight"),
+                         shared=False)
+    with pytest.raises(UserError, match="act-order g_idx differs"):
         convert(str(ckpt), str(tmp_path / "engine"))
+
+
+def test_input_perm_engine_is_refused_by_a_version_1_reader(tiny_checkpoint, tmp_path, monkeypatch):
+    from lmconvert.engine import format as fmt
+
+    ckpt, _ = write_gptq(tiny_checkpoint("llama"), tmp_path / "gptq", act_order=("o_proj.weight",))
+    engine = convert(str(ckpt), str(tmp_path / "engine"))
+    monkeypatch.setattr(fmt, "READ_VERSIONS", (1,))
+    with pytest.raises(UserError, match="engine format 2 is not supported"):
+        open_engine(engine)
+
+
+def test_gptq_act_order_tensor_parallel(tiny_checkpoint, tmp_path):
+    """tp=2: q/k/v and gate/up perms stay whole (column-parallel); o_proj's splits when it keeps each rank's
+    half of the heads in place, and is refused otherwise."""
+    from lmconvert.runtime import LLMEngine
+    from lmconvert.runtime.tp import ShardedSource
+
+    src = tiny_checkpoint("qwen3")
+    gen = torch.Generator().manual_seed(1)
+    halves = torch.cat([torch.randperm(32, generator=gen), torch.randperm(32, generator=gen) + 32])
+    ckpt, _ = write_gptq(src, tmp_path / "ok", act_order=LINEAR_SUFFIXES, perms={"o_proj.weight": halves})
+    engine = convert(str(ckpt), str(tmp_path / "engine"))
+    ref = LLMEngine(str(engine), device="cpu", num_cache_tokens=256).logits(IDS)
+    two = LLMEngine(str(engine), device="cpu", num_cache_tokens=256, tp=2)
+    try:
+        assert (two.logits(IDS) - ref).abs().max().item() <= 1e-5
+    finally:
+        two.close()
+    ckpt, _ = write_gptq(src, tmp_path / "bad", act_order=LINEAR_SUFFIXES)
+    crossing = convert(str(ckpt), str(tmp_path / "crossing"))
+    with pytest.raises(UserError, match="crosses the --tp 2 shard boundaries"):
+        ShardedSource(open_engine(crossing), 0, 2).layer_tensors(0)
 
 
 @pytest.mark.parametrize("G,sym", [(32, False), (32, True), (None, False), (None, True)])

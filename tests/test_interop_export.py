@@ -13,7 +13,7 @@ from lmconvert.engine import open_engine
 from lmconvert.errors import UserError
 from lmconvert.export import export
 from test_interop import engine_logits, engine_weights, hf_logits
-from test_interop_packers import load_ct_dequantized, write_awq
+from test_interop_packers import load_ct_dequantized, write_awq, write_gptq
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,14 @@ def test_export_refuses_bad_input(tiny_engine, awq_engine, tmp_path):
     (tmp_path / "z").mkdir()
     with pytest.raises(UserError, match="already exists"):
         export(awq_engine, "autoawq", tmp_path / "z")
+
+
+def test_export_refuses_act_order_engine(tiny_checkpoint, tmp_path):
+    """An imported act-order engine keeps an input permutation that neither format can store."""
+    ckpt, _ = write_gptq(tiny_checkpoint("llama"), tmp_path / "gptq", act_order=("q_proj.weight", "k_proj.weight",
+                                                                                 "v_proj.weight"))
+    engine = convert(str(ckpt), str(tmp_path / "engine"))
+    for fmt in ("autoawq", "compressed-tensors"):
+        result = CliRunner().invoke(main, ["export", str(engine), "--format", fmt, "--dst-path", str(tmp_path / fmt)])
+        assert result.exit_code == 1 and "act-order input permutation" in result.output, result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / fmt).exists()

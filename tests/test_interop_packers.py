@@ -91,16 +91,24 @@ def write_awq(src: Path, dst: Path, G: int = 32, version: str = "gemm"):
 
 
 def write_gptq(src: Path, dst: Path, G: int = 32, sym: bool = True, fmt: str = "gptq", bits: int = 4,
-               act_order: tuple[str, ...] = (), seed: int = 0):
-    """GPTQ with g_idx; modules whose name ends with an entry of act_order get a random act-order g_idx."""
+               act_order: tuple[str, ...] = (), seed: int = 0, shared: bool = True, perms: dict | None = None):
+    """GPTQ with g_idx; modules whose name ends with an entry of act_order get a random act-order g_idx.
+
+    As in GPTQ, act-order sorts a linear's input channels (by the Hessian diagonal, which fused siblings share):
+    shared=True gives q/k/v one order and gate/up one order per layer. perms {suffix: perm} fixes an order.
+    """
     gen = torch.Generator().manual_seed(seed)
-    tensors, refs = {}, {}
+    tensors, refs, orders = {}, {}, {}
     for name, w in load_file(src / "model.safetensors").items():
         if not name.endswith(LINEAR_SUFFIXES) or "layers" not in name:
             tensors[name] = w
             continue
         N, K = w.shape
-        perm = torch.randperm(K, generator=gen) if name.endswith(act_order) else torch.arange(K)
+        perm = torch.arange(K)
+        if name.endswith(act_order):
+            key = shared_input_key(name) if shared else name
+            fixed = next((p for suffix, p in (perms or {}).items() if name.endswith(suffix)), None)
+            perm = orders.setdefault(key, fixed if fixed is not None else torch.randperm(K, generator=gen))
         # act-order: groups are formed over the columns in the permuted order
         qp, s, z = rtn(w[:, perm], G, sym, zmin=1 if fmt == "gptq" else 0)
         q = torch.empty_like(qp)
@@ -117,6 +125,13 @@ def write_gptq(src: Path, dst: Path, G: int = 32, sym: bool = True, fmt: str = "
     qcfg = {"quant_method": "gptq", "bits": bits, "group_size": G, "desc_act": bool(act_order), "sym": sym,
             "checkpoint_format": fmt}
     return _write(src, dst, tensors, qcfg), refs
+
+
+def shared_input_key(name: str) -> str:
+    """Linears that read the same input map to one key: k/v_proj -> q_proj, up_proj -> gate_proj."""
+    for sibling, first in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
+        name = name.replace(f".{sibling}.", f".{first}.")
+    return name
 
 
 def write_compressed_tensors(src: Path, dst: Path, G: int | None = 32, sym: bool = False) -> Path:

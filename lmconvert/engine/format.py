@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-FORMAT_VERSION = 1
-CONFIG = "config.json"  # {"format_version": 1, **ModelConfig fields}
-MANIFEST = "manifest.json"  # {"format_version": 1, "files": {relpath: {"size": int, "sha256": hex}}}
+FORMAT_VERSION = 2  # the newest version this lmconvert reads and writes
+READ_VERSIONS = (1, 2)
+# Version 2 adds the optional `<linear>.input_perm` tensor (imported GPTQ act-order). An engine without one is
+# still written as version 1, so older readers keep reading it; they refuse a version 2 engine.
+V2_SUFFIXES = (".input_perm",)
+CONFIG = "config.json"  # {"format_version": 1 | 2, **ModelConfig fields}
+MANIFEST = "manifest.json"  # {"format_version": 1 | 2, "files": {relpath: {"size": int, "sha256": hex}}}
 GENERATION_CONFIG = "generation_config.json"
 GLOBALS = "globals.safetensors"  # embed_tokens.weight, norm.weight, lm_head.weight (untied only)
 TOKENIZER_DIR = "tokenizer"  # tokenizer files as transformers saves them, chat template included

@@ -28,9 +28,9 @@ def read_json(path: Path) -> dict:
 def check_manifest(root: Path, verify: bool) -> dict:
     """Sizes of all files always (cheap, catches truncation); sha256 too when verify."""
     manifest = read_json(root / fmt.MANIFEST)
-    if manifest.get("format_version") != fmt.FORMAT_VERSION:
-        raise UserError(f"{root}: engine format {manifest.get('format_version')} is not supported "
-                        f"(this lmconvert reads format {fmt.FORMAT_VERSION}); convert the model again")
+    if manifest.get("format_version") not in fmt.READ_VERSIONS:
+        raise UserError(f"{root}: engine format {manifest.get('format_version')} is not supported (this lmconvert "
+                        f"reads formats {', '.join(map(str, fmt.READ_VERSIONS))}); convert the model again")
     for rel, entry in manifest["files"].items():
         path = root / rel
         if not path.is_file():

@@ -73,6 +73,7 @@ class EngineWriter:
         self.overwrite = overwrite
         self.tmp: Path | None = None
         self.bytes_written = 0
+        self.format_version = 1  # raised to 2 by the first version-2 tensor (see format.V2_SUFFIXES)
 
     def __enter__(self) -> "EngineWriter":
         self.dst.parent.mkdir(parents=True, exist_ok=True)
@@ -108,10 +109,12 @@ class EngineWriter:
 
     def write_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         prefix = fmt.layer_prefix(i)
+        if any(k.endswith(fmt.V2_SUFFIXES) for k in tensors):
+            self.format_version = 2
         self._save({prefix + k: v for k, v in tensors.items()}, fmt.layer_file(i))
 
     def write_config(self, config: ModelConfig, generation_config: dict | None = None) -> None:
-        self._write_json(fmt.CONFIG, {"format_version": fmt.FORMAT_VERSION, **config.to_dict()})
+        """config.json itself is written at the end, once the format version is known."""
         self._write_json(fmt.GENERATION_CONFIG, generation_config or {})
         self.config = config
 
@@ -122,6 +125,7 @@ class EngineWriter:
         config = getattr(self, "config", None)
         if config is None:
             raise RuntimeError("EngineWriter: write_config was never called")
+        self._write_json(fmt.CONFIG, {"format_version": self.format_version, **config.to_dict()})
         missing = [fmt.layer_file(i) for i in range(config.num_layers) if not (self.tmp / fmt.layer_file(i)).is_file()]
         missing += [f for f in (fmt.GLOBALS, fmt.TOKENIZER_DIR) if not (self.tmp / f).exists()]
         if missing:
@@ -129,7 +133,7 @@ class EngineWriter:
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(self.tmp)): {"size": p.stat().st_size, "sha256": fmt.sha256_file(p)}
                     for p in files}
-        self._write_json(fmt.MANIFEST, {"format_version": fmt.FORMAT_VERSION, "files": manifest})
+        self._write_json(fmt.MANIFEST, {"format_version": self.format_version, "files": manifest})
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700
         if self.dst.exists():  # overwrite: move the old engine aside first, delete it only once the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.old-", dir=self.dst.parent))

@@ -5,8 +5,9 @@ the engine's dequantized weights are bit-identical to the source's (readers and 
 The engine has one group size for all linears and groups of contiguous input rows, so:
 - a source group G (or one group per channel) becomes the largest of 128/64/32 dividing it, scale rows repeated;
 - GPTQ act-order (`g_idx`): if every aligned block of G rows lies in one group, its scales are reordered;
-  otherwise the rows must be permuted, which is exact only for down_proj (its input channels are gate/up's
-  output channels, permuted with it); act-order on an attention or MLP input is refused.
+  otherwise the input rows are sorted by group. For down_proj that is absorbed exactly into gate/up's output
+  columns; q/k/v, o_proj and gate/up get an `input_perm` tensor, gathered from the input at run time (fused
+  siblings share one input, so their g_idx must agree, as GPTQ's same-Hessian orders do).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from lmconvert.load.quantized_formats import W4Source, format_info, read_awq, re
 
 ENGINE_GROUP_SIZES = (128, 64, 32)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# engine linears whose input rows may carry an act-order permutation (input_perm), with the source linears
+# that read that input; down_proj's is absorbed into gate/up's output columns instead (permute_down_proj)
+INPUTS = {"qkv_proj": FUSED_MODULES["qkv_proj"], "o_proj": ("o_proj",), "gate_up_proj": FUSED_MODULES["gate_up_proj"]}
 
 
 def quantization_config(root: Path) -> dict | None:
@@ -91,6 +95,10 @@ class QuantizedHFCheckpoint(HFCheckpoint):
                if not s.endswith(".weight") or s.split(".")[0] not in LINEARS}
         lin = {m: self.read_linear(i, m) for m in LINEARS}
         permute_down_proj(lin, f"layer {i}")
+        for module, parts in INPUTS.items():
+            perm = sort_shared_input(lin, parts, f"layer {i} {module}")
+            if perm is not None:
+                out[f"{module}.input_perm"] = perm.to(torch.int32)
         for m, src in lin.items():
             lin[m] = contiguous_groups(src, f"layer {i} {m}")
         for m in ("o_proj", "down_proj"):
@@ -119,37 +127,62 @@ class QuantizedHFCheckpoint(HFCheckpoint):
                 f"{name}.zeros": zeros.contiguous()}
 
 
-def contiguous_groups(src: W4Source, where: str) -> W4Source:
-    """Drop g_idx when each aligned block of G rows lies in one source group (scale rows reordered to match)."""
+def aligned_groups(src: W4Source, where: str) -> bool:
+    """True when there is no g_idx or each aligned block of G input rows lies in one group."""
     if src.g_idx is None:
-        return src
+        return True
     K, G = src.q.shape[0], src.group_size
     g = src.g_idx
     if g.shape != (K,) or g.min() < 0 or g.max() >= src.scales.shape[0]:
         raise UserError(f"{where}: g_idx has a bad shape or range")
     blocks = g.view(K // G, G)
-    if not torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
-        raise UserError(f"{where}: act-order g_idx permutes the input channels, which the engine cannot express "
-                        "for this linear (only down_proj can be permuted exactly); re-quantize with "
-                        "desc_act=False or static_groups=True")
-    rows = blocks[:, 0]
-    return W4Source(src.q, src.scales[rows], src.zeros[rows], G)
+    return torch.equal(blocks, blocks[:, :1].expand_as(blocks))
+
+
+def contiguous_groups(src: W4Source, where: str) -> W4Source:
+    """Drop g_idx when each aligned block of G rows lies in one source group (scale rows reordered to match)."""
+    if src.g_idx is None:
+        return src
+    if not aligned_groups(src, where):  # only after sorting by a fused sibling's g_idx that differs from this one
+        raise UserError(f"{where}: act-order g_idx differs from that of the linears fused with it, which share "
+                        "its input; re-quantize with desc_act=False or static_groups=True")
+    rows = src.g_idx.view(-1, src.group_size)[:, 0]
+    return W4Source(src.q, src.scales[rows], src.zeros[rows], src.group_size)
+
+
+def group_order(src: W4Source, where: str) -> torch.Tensor:
+    """The input-row permutation that sorts rows by group (stable), checked to give groups of G rows."""
+    n = src.scales.shape[0]
+    if not torch.equal(torch.bincount(src.g_idx, minlength=n), torch.full((n,), src.group_size)):
+        raise UserError(f"{where}: g_idx groups do not all hold {src.group_size} rows")
+    return torch.argsort(src.g_idx, stable=True)
+
+
+def permute_rows(src: W4Source, perm: torch.Tensor) -> W4Source:
+    g = src.g_idx if src.g_idx is not None else torch.arange(src.q.shape[0]) // src.group_size
+    return W4Source(src.q[perm], src.scales, src.zeros, src.group_size, g[perm])
+
+
+def sort_shared_input(lin: dict[str, W4Source], parts: tuple[str, ...], where: str) -> torch.Tensor | None:
+    """Act-order on linears that read one input: sort all their rows by the first one's groups; the perm is
+    returned for the engine's input_perm (the runtime gathers x[..., perm]). None when no sort is needed."""
+    unsorted = [p for p in parts if not aligned_groups(lin[p], f"{where} ({p})")]
+    if not unsorted:
+        return None
+    perm = group_order(lin[unsorted[0]], f"{where} ({unsorted[0]})")
+    for p in parts:
+        lin[p] = permute_rows(lin[p], perm)
+    return perm
 
 
 def permute_down_proj(lin: dict[str, W4Source], where: str) -> None:
-    """Act-order down_proj: sort its input rows by group and permute gate/up's output columns alike (exact)."""
+    """Act-order down_proj: sort its input rows by group and permute gate/up's output columns alike. Exact and
+    free at run time (no input_perm): down_proj's input channels are gate/up's output channels."""
     down = lin["down_proj"]
-    if down.g_idx is None:
+    if aligned_groups(down, f"{where} down_proj"):
         return
-    K, G = down.q.shape[0], down.group_size
-    blocks = down.g_idx.view(K // G, G)
-    if torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
-        return
-    perm = torch.argsort(down.g_idx, stable=True)
-    g = down.g_idx[perm]
-    if not torch.equal(torch.bincount(g, minlength=down.scales.shape[0]), torch.full((down.scales.shape[0],), G)):
-        raise UserError(f"{where} down_proj: g_idx groups do not all hold {G} rows")
-    lin["down_proj"] = W4Source(down.q[perm], down.scales, down.zeros, G, g)
+    perm = group_order(down, f"{where} down_proj")
+    lin["down_proj"] = permute_rows(down, perm)
     for m in ("gate_proj", "up_proj"):
         s = lin[m]
         lin[m] = W4Source(s.q[:, perm], s.scales[:, perm], s.zeros[:, perm], s.group_size, s.g_idx)
