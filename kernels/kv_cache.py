@@ -14,7 +14,9 @@ import torch
 
 from ._triton import next_pow2, tl, triton, use_triton
 
-SCALE_UP = 1 + 2**-10  # > fp16's relative rounding error (2^-11): the rounded scale is never below the true one
+# scale = (max - min) * STEP: 1/255 nudged up by more than fp16's relative rounding error (2^-11), so the
+# rounded scale never falls below the true one; a multiply, not a division, rounds alike in torch and Triton
+STEP = (1 + 2**-10) / 255
 MIN_SCALE = 2**-14  # smallest normal fp16; a constant row (max == min) gets this step and codes 0
 
 
@@ -22,7 +24,7 @@ def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 codes [..., D], fp16 (scale, zero) [..., 2])."""
     x = x.float()
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 255 * SCALE_UP).clamp_min(MIN_SCALE).half()
+    scale = ((hi - lo) * STEP).clamp_min(MIN_SCALE).half()
     zero = (lo + 128 * scale.float()).half()
     q = torch.floor((x - zero.float()) / scale.float() + 0.5).clamp(-128, 127).to(torch.int8)
     return q, torch.cat([scale, zero], dim=-1)
@@ -49,14 +51,15 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=N
 
 
 @triton.jit
-def _store_row(src_ptr, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr):
+def _store_row(src_ptr, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr, STEP: tl.constexpr,
+               MIN_SCALE: tl.constexpr):
     """One (token, KV head) row of D values into cache row `row` (= slot * KVH + head)."""
     x = tl.load(src_ptr + d, mask=mask)
     if KV_INT8:
         x = x.to(tl.float32)
         lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
         hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
-        scale = tl.maximum((hi - lo) / 255 * SCALE_UP, MIN_SCALE).to(tl.float16)
+        scale = tl.maximum((hi - lo) * STEP, MIN_SCALE).to(tl.float16)
         zero = (lo + 128 * scale.to(tl.float32)).to(tl.float16)
         q = tl.floor((x - zero.to(tl.float32)) / scale.to(tl.float32) + 0.5)
         tl.store(dst_ptr + row * D + d, tl.clamp(q, -128.0, 127.0).to(tl.int8), mask=mask)
@@ -68,14 +71,15 @@ def _store_row(src_ptr, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr)
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, stride_k, stride_v, KVH, D,
-                     BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr):
+                     BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr, STEP: tl.constexpr, MIN_SCALE: tl.constexpr):
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         d = tl.arange(0, BLOCK_D)
         mask = d < D
-        _store_row(k_ptr + t * stride_k + h * D, kc_ptr, ks_ptr, slot * KVH + h, d, mask, D, KV_INT8)
-        _store_row(v_ptr + t * stride_v + h * D, vc_ptr, vs_ptr, slot * KVH + h, d, mask, D, KV_INT8)
+        row = slot * KVH + h
+        _store_row(k_ptr + t * stride_k + h * D, kc_ptr, ks_ptr, row, d, mask, D, KV_INT8, STEP, MIN_SCALE)
+        _store_row(v_ptr + t * stride_v + h * D, vc_ptr, vs_ptr, row, d, mask, D, KV_INT8, STEP, MIN_SCALE)
 
 
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
@@ -89,7 +93,8 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scale
     if T:
         _store_kv_kernel[(T, KVH)](k2, v2, k_cache, v_cache, k_scales if int8 else k_cache,
                                    v_scales if int8 else v_cache, slot_mapping, k2.stride(0), v2.stride(0), KVH, D,
-                                   BLOCK_D=next_pow2(D), KV_INT8=int8, num_warps=1 if D <= 128 else 2)
+                                   BLOCK_D=next_pow2(D), KV_INT8=int8, STEP=STEP, MIN_SCALE=MIN_SCALE,
+                                   num_warps=1 if D <= 128 else 2)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):

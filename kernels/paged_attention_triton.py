@@ -43,8 +43,10 @@ def _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, zeros, D, UPCAST: tl.constexpr, K
     if KV_INT8:
         s = tl.load(ks_ptr + row * 2).to(tl.float32)
         z = tl.load(ks_ptr + row * 2 + 1).to(tl.float32)
-        return dot_acc(q, tl.trans(_codes(k, q)), zeros, UPCAST) * s[None, :] + q_sum[:, None] * z[None, :]
-    return dot_acc(q, tl.trans(k), zeros, UPCAST)
+        scores = dot_acc(q, tl.trans(_codes(k, q)), zeros, UPCAST) * s[None, :] + q_sum[:, None] * z[None, :]
+    else:  # (one return at the end: the compiler also walks code after a return under a constexpr if)
+        scores = dot_acc(q, tl.trans(k), zeros, UPCAST)
+    return scores
 
 
 @triton.jit
@@ -55,9 +57,11 @@ def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, K
     if KV_INT8:
         s = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
         z = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
-        acc += tl.sum(p * z[None, :], axis=1)[:, None]
-        return dot_acc((p * s[None, :]).to(q.dtype), _codes(v, q), acc, UPCAST)
-    return dot_acc(p.to(v.dtype), v, acc, UPCAST)
+        acc = dot_acc((p * s[None, :]).to(q.dtype), _codes(v, q), acc + tl.sum(p * z[None, :], axis=1)[:, None],
+                      UPCAST)
+    else:
+        acc = dot_acc(p.to(v.dtype), v, acc, UPCAST)
+    return acc
 
 
 @triton.jit
