@@ -210,7 +210,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     BLOCK_M = 64 if max_seqlen_q > 32 and not INTERPRET else 16
     grid = (triton.cdiv(max_seqlen_q, BLOCK_M), S, H)
+    # key tiles of one page (tl.dot needs >= 16 keys: pages under 16 tokens are walked in groups)
     _prefill_kernel[grid](q, *caches, block_tables, cu_seqlens_q, context_lens, out, q.stride(0), q.stride(1),
-                          block_tables.stride(0), qk_scale, window, qg, H, D, BLOCK_N=BS, BLOCK_M=BLOCK_M,
+                          block_tables.stride(0), qk_scale, window, qg, H, D, BLOCK_N=max(BS, 16), BLOCK_M=BLOCK_M,
                           num_warps=4, num_stages=2, **common)
     return out

@@ -67,6 +67,7 @@ CASES = [  # block_size, H, KVH, D, context lens, query lens, window
     (64, 4, 1, 32, [130, 70], [1, 1], None),  # block 64
     (16, 8, 2, 32, [37, 20, 64], [5, 20, 1], None),  # prefill: prefix-cached, fresh, mixed decode row
     (32, 4, 4, 32, [70, 45], [33, 12], 10),  # chunked prefill with a window
+    (8, 4, 2, 32, [29, 12, 40], [1, 12, 9], 16),  # pages shorter than a key tile, mixed decode / prefill
 ]
 
 
