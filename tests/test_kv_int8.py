@@ -142,6 +142,20 @@ def test_cli_flags(tiny_engine):
     assert CliRunner().invoke(main, base + ["--quant-policy", "4"]).exit_code == 2  # click's usage error
 
 
+def test_cli_eval_scores_through_int8_cache(tiny_engine, tmp_path):
+    import json
+
+    from tiny_models import SENTENCES
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(SENTENCES * 8))
+    args = ["eval", str(tiny_engine("llama")), "--text", str(text), "--seq-len", "48", "--windows", "3", "--json"]
+    fp, int8 = (CliRunner().invoke(main, args + extra) for extra in ([], ["--kv-int8"]))
+    assert fp.exit_code == int8.exit_code == 0, fp.output + int8.output
+    ppl_fp, ppl_int8 = (json.loads(r.output.strip().splitlines()[-1])["ppl"] for r in (fp, int8))
+    assert ppl_int8 != ppl_fp and abs(ppl_int8 / ppl_fp - 1) < 5e-3  # the cache's quantization, and only a little
+
+
 def test_smollm2_generate_kv_int8_says_paris(smollm2_engine):
     result = subprocess.run(
         [sys.executable, "-m", "lmconvert.cli", "generate", str(smollm2_engine), "--prompt",
