@@ -254,17 +254,19 @@ def bench_decode_attention(copy_bw):
         vc[bt.long()] = v.view(S, KVH, nb, bs, D).permute(0, 2, 3, 1, 4)
         t = bench(lambda i: paged_attention_triton.paged_attention_triton(q, kc, vc, bt, cu, ctx, D**-0.5), 1)
         kv_bytes = kc.nbytes + vc.nbytes
-        rows.append(dict(kernel=f"paged_decode bs{bs}", us=t * 1e3, sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
+        rows.append(dict(kernel=f"paged_decode bs{bs} k{paged_attention_triton.decode_tile(bs)}", us=t * 1e3, sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
                          gbps=kv_bytes / t / 1e6, pct_copy=100 * kv_bytes / t / 1e6 / copy_bw, mb=kv_bytes / 1e6))
         (kq, ks), (vq, vs) = kv_cache.quantize_kv_ref(kc), kv_cache.quantize_kv_ref(vc)
         del kc, vc
-        t8 = bench(lambda i: paged_attention_triton.paged_attention_triton(q, kq, vq, bt, cu, ctx, D**-0.5,
-                                                                           k_scales=ks, v_scales=vs), 1)
         kv8_bytes = kq.nbytes + vq.nbytes + ks.nbytes + vs.nbytes
-        rows.append(dict(kernel=f"paged_decode int8 bs{bs}", us=t8 * 1e3, sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t8,
-                         gbps=kv8_bytes / t8 / 1e6, pct_copy=100 * kv8_bytes / t8 / 1e6 / copy_bw, mb=kv8_bytes / 1e6,
-                         vs_bf16_kv=t / t8))
-        for r in rows[-2:]:
+        tiles = sorted({paged_attention_triton.decode_tile(bs, True), max(bs, 64), max(bs, 256)})
+        for keys in tiles:  # keys per step: the default and two others, to tune it
+            t8 = bench(lambda i: paged_attention_triton.paged_attention_triton(
+                q, kq, vq, bt, cu, ctx, D**-0.5, k_scales=ks, v_scales=vs, decode_keys=keys), 1)
+            rows.append(dict(kernel=f"paged_decode int8 bs{bs} k{keys}", us=t8 * 1e3, sdpa_us=t_sdpa * 1e3,
+                             speedup=t_sdpa / t8, gbps=kv8_bytes / t8 / 1e6, mb=kv8_bytes / 1e6, vs_bf16_kv=t / t8,
+                             pct_copy=100 * kv8_bytes / t8 / 1e6 / copy_bw))
+        for r in rows[-1 - len(tiles):]:
             print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
         del kq, vq, ks, vs
     return rows
@@ -312,12 +314,12 @@ def main():
             print("section failed:", repr(e))
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy {copy_bw:.0f} GB/s")
-    print(f"{'kernel':24s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} "
+    print(f"{'kernel':28s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} "
           f"{'%copy':>6s} {'KV MB':>7s} {'x bf16 KV':>9s}")
     for r in rows:
         kv_mb = f"{r['mb']:7.0f}" if "mb" in r else f"{'':7s}"
         vs_bf16 = f"{r['vs_bf16_kv']:9.2f}" if "vs_bf16_kv" in r else ""
-        print(f"{r['kernel']:24s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
+        print(f"{r['kernel']:28s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
               f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f} "
               f"{kv_mb} {vs_bf16}")
     for key, times in ql._tuner.times.items():  # every candidate's time, to trim the candidate lists

@@ -174,13 +174,16 @@ def num_kv_splits(num_seqs, num_kv_heads, max_blocks, num_sms):
     return max(1, min(next_pow2(want), max(1, max_blocks // 4), 64))
 
 
-def decode_tile(block_size: int) -> int:
-    """Keys per decode step: at least 64, so 16-token pages still give the loads and the dot some length."""
-    return max(block_size, 64)
+def decode_tile(block_size: int, kv_int8: bool = False) -> int:
+    """Keys per decode step: at least 64 (128 for int8, the same bytes a step), so short pages still give
+    the loads and the dot some length."""
+    return max(block_size, 128 if kv_int8 else 64)
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                           sliding_window=None, max_seqlen_q=None, num_splits=None, k_scales=None, v_scales=None):
+                           sliding_window=None, max_seqlen_q=None, num_splits=None, k_scales=None, v_scales=None,
+                           decode_keys=None):
+    """decode_keys: keys per decode step (a power of two >= block size; default decode_tile), for tuning."""
     T, H, D = q.shape
     S = context_lens.shape[0]
     _, BS, KVH, _ = k_cache.shape
@@ -201,7 +204,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
         _decode_kernel[(S, KVH, splits)](q, *caches, block_tables, context_lens, out, part_o, part_lse,
                                          q.stride(0), q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D,
-                                         BLOCK_N=decode_tile(BS), BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits,
+                                         BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits,
                                          num_warps=4, **common)
         if splits > 1:
             _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)

@@ -41,6 +41,6 @@ def test_kv_kernels_compile_for_sm90(int8):
                 cu_ptr="*i32", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32", stride_qt="i32",
                 stride_qh="i32", stride_bt="i32", qk_scale="fp32", WINDOW="i32", QG="i32", H="i32", D="i32")
     shape = dict(KVH=8, BLOCK_D=128, UPCAST=False, KV_INT8=int8)
-    compile_sm90(pa._decode_kernel, attn, dict(shape, BS=16, BLOCK_N=pa.decode_tile(16), BLOCK_G=16, NUM_SPLITS=8),
+    compile_sm90(pa._decode_kernel, attn, dict(shape, BS=16, BLOCK_N=pa.decode_tile(16, int8), BLOCK_G=16, NUM_SPLITS=8),
                  num_warps=4)
     compile_sm90(pa._prefill_kernel, attn, dict(shape, BS=32, BLOCK_N=32, BLOCK_M=64), num_warps=4, num_stages=2)
