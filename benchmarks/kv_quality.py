@@ -40,8 +40,12 @@ def token_nll(engine: LLMEngine, seqs: list[list[int]], chunk: int) -> torch.Ten
     """[num_seqs, seq_len - 1] negative log-likelihood of each token after the first, through the cache."""
     nll = torch.zeros(len(seqs), len(seqs[0]) - 1, dtype=torch.float64)
     done = [0] * len(seqs)  # positions scored so far, per sequence
+    total, reported = sum(map(len, seqs)), 0
     for i, logits in engine.score(seqs, chunk):
         start, n = done[i], logits.shape[0]
+        if sum(done) >= reported + total // 8:  # a line per eighth: CPU runs take minutes
+            reported = sum(done)
+            print(f"  {reported}/{total} tokens", flush=True)
         targets = torch.tensor(seqs[i][start + 1:start + n + 1], dtype=torch.long, device=logits.device)
         rows = logits[:len(targets)]  # the last position predicts nothing
         nll[i, start:start + len(targets)] = F.cross_entropy(rows, targets, reduction="none").double().cpu()
