@@ -51,8 +51,9 @@ def _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, zeros, D, UPCAST: tl.constexpr, K
 
 @triton.jit
 def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, KV_INT8: tl.constexpr):
-    """acc + p @ V of one key tile (int8: the dot runs in q's dtype). Slots past the context hold stale or uninitialised data: p is 0 there,
-    but 0 * NaN is NaN, so their loads are masked. int8: p @ (codes * s + z) = (p * s) @ codes + p @ z."""
+    """acc + p @ V of one key tile. Slots past the context hold stale or uninitialised data: p is 0 there,
+    but 0 * NaN is NaN, so their loads are masked. int8: p @ (codes * s + z) = (p * s) @ codes + p @ z,
+    the dot in q's dtype."""
     v = tl.load(v_ptr + row[:, None] * D + d[None, :], mask=live[:, None] & d_ok[None, :], other=0)
     if KV_INT8:
         s = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
