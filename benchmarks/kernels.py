@@ -254,7 +254,8 @@ def bench_decode_attention(copy_bw):
         vc[bt.long()] = v.view(S, KVH, nb, bs, D).permute(0, 2, 3, 1, 4)
         t = bench(lambda i: paged_attention_triton.paged_attention_triton(q, kc, vc, bt, cu, ctx, D**-0.5), 1)
         kv_bytes = kc.nbytes + vc.nbytes
-        rows.append(dict(kernel=f"paged_decode bs{bs} k{paged_attention_triton.decode_tile(bs)}", us=t * 1e3, sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
+        rows.append(dict(kernel=f"paged_decode bs{bs} k{paged_attention_triton.decode_tile(bs)}", us=t * 1e3,
+                         sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
                          gbps=kv_bytes / t / 1e6, pct_copy=100 * kv_bytes / t / 1e6 / copy_bw, mb=kv_bytes / 1e6))
         (kq, ks), (vq, vs) = kv_cache.quantize_kv_ref(kc), kv_cache.quantize_kv_ref(vc)
         del kc, vc

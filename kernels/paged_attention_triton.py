@@ -205,8 +205,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
         _decode_kernel[(S, KVH, splits)](q, *caches, block_tables, context_lens, out, part_o, part_lse,
                                          q.stride(0), q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D,
-                                         BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits,
-                                         num_warps=4, **common)
+                                         BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)),
+                                         NUM_SPLITS=splits, num_warps=4, **common)
         if splits > 1:
             _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
         return out
