@@ -1,6 +1,6 @@
 """Kernel benchmark on CUDA: correctness vs the torch references first, then timings.
 
-python benchmarks/kernels.py [--json FILE] [--quick]
+python benchmarks/kernels.py [--json FILE] [--quick] [--attention]
 Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch gaps stay out;
 each replay walks several weight copies so that the weights come from HBM, not L2.
 """
@@ -15,7 +15,7 @@ from triton.testing import do_bench_cudagraph
 
 from lmconvert.kernels import quant_linear as ql
 from lmconvert.kernels.autotune import Autotuner
-from lmconvert.kernels import activation, norm, paged_attention_ref, paged_attention_triton, rope  # noqa: I001
+from lmconvert.kernels import activation, kv_cache, norm, paged_attention_ref, paged_attention_triton, rope  # noqa: I001
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)]  # Qwen3-8B K -> N
@@ -113,10 +113,25 @@ def check_linears(decode=False):
     return out
 
 
-def check_correctness(linears_only=False, decode=False):
+def check_store_kv_int8():
+    """Triton store vs the torch reference: 0 when (scale, zero) are equal and codes at most one apart (GPU fp32
+    division may round a tie the other way); else the excess."""
+    T, KVH, D, bs = 300, 8, 128, 16
+    k, v = (torch.randn(T, KVH, D, device="cuda", dtype=torch.bfloat16) * 2 for _ in range(2))
+    slots = torch.randperm(64 * bs, device="cuda")[:T]
+    shapes = ((D, torch.int8), (D, torch.int8), (2, torch.float16), (2, torch.float16))
+    pools = [[torch.zeros(64, bs, KVH, n, device="cuda", dtype=t) for n, t in shapes] for _ in range(2)]
+    kv_cache.store_kv_triton(k, v, *pools[0][:2], slots, *pools[0][2:])
+    kv_cache.store_kv_ref(k, v, *pools[1][:2], slots, *pools[1][2:])
+    codes = max((a.float() - b.float()).abs().max().item() for a, b in zip(pools[0][:2], pools[1][:2]))
+    scales = max((a.float() - b.float()).abs().max().item() for a, b in zip(pools[0][2:], pools[1][2:]))
+    return max(0.0, codes - 1) + scales
+
+
+def check_correctness(linears_only=False, decode=False, attention_only=False):
     dev, bf = "cuda", torch.bfloat16
     tuner, ql._tuner = ql._tuner, Autotuner(timing=False)
-    out = check_linears(decode)
+    out = {} if attention_only else check_linears(decode)
     if linears_only:
         ql._tuner = tuner
         return out
@@ -139,8 +154,17 @@ def check_correctness(linears_only=False, decode=False):
         args = (q, kc, vc, bt, cu, ctx, 1 / math.sqrt(D), window)
         ref = paged_attention_ref.paged_attention_ref(*args)
         out[f"attn bs{bs} kvh{KVH} win{window} q{max(q_lens)}"] = rel(paged_attention_triton.paged_attention_triton(*args), ref)
+        (kq, ks), (vq, vs) = kv_cache.quantize_kv_ref(kc), kv_cache.quantize_kv_ref(vc)
+        args8 = (q, kq, vq, bt, cu, ctx, 1 / math.sqrt(D), window)
+        ref8 = paged_attention_ref.paged_attention_ref(*args8, ks, vs)
+        out[f"attn int8 bs{bs} kvh{KVH} win{window} q{max(q_lens)}"] = rel(
+            paged_attention_triton.paged_attention_triton(*args8, k_scales=ks, v_scales=vs), ref8)
+        out[f"attn int8 vs bf16 KV bs{bs} q{max(q_lens)} (quantization)"] = rel(ref8, ref)
         if max(q_lens) == 1:
             out[f"attn split8 bs{bs}"] = rel(paged_attention_triton.paged_attention_triton(*args, num_splits=8), ref)
+            out[f"attn int8 split8 bs{bs}"] = rel(paged_attention_triton.paged_attention_triton(
+                *args8, num_splits=8, k_scales=ks, v_scales=vs), ref8)
+    out["store_kv int8 (0: codes within 1, scales equal)"] = check_store_kv_int8()
     x, r, w = (torch.randn(n, device=dev, dtype=bf) for n in ((64, 4096), (64, 4096), (4096,)))
     o1, r1 = norm.rms_norm_triton(x, w, 1e-6, r)
     o2, r2 = norm.rms_norm_ref(x, w, 1e-6, r)
@@ -211,6 +235,7 @@ def bench_linears(copy_bw, quick, decode=False):
 
 
 def bench_decode_attention(copy_bw):
+    """Paged decode attention at Qwen3-8B shapes, bf16 KV and int8 KV (same data, quantized), per block size."""
     S, ctx_len, H, KVH, D = 64, 4096, 32, 8, 128
     rows = []
     q = torch.randn(S, H, D, device="cuda", dtype=torch.bfloat16)
@@ -218,21 +243,33 @@ def bench_decode_attention(copy_bw):
     v = torch.randn_like(k)
     t_sdpa = bench(lambda i: torch.nn.functional.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, scale=D**-0.5, enable_gqa=True), 1)
-    kv_bytes = 2 * k.nbytes
+    cu = torch.arange(S + 1, device="cuda", dtype=torch.int32)
+    ctx = torch.full((S,), ctx_len, device="cuda", dtype=torch.int32)
     for bs in (16, 32, 64):
         nb = ctx_len // bs
-        perm = torch.randperm(S * nb, device="cuda").int()
+        bt = torch.randperm(S * nb, device="cuda").int().view(S, nb)
         kc = torch.empty(S * nb, bs, KVH, D, device="cuda", dtype=torch.bfloat16)
         vc = torch.empty_like(kc)
-        bt = perm.view(S, nb)
         kc[bt.long()] = k.view(S, KVH, nb, bs, D).permute(0, 2, 3, 1, 4)  # same data, paged and scattered
         vc[bt.long()] = v.view(S, KVH, nb, bs, D).permute(0, 2, 3, 1, 4)
-        cu = torch.arange(S + 1, device="cuda", dtype=torch.int32)
-        ctx = torch.full((S,), ctx_len, device="cuda", dtype=torch.int32)
         t = bench(lambda i: paged_attention_triton.paged_attention_triton(q, kc, vc, bt, cu, ctx, D**-0.5), 1)
-        rows.append(dict(kernel=f"paged_decode bs{bs}", us=t * 1e3, sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
-                         gbps=kv_bytes / t / 1e6, pct_copy=100 * kv_bytes / t / 1e6 / copy_bw))
+        kv_bytes = kc.nbytes + vc.nbytes
+        rows.append(dict(kernel=f"paged_decode bs{bs} k{paged_attention_triton.decode_tile(bs)}", us=t * 1e3,
+                         sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t,
+                         gbps=kv_bytes / t / 1e6, pct_copy=100 * kv_bytes / t / 1e6 / copy_bw, mb=kv_bytes / 1e6))
+        (kq, ks), (vq, vs) = kv_cache.quantize_kv_ref(kc), kv_cache.quantize_kv_ref(vc)
         del kc, vc
+        kv8_bytes = kq.nbytes + vq.nbytes + ks.nbytes + vs.nbytes
+        tiles = sorted({paged_attention_triton.decode_tile(bs, True), max(bs, 64), max(bs, 256)})
+        for keys in tiles:  # keys per step: the default and two others, to tune it
+            t8 = bench(lambda i: paged_attention_triton.paged_attention_triton(
+                q, kq, vq, bt, cu, ctx, D**-0.5, k_scales=ks, v_scales=vs, decode_keys=keys), 1)
+            rows.append(dict(kernel=f"paged_decode int8 bs{bs} k{keys}", us=t8 * 1e3, sdpa_us=t_sdpa * 1e3,
+                             speedup=t_sdpa / t8, gbps=kv8_bytes / t8 / 1e6, mb=kv8_bytes / 1e6, vs_bf16_kv=t / t8,
+                             pct_copy=100 * kv8_bytes / t8 / 1e6 / copy_bw))
+        for r in rows[-1 - len(tiles):]:
+            print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        del kq, vq, ks, vs
     return rows
 
 
@@ -243,6 +280,7 @@ def main():
     ap.add_argument("--linears", action="store_true", help="only the quantized linears")
     ap.add_argument("--wide", action="store_true", help="tune over a wider candidate list (to trim the default)")
     ap.add_argument("--decode", action="store_true", help="linears at M = 1 and 16 only")
+    ap.add_argument("--attention", action="store_true", help="only paged attention and store_kv (bf16 and int8 KV)")
     args = ap.parse_args()
     plain = ql.candidates
 
@@ -262,12 +300,12 @@ def main():
             return c + extra + [("dequant", 256)] * any(f[0] == "dequant" for f in c)
         ql.candidates = wide
     torch.manual_seed(0)
-    errs = check_correctness(args.linears, args.decode)
+    errs = check_correctness(args.linears, args.decode, args.attention)
     for name, e in errs.items():
-        print(f"check {name:50s} {e:.2e}" + ("  FAIL" if e > 1e-2 else ""))
+        print(f"check {name:50s} {e:.2e}" + ("  FAIL" if e > 1e-2 and "quantization" not in name else ""))
     copy_bw = copy_gbps()
     rows = []
-    sections = [lambda: bench_linears(copy_bw, args.quick, args.decode)]
+    sections = [] if args.attention else [lambda: bench_linears(copy_bw, args.quick, args.decode)]
     if not args.linears:
         sections.append(lambda: bench_decode_attention(copy_bw))
     for section in sections:
@@ -277,10 +315,14 @@ def main():
             print("section failed:", repr(e))
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy {copy_bw:.0f} GB/s")
-    print(f"{'kernel':20s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} {'%copy':>6s}")
+    print(f"{'kernel':28s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} "
+          f"{'%copy':>6s} {'KV MB':>7s} {'x bf16 KV':>9s}")
     for r in rows:
-        print(f"{r['kernel']:20s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
-              f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f}")
+        kv_mb = f"{r['mb']:7.0f}" if "mb" in r else f"{'':7s}"
+        vs_bf16 = f"{r['vs_bf16_kv']:9.2f}" if "vs_bf16_kv" in r else ""
+        print(f"{r['kernel']:28s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
+              f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f} "
+              f"{kv_mb} {vs_bf16}")
     for key, times in ql._tuner.times.items():  # every candidate's time, to trim the candidate lists
         best = min(times.values())
         print("tune", key[:5], " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))

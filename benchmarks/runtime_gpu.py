@@ -7,7 +7,9 @@
 3. throughput: 256 requests of 512 in / 256 out (bf16), and transformers at batch 16;
 4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0), Triton kernels
    compiled during them (should be 0), and where one decode step's GPU time goes (torch profiler);
-5. memory: allocated / reserved CUDA memory after every 100 of 1000 requests (should stay flat).
+5. memory: allocated / reserved CUDA memory after every 100 of 1000 requests (should stay flat);
+6. kvint8: int8 KV vs bf16 KV — tiny models' logits on CUDA (Triton store / attention) vs the fp cache-free
+   pass, then throughput of 64 requests of 4096 in / 256 out with each cache (and the tokens each holds).
 """
 
 from __future__ import annotations
@@ -62,10 +64,45 @@ def free():
     torch.cuda.empty_cache()
 
 
-def engine_for(preset: str, quant: dict | None, max_batch_size: int, session_len: int) -> LLMEngine:
+def engine_for(preset: str, quant: dict | None, max_batch_size: int, session_len: int, kv_int8: bool = False,
+               ) -> LLMEngine:
     source = RandomModel(config_from(preset), quant, device="cuda")
     return LLMEngine(source, device="cuda", max_batch_size=max_batch_size, session_len=session_len,
-                     max_num_batched_tokens=8192)
+                     max_num_batched_tokens=8192, kv_int8=kv_int8)
+
+
+def kv_int8_logits_errors() -> dict:
+    """Relative error of int8-KV logits (through the paged cache: Triton store_kv + prefill) vs the fp32
+    cache-free pass, tiny random checkpoints on CUDA; the same with fp KV must be ~1e-6."""
+    from tiny_models import build_checkpoint
+
+    errors = {}
+    for arch in ("qwen3", "mistral"):
+        ckpt = build_checkpoint(arch, Path(tempfile.mkdtemp()) / arch)
+        ids = torch.randint(3, 300, (200,)).tolist()
+        kw = dict(device="cuda", dtype="fp32", num_cache_tokens=1024, block_size=16, max_num_batched_tokens=64)
+        ref = LLMEngine(str(ckpt), **kw).logits(ids)
+        for kv_int8 in (False, True):
+            engine = LLMEngine(str(ckpt), **kw, kv_int8=kv_int8)
+            decoded = torch.cat([out for _, out in engine.score([ids], chunk=1)])  # decode kernel, token by token
+            chunked = engine.logits(ids) if kv_int8 else decoded  # prefill kernel, 64-token chunks
+            for name, got in (("decode", decoded), ("prefill", chunked)):
+                errors[f"{arch} {'int8' if kv_int8 else 'fp32'} KV {name}"] = ((got - ref).norm() / ref.norm()).item()
+    return errors
+
+
+def kv_int8_throughput(preset: str, n: int, input_len: int, out_len: int) -> dict:
+    rows = {}
+    for kv_int8 in (False, True):
+        engine = engine_for(preset, None, n, input_len + out_len + 16, kv_int8)
+        rows["int8" if kv_int8 else "bf16"] = r = run_bench(engine, "throughput", n, input_len, out_len).as_dict()
+        print("kv", r["kv_cache"], f"{r['output_tok_s']:.0f} out tok/s, itl p50 {r['itl_p50_ms']:.1f} ms, "
+              f"cache {r['cache_tokens']} tokens", flush=True)
+        del engine
+        free()
+    rows["int8_vs_bf16_out_tok_s"] = rows["int8"]["output_tok_s"] / rows["bf16"]["output_tok_s"]
+    rows["int8_vs_bf16_cache_tokens"] = rows["int8"]["cache_tokens"] / rows["bf16"]["cache_tokens"]
+    return rows
 
 
 def steady_decode_segments(engine: LLMEngine, steps: int = 200) -> int:
@@ -157,7 +194,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-8b")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, for a first look")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,latency,throughput,hf,memory")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: correctness,latency,throughput,hf,memory,kvint8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -200,6 +238,10 @@ def main():
             print("hf batch-16", results["hf_throughput_b16_tok_s"], flush=True)
         del engine
         free()
+    if "kvint8" not in skip:
+        results["kv_int8_logits_rel_err"] = kv_int8_logits_errors()
+        print("kv int8 logits", results["kv_int8_logits_rel_err"], flush=True)
+        results["kv_int8_throughput"] = kv_int8_throughput(args.preset, 64, 1024 if args.quick else 4096, out_len)
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -2,11 +2,13 @@
 
 Gathers each sequence's blocks into contiguous K/V and calls torch SDPA (fp32 softmax inside) with an
 explicit causal / sliding-window mask. A pure decode batch (one query per sequence) runs as one batched
-SDPA over keys padded to the longest context.
+SDPA over keys padded to the longest context. int8 caches: only the gathered blocks are dequantized.
 """
 
 import torch
 import torch.nn.functional as F
+
+from .kv_cache import dequantize_kv
 
 
 def attention_mask(q_pos, k_pos, sliding_window):
@@ -17,9 +19,11 @@ def attention_mask(q_pos, k_pos, sliding_window):
     return mask
 
 
-def _gather(cache, block_ids, length):
-    """cache [NB, BS, KVH, D], block_ids [..., nb] -> [..., KVH, length, D] (SDPA's layout)."""
-    kv = cache[block_ids.long()]  # [..., nb, BS, KVH, D]
+def _gather(cache, scales, block_ids, length, dtype):
+    """cache [NB, BS, KVH, D], block_ids [..., nb] -> [..., KVH, length, D] (SDPA's layout) in dtype;
+    an int8 cache is dequantized with its (scale, zero) pool."""
+    ids = block_ids.long()
+    kv = cache[ids] if scales is None else dequantize_kv(cache[ids], scales[ids], dtype)  # [..., nb, BS, KVH, D]
     kv = kv.flatten(-4, -3)[..., :length, :, :]
     return kv.transpose(-3, -2)
 
@@ -30,22 +34,26 @@ def _sdpa(q, k, v, mask, scale):
                                           enable_gqa=q.shape[-3] != k.shape[-3])
 
 
-def paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window=None):
+def paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window=None,
+                        k_scales=None, v_scales=None):
     T, H, D = q.shape
     S = context_lens.shape[0]
     BS = k_cache.shape[1]
     ctx = context_lens.tolist()
     out = torch.empty_like(q)
+
+    def kv(rows, L):  # K and V of the first L positions of block-table rows `rows`, as [..., KVH, L, D]
+        ids = block_tables[rows, :-(-L // BS)]
+        return _gather(k_cache, k_scales, ids, L, q.dtype), _gather(v_cache, v_scales, ids, L, q.dtype)
+
     if T == S == 1 and (sliding_window is None or ctx[0] <= sliding_window):
         # one decoding sequence that sees its whole context: no mask needed (the CPU batch-1 hot path)
-        L = ctx[0]
-        k, v = _gather(k_cache, block_tables[0, :-(-L // BS)], L), _gather(v_cache, block_tables[0, :-(-L // BS)], L)
+        k, v = kv(0, ctx[0])
         out = F.scaled_dot_product_attention(q[0].unsqueeze(1), k, v, scale=scale, enable_gqa=H != k.shape[0])
         return out.view(1, H, D)
     if T == S:  # decode: every sequence has exactly one query, at position ctx - 1
         L = max(ctx)
-        nb = -(-L // BS)
-        k, v = _gather(k_cache, block_tables[:, :nb], L), _gather(v_cache, block_tables[:, :nb], L)
+        k, v = kv(slice(None), L)
         k_pos = torch.arange(L, device=q.device).expand(S, L)
         q_pos = (context_lens.to(q.device).long() - 1).unsqueeze(1)  # [S, 1]
         mask = attention_mask(q_pos, k_pos, sliding_window) & (k_pos < context_lens.to(q.device).unsqueeze(1)).unsqueeze(1)
@@ -56,8 +64,7 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context
         Lq, L = q_s.shape[0], ctx[s]
         if Lq == 0:
             continue
-        nb = -(-L // BS)
-        k, v = _gather(k_cache, block_tables[s, :nb], L), _gather(v_cache, block_tables[s, :nb], L)
+        k, v = kv(s, L)
         k_pos = torch.arange(L, device=q.device)
         q_pos = torch.arange(L - Lq, L, device=q.device)
         mask = attention_mask(q_pos, k_pos, sliding_window)

@@ -2,10 +2,13 @@
 
 decode (one query per sequence): one program per (sequence, KV head, KV split). The program loads its KV
 head's blocks once and scores them against the whole query group (GQA: H/KVH query heads, padded to 16
-rows for tl.dot), so each KV byte is read once. Long contexts are split over NUM_SPLITS programs
-(flash-decoding); a second small kernel merges the partial outputs by their log-sum-exp.
+rows for tl.dot), so each KV byte is read once; a key tile spans several pages when pages are short.
+Long contexts are split over NUM_SPLITS programs (flash-decoding); a second small kernel merges the
+partial outputs by their log-sum-exp.
 prefill (any query count): one program per (query tile, sequence, head), walking page-sized key tiles
 from the window start to the tile's last query position. Softmax is online, in fp32, base 2.
+int8 KV (KV_INT8, see kv_cache.py): both kernels read codes and per-(slot, head) fp16 (scale, zero) and
+dequantize in registers, folded into the two dots (_qk, _pv), so KV bytes read are about halved.
 """
 
 import torch
@@ -16,10 +19,57 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+def _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS: tl.constexpr, KVH: tl.constexpr, kvh):
+    """The tile of keys starting at page b (it may span several pages): positions, cache rows
+    (slot * KVH + kvh) and which pages are below hi (the end of this program's walk)."""
+    pos = b * BS + offs
+    page = pos // BS
+    page_ok = page < hi
+    block = tl.load(bt_ptr + s.to(tl.int64) * stride_bt + page, mask=page_ok, other=0).to(tl.int64)
+    return pos, (block * BS + pos % BS) * KVH + kvh, page_ok
+
+
+@triton.jit
+def _codes(x, like):
+    """int8 codes in like's dtype (exact). Via fp32: Triton 3.9's interpreter converts int8 -> bf16 wrongly."""
+    return x.to(tl.float32).to(like.dtype)
+
+
+@triton.jit
+def _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, zeros, D, UPCAST: tl.constexpr, KV_INT8: tl.constexpr):
+    """Unscaled scores q @ K^T of one key tile. int8: q @ (codes * s + z)^T = (q @ codes^T) * s + sum(q) * z,
+    so the tile is only converted (int8 -> q's dtype is exact) and the scales apply per key, not per element."""
+    k = tl.load(k_ptr + row[:, None] * D + d[None, :], mask=d_ok[None, :], other=0)
+    if KV_INT8:
+        s = tl.load(ks_ptr + row * 2).to(tl.float32)
+        z = tl.load(ks_ptr + row * 2 + 1).to(tl.float32)
+        scores = dot_acc(q, tl.trans(_codes(k, q)), zeros, UPCAST) * s[None, :] + q_sum[:, None] * z[None, :]
+    else:  # (one return at the end: the compiler also walks code after a return under a constexpr if)
+        scores = dot_acc(q, tl.trans(k), zeros, UPCAST)
+    return scores
+
+
+@triton.jit
+def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, KV_INT8: tl.constexpr):
+    """acc + p @ V of one key tile. Slots past the context hold stale or uninitialised data: p is 0 there,
+    but 0 * NaN is NaN, so their loads are masked. int8: p @ (codes * s + z) = (p * s) @ codes + p @ z,
+    the dot in q's dtype."""
+    v = tl.load(v_ptr + row[:, None] * D + d[None, :], mask=live[:, None] & d_ok[None, :], other=0)
+    if KV_INT8:
+        s = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
+        z = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
+        acc = dot_acc((p * s[None, :]).to(q.dtype), _codes(v, q), acc + tl.sum(p * z[None, :], axis=1)[:, None],
+                      UPCAST)
+    else:
+        acc = dot_acc(p.to(v.dtype), v, acc, UPCAST)
+    return acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
-                   KVH: tl.constexpr, BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+                   KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr):
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -27,6 +77,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, pa
     heads = kvh * QG + g
     q = tl.load(q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_sum = tl.sum(q.to(tl.float32), axis=1)  # int8 KV's zero-point term
     ctx = tl.load(ctx_ptr + s)
     start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0  # keys at positions > p - window, p = ctx - 1
     first, last = start // BS, tl.cdiv(ctx, BS)
@@ -36,22 +87,18 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, pa
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    offs = tl.arange(0, BS)
-    for b in range(lo, hi):
-        block = tl.load(bt_ptr + s.to(tl.int64) * stride_bt + b).to(tl.int64)
-        kv_off = ((block * BS + offs[:, None]) * KVH + kvh) * D + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0)
-        scores = dot_acc(q, tl.trans(k), tl.zeros((BLOCK_G, BS), tl.float32), UPCAST) * qk_scale
-        pos = b * BS + offs
-        live = (pos < ctx) & (pos >= start)
+    offs = tl.arange(0, BLOCK_N)
+    for b in range(lo, hi, BLOCK_N // BS):  # BLOCK_N // BS pages a step: small pages still give long tiles
+        pos, row, page_ok = _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS, KVH, kvh)
+        scores = _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, tl.zeros((BLOCK_G, BLOCK_N), tl.float32), D,
+                     UPCAST, KV_INT8) * qk_scale
+        live = (pos < ctx) & (pos >= start) & page_ok
         scores = tl.where(live[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        # slots past the context hold stale or uninitialised data: p is 0 there, but 0 * NaN is NaN
-        v = tl.load(v_ptr + kv_off, mask=live[:, None] & d_ok[None, :], other=0.0)
-        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = _pv(p, acc * alpha[:, None], q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST, KV_INT8)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
@@ -76,9 +123,10 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, D, NUM_SPLITS: tl.constexpr
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, stride_qt, stride_qh, stride_bt,
-                    qk_scale, WINDOW, QG, H, D, KVH: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, stride_qt, stride_qh,
+                    stride_bt, qk_scale, WINDOW, QG, H, D, KVH: tl.constexpr, BS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                    KV_INT8: tl.constexpr):
     tile, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_begin = tl.load(cu_ptr + s)
     q_len = tl.load(cu_ptr + s + 1) - q_begin
@@ -92,19 +140,19 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, strid
     t = (q_begin + i).to(tl.int64)
     q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_sum = tl.sum(q.to(tl.float32), axis=1)  # int8 KV's zero-point term
     q_pos = ctx - q_len + i
     last_pos = ctx - q_len + tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1
     first_pos = tl.maximum(ctx - q_len + tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
     m_i = tl.full((BLOCK_M,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    offs = tl.arange(0, BS)
-    for b in range(first_pos // BS, last_pos // BS + 1):
-        block = tl.load(bt_ptr + s.to(tl.int64) * stride_bt + b).to(tl.int64)
-        kv_off = ((block * BS + offs[:, None]) * KVH + kvh) * D + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0)
-        scores = dot_acc(q, tl.trans(k), tl.zeros((BLOCK_M, BS), tl.float32), UPCAST) * qk_scale
-        k_pos = b * BS + offs
+    offs = tl.arange(0, BLOCK_N)
+    hi = last_pos // BS + 1
+    for b in range(first_pos // BS, hi, BLOCK_N // BS):
+        k_pos, row, page_ok = _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS, KVH, kvh)
+        scores = _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), D,
+                     UPCAST, KV_INT8) * qk_scale
         ok = k_pos[None, :] <= q_pos[:, None]
         if WINDOW > 0:
             ok &= k_pos[None, :] > q_pos[:, None] - WINDOW
@@ -113,8 +161,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, strid
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=(k_pos <= last_pos)[:, None] & d_ok[None, :], other=0.0)
-        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = _pv(p, acc * alpha[:, None], q, v_ptr, vs_ptr, row, d, d_ok, (k_pos <= last_pos) & page_ok, D,
+                  UPCAST, KV_INT8)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (t[:, None] * H + h) * D + d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -127,25 +175,38 @@ def num_kv_splits(num_seqs, num_kv_heads, max_blocks, num_sms):
     return max(1, min(next_pow2(want), max(1, max_blocks // 4), 64))
 
 
+def decode_tile(block_size: int, kv_int8: bool = False) -> int:
+    """Keys per decode step: at least 64 (128 for int8, the same bytes a step), so short pages still give
+    the loads and the dot some length."""
+    return max(block_size, 128 if kv_int8 else 64)
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                           sliding_window=None, max_seqlen_q=None, num_splits=None):
+                           sliding_window=None, max_seqlen_q=None, num_splits=None, k_scales=None, v_scales=None,
+                           decode_keys=None):
+    """decode_keys: keys per decode step (a power of two >= block size; default decode_tile), for tuning."""
     T, H, D = q.shape
     S = context_lens.shape[0]
     _, BS, KVH, _ = k_cache.shape
+    int8 = k_cache.dtype == torch.int8
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    if int8:  # the (scale, zero) pools: read as [slot * KVH + head, 2]
+        assert k_scales.is_contiguous() and v_scales.is_contiguous() and k_scales.shape == (*k_cache.shape[:3], 2)
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
-    common = dict(KVH=KVH, BS=BS, BLOCK_D=next_pow2(D), UPCAST=INTERPRET)
+    caches = (k_cache, v_cache, k_scales if int8 else k_cache, v_scales if int8 else v_cache)
+    common = dict(KVH=KVH, BS=BS, BLOCK_D=next_pow2(D), UPCAST=INTERPRET, KV_INT8=int8)
     qk_scale, window, qg = scale * LOG2E, sliding_window or 0, H // KVH
     if T == S:  # decode: no host sync needed
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms))  # merge needs 2^n
         part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
         part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-        _decode_kernel[(S, KVH, splits)](q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
+        _decode_kernel[(S, KVH, splits)](q, *caches, block_tables, context_lens, out, part_o, part_lse,
                                          q.stride(0), q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D,
-                                         BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits, num_warps=4, **common)
+                                         BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)),
+                                         NUM_SPLITS=splits, num_warps=4, **common)
         if splits > 1:
             _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
         return out
@@ -153,7 +214,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     BLOCK_M = 64 if max_seqlen_q > 32 and not INTERPRET else 16
     grid = (triton.cdiv(max_seqlen_q, BLOCK_M), S, H)
-    _prefill_kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, q.stride(0),
-                          q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D, BLOCK_M=BLOCK_M,
+    # key tiles of one page (tl.dot needs >= 16 keys: pages under 16 tokens are walked in groups)
+    _prefill_kernel[grid](q, *caches, block_tables, cu_seqlens_q, context_lens, out, q.stride(0), q.stride(1),
+                          block_tables.stride(0), qk_scale, window, qg, H, D, BLOCK_N=max(BS, 16), BLOCK_M=BLOCK_M,
                           num_warps=4, num_stages=2, **common)
     return out

@@ -21,6 +21,10 @@ ENGINE_OPTIONS = [
     click.option("--num-cache-tokens", type=int, default=None, help="KV cache size in tokens (instead of the fraction)."),
     click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Tensor parallelism: split the model over N GPUs of this host (N processes; gloo on CPU)."),
+    click.option("--kv-int8", is_flag=True, default=False,
+                 help="Store the KV cache as int8 with per-token, per-head scales: about twice the tokens."),
+    click.option("--quant-policy", type=click.Choice(["0", "8"]), default=None,
+                 help="LMDeploy's spelling of the KV cache type: 8 = --kv-int8, 0 = the compute dtype."),
 ]
 
 SAMPLING_OPTIONS = [
@@ -46,12 +50,22 @@ engine_options = _apply(ENGINE_OPTIONS)
 sampling_options = _apply(SAMPLING_OPTIONS)
 
 
+def kv_int8_option(opts: dict) -> bool:
+    """--kv-int8 or --quant-policy 8; the two spellings must not disagree."""
+    policy = opts.get("quant_policy")
+    if opts.get("kv_int8") and policy == "0":
+        from lmconvert.errors import UserError
+
+        raise UserError("--kv-int8 contradicts --quant-policy 0")
+    return bool(opts.get("kv_int8")) or policy == "8"
+
+
 def build_engine(model: str, opts: dict, **extra):
     from lmconvert.runtime import LLMEngine
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
             "cache_max_entry_count", "block_size", "num_cache_tokens", "tp")
-    return LLMEngine(model, **{k: opts[k] for k in keys}, **extra)
+    return LLMEngine(model, **{k: opts[k] for k in keys}, kv_int8=kv_int8_option(opts), **extra)
 
 
 def build_sampling(engine, opts: dict):

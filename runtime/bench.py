@@ -44,6 +44,8 @@ class BenchResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    kv_cache: str = ""  # the KV cache's element type (int8 with --kv-int8)
+    cache_tokens: int = 0  # tokens the KV cache holds
     hf_tok_s: float | None = None
 
     def as_dict(self) -> dict:
@@ -72,7 +74,9 @@ def run_bench(engine: LLMEngine, mode: str, num_prompts: int, input_len: int, ou
     decode_rate = statistics.mean((output_len - 1) / max(1e-9, done[r] - seqs[r].first_token_time) for r in ids)
     return BenchResult(mode, n, input_len, output_len, elapsed, n * output_len / elapsed, decode_rate, n / elapsed,
                        1e3 * _percentile(ttft, 50), 1e3 * _percentile(ttft, 99),
-                       1e3 * _percentile(itl, 50), 1e3 * _percentile(itl, 99))
+                       1e3 * _percentile(itl, 50), 1e3 * _percentile(itl, 99),
+                       "int8" if engine.kv_int8 else str(engine.dtype).removeprefix("torch."),
+                       engine.runner.num_blocks * engine.block_manager.block_size)
 
 
 def hf_equivalent(config, device: torch.device, dtype: torch.dtype):

@@ -50,7 +50,7 @@ class LLMEngine:
                  max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
-                 model_source: str | None = None, tp: int = 1):
+                 model_source: str | None = None, tp: int = 1, kv_int8: bool = False):
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
@@ -66,8 +66,9 @@ class LLMEngine:
         self.session_len = session_len or min(self.config.max_position_embeddings, 8192)
         if num_cache_tokens is None and self.device.type != "cuda":
             num_cache_tokens = max(self.session_len, 4 * 1024)
+        self.kv_int8 = kv_int8  # K/V stored as int8 with per-(token, head) scales: about twice the tokens
         runner_args = (self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count,
-                       max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs)
+                       max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs, kv_int8)
         if tp > 1:  # workers (spawned here, or torchrun's other ranks) rebuild the source themselves
             from lmconvert.runtime.tp_runner import start_tp
 
@@ -170,8 +171,32 @@ class LLMEngine:
     # ---- conveniences ----------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """fp32 logits [T, vocab] of one whole sequence, computed without the KV cache (eval, tests)."""
+        """fp32 logits [T, vocab] of one whole sequence (eval, tests): without the KV cache, except with int8
+        KV, where they come through the paged cache (prefill chunks) so that they see the quantized K/V."""
+        if self.kv_int8:
+            return torch.cat([out for _, out in self.score([token_ids], self.scheduler.cfg.max_num_batched_tokens)])
         return self.runner.logits(token_ids)
+
+    def score(self, sequences: list[list[int]], chunk: int = 1):
+        """Teacher-forced pass of whole token sequences through the paged KV cache. Each step feeds every
+        unfinished sequence its next `chunk` tokens (1: the decode path) and yields (sequence index, fp32
+        logits [n, vocab] of those tokens). Takes blocks for all sequences at once from the free pool (call
+        it with no requests in flight); frees them when done."""
+        seqs = [Sequence(list(ids), SamplingParams()) for ids in sequences]
+        try:
+            for seq in seqs:
+                if not self.block_manager.ensure_slots(seq, seq.num_tokens):
+                    raise UserError(f"the KV cache holds {self.runner.num_blocks * self.block_manager.block_size} "
+                                    f"tokens, fewer than the {sum(map(len, sequences))} to score at once")
+            while live := [(i, seq) for i, seq in enumerate(seqs) if seq.num_computed < seq.num_tokens]:
+                batch = [(seq, min(chunk, seq.num_tokens - seq.num_computed)) for _, seq in live]
+                rows = self.runner.teacher_forced(batch).split([n for _, n in batch])
+                for (i, seq), (_, n), out in zip(live, batch, rows):
+                    seq.num_computed += n
+                    yield i, out
+        finally:
+            for seq in seqs:
+                self.block_manager.free_seq(seq)
 
     def close(self) -> None:
         """Stops tensor-parallel workers (a no-op at tp=1); also runs at interpreter exit."""

@@ -90,7 +90,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(quant)
         self.q_norm = RMSNorm(cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_cache = self.v_cache = None  # [num_blocks, block_size, Hkv, D], attached by the model runner
+        # [num_blocks, block_size, Hkv, D], attached by the model runner; int8 KV adds (scale, zero) pools
+        self.k_cache = self.v_cache = self.k_scales = self.v_scales = None
 
     def forward(self, positions, x, rope_cache):
         T = x.shape[0]
@@ -103,9 +104,9 @@ class Attention(nn.Module):
         q, k = kernels.apply_rope(q, k, positions, rope_cache)
         ctx = get_context()
         if ctx.paged:
-            kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scales, self.v_scales)
             o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
-                                        ctx.context_lens, self.scale, self.sliding_window)
+                                        ctx.context_lens, self.scale, self.sliding_window, self.k_scales, self.v_scales)
         else:
             o = dense_causal_attention(q, k, v, ctx.cu_seqlens_q.tolist(), self.scale, self.sliding_window)
         return self.o_proj(o.reshape(T, -1))

@@ -12,24 +12,38 @@ from lmconvert.runtime.sampling import Sampler
 from lmconvert.runtime.sequence import Sequence
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_int8: bool = False) -> int:
+    """K and V of one token over all layers; int8 KV adds an fp16 (scale, zero) pair per KV head."""
+    if kv_int8:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 2 * 2)
     return 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
+
+
+def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, kv_int8: bool, device) -> None:
+    """K/V pools [num_blocks, block_size, KVH, D] in dtype, or int8 with fp16 (scale, zero) pools
+    [num_blocks, block_size, KVH, 2] (layout: kernels/kv_cache.py)."""
+    shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+    cache_dtype = torch.int8 if kv_int8 else dtype
+    attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+    attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+    if kv_int8:
+        attn.k_scales = torch.zeros(*shape[:3], 2, dtype=torch.float16, device=device)
+        attn.v_scales = torch.zeros(*shape[:3], 2, dtype=torch.float16, device=device)
 
 
 class ModelRunner:
     def __init__(self, source, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_cache_tokens: int | None, cache_max_entry_count: float, max_batch_size: int = 128,
-                 max_num_batched_tokens: int = 2048, session_len: int = 4096, use_cuda_graphs: bool = True):
+                 max_num_batched_tokens: int = 2048, session_len: int = 4096, use_cuda_graphs: bool = True,
+                 kv_int8: bool = False):
         self.cfg: ModelConfig = source.config
-        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.device, self.dtype, self.block_size, self.kv_int8 = device, dtype, block_size, kv_int8
         self.model = self._load_model(source)
         if device.type == "cuda":
             self._warm_up(min(max_num_batched_tokens, session_len))
         self.num_blocks = self._count_blocks(num_cache_tokens, cache_max_entry_count)
-        shape = (self.num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attach_kv_cache(layer.self_attn, self.num_blocks, block_size, dtype, kv_int8, device)
         self.sampler = Sampler()
         self.graphs = None
         if device.type == "cuda" and use_cuda_graphs:
@@ -56,14 +70,15 @@ class ModelRunner:
             if self.device.type != "cuda":
                 raise ValueError("num_cache_tokens is required off the GPU")
             free, _ = torch.cuda.mem_get_info(self.device)
-            num_cache_tokens = int(free * fraction) // kv_bytes_per_token(self.cfg, self.dtype)
+            num_cache_tokens = int(free * fraction) // kv_bytes_per_token(self.cfg, self.dtype, self.kv_int8)
         return max(1, num_cache_tokens // self.block_size)
 
-    def _prepare(self, batch: list[tuple[Sequence, int]]):
-        return self._tensors(*self._flatten(batch))
+    def _prepare(self, batch: list[tuple[Sequence, int]], all_rows: bool = False):
+        return self._tensors(*self._flatten(batch, all_rows))
 
-    def _flatten(self, batch: list[tuple[Sequence, int]]):
-        """The step as host lists: token ids, positions, slots, cu_seqlens, context lens, block tables, logit rows."""
+    def _flatten(self, batch: list[tuple[Sequence, int]], all_rows: bool = False):
+        """The step as host lists: token ids, positions, slots, cu_seqlens, context lens, block tables, logit rows
+        (each sequence's last token once its known tokens are all in; every token with all_rows)."""
         bs = self.block_size
         ids, positions, slots, cu, ctx_lens, logit_rows = [], [], [], [0], [], []
         for seq, n in batch:
@@ -73,7 +88,9 @@ class ModelRunner:
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
             cu.append(cu[-1] + n)
             ctx_lens.append(start + n)
-            if start + n == seq.num_tokens:  # the last known token is in this step: sample after it
+            if all_rows:
+                logit_rows += range(cu[-2], cu[-1])
+            elif start + n == seq.num_tokens:  # the last known token is in this step: sample after it
                 logit_rows.append(cu[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in batch)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
@@ -106,6 +123,11 @@ class ModelRunner:
         with use_context(ctx):
             hidden = self.model(input_ids, positions)
         return self.model.compute_logits(hidden[logit_rows]) if logit_rows else None
+
+    @torch.inference_mode()
+    def teacher_forced(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Stores the step's K/V like run() and returns fp32 logits of every token in it (scoring), sampling nothing."""
+        return self.execute(*self._prepare(batch, all_rows=True))
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:

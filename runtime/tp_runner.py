@@ -46,8 +46,8 @@ class TPRunner(ModelRunner):
         return int(n.item())
 
     # ---- rank 0 ----------------------------------------------------------------------------------
-    def _prepare(self, batch):
-        ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch)
+    def _prepare(self, batch, all_rows: bool = False):
+        ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch, all_rows)
         payload = ids + positions + slots + cu + ctx_lens + [b for row in tables for b in row] + logit_rows
         header = [STEP, len(payload), len(ids), len(ctx_lens), len(tables[0]), len(logit_rows),
                   max(b - a for a, b in zip(cu, cu[1:]))]

@@ -2,6 +2,8 @@
 
 Tolerances (relative Frobenius error): Triton vs reference 1e-2 in bf16 (P is rounded to bf16 before
 P @ V, SDPA keeps it fp32) and 1e-5 in fp32; reference vs the naive fp64 loop 1e-5 in fp32.
+int8 KV: the same cases and tolerances on quantized caches (the naive loop reads them dequantized), and
+store_kv's quantization must give every value back within half a quantization step.
 """
 
 import math
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from lmconvert.kernels import paged_attention, store_kv
-from lmconvert.kernels.kv_cache import store_kv_ref, store_kv_triton
+from lmconvert.kernels.kv_cache import dequantize_kv, quantize_kv_ref, store_kv_ref, store_kv_triton
 from lmconvert.kernels.paged_attention_ref import paged_attention_ref
 from lmconvert.kernels.paged_attention_triton import num_kv_splits, paged_attention_triton
 
@@ -32,6 +34,15 @@ def make_batch(block_size, H, KVH, D, ctxs, q_lens, dtype):
     cu = torch.tensor([0] + q_lens).cumsum(0).int()
     q = torch.randn(int(cu[-1]), H, D, dtype=dtype)
     return q, k_cache, v_cache, tables, cu, torch.tensor(ctxs, dtype=torch.int32)
+
+
+def quantized(batch):
+    """The batch with int8 caches and their (scale, zero) pools appended (paged_attention's k/v_scales),
+    and the dequantized fp32 caches the naive loop reads instead."""
+    q, k_cache, v_cache, tables, cu, ctx = batch
+    (kq, ks), (vq, vs) = quantize_kv_ref(k_cache), quantize_kv_ref(v_cache)
+    plain = (q, dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32), tables, cu, ctx)
+    return (q, kq, vq, tables, cu, ctx), (ks, vs), plain
 
 
 def naive_attention(q, k_cache, v_cache, tables, cu, ctx, scale, window):
@@ -56,6 +67,7 @@ CASES = [  # block_size, H, KVH, D, context lens, query lens, window
     (64, 4, 1, 32, [130, 70], [1, 1], None),  # block 64
     (16, 8, 2, 32, [37, 20, 64], [5, 20, 1], None),  # prefill: prefix-cached, fresh, mixed decode row
     (32, 4, 4, 32, [70, 45], [33, 12], 10),  # chunked prefill with a window
+    (8, 4, 2, 32, [29, 12, 40], [1, 12, 9], 16),  # pages shorter than a key tile, mixed decode / prefill
 ]
 
 
@@ -76,6 +88,36 @@ def test_triton_matches_reference(case, dtype):
     ref = paged_attention_ref(*batch, 1 / math.sqrt(D), window)
     out = paged_attention_triton(*batch, 1 / math.sqrt(D), window)
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_int8_reference_matches_naive(case):
+    bs, H, KVH, D, ctxs, q_lens, window = case
+    fp = make_batch(bs, H, KVH, D, ctxs, q_lens, torch.float32)
+    batch, scales, plain = quantized(fp)
+    ref = paged_attention_ref(*batch, 1 / math.sqrt(D), window, *scales)
+    assert rel_err(ref, naive_attention(*plain, 1 / math.sqrt(D), window)) < 1e-5
+    assert torch.equal(paged_attention(*batch, 1 / math.sqrt(D), window, *scales), ref)  # CPU dispatch
+    # and close to attention over the unquantized caches (normal data: steps of ~1/40 of a value's spread)
+    assert rel_err(ref, paged_attention_ref(*fp, 1 / math.sqrt(D), window)) < 2e-2
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_triton_matches_reference(case, dtype):
+    bs, H, KVH, D, ctxs, q_lens, window = case
+    batch, scales, _ = quantized(make_batch(bs, H, KVH, D, ctxs, q_lens, dtype))
+    ref = paged_attention_ref(*batch, 1 / math.sqrt(D), window, *scales)
+    out = paged_attention_triton(*batch, 1 / math.sqrt(D), window, k_scales=scales[0], v_scales=scales[1])
+    assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+def test_int8_split_kv_decode(splits):
+    batch, scales, _ = quantized(make_batch(16, 8, 2, 32, [150, 9, 64], [1, 1, 1], torch.float32))
+    ref = paged_attention_ref(*batch, 0.2, 40, *scales)
+    out = paged_attention_triton(*batch, 0.2, 40, num_splits=splits, k_scales=scales[0], v_scales=scales[1])
+    assert rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("splits", [2, 3, 8])
@@ -109,3 +151,36 @@ def test_store_kv(triton_path):
     k2, v2 = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     store_kv_ref(k, v, k2, v2, slots)
     assert torch.equal(k2, k_cache) and torch.equal(v2, v_cache)
+
+
+def int8_pools(num_blocks, bs, KVH, D):
+    return (torch.zeros(num_blocks, bs, KVH, D, dtype=torch.int8), torch.zeros(num_blocks, bs, KVH, D, dtype=torch.int8),
+            torch.zeros(num_blocks, bs, KVH, 2, dtype=torch.float16), torch.zeros(num_blocks, bs, KVH, 2, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_kv_int8_round_trip(dtype):
+    T, KVH, D, bs = 7, 2, 64, 16
+    qkv = torch.randn(T, (4 + 2 * KVH) * D, dtype=dtype) * 3 + 0.5
+    qkv[1] = 0.25  # a constant row: max == min
+    qkv[2, :D // 2] *= 40  # an outlier-heavy row
+    k, v = qkv[:, 4 * D:(4 + KVH) * D].view(T, KVH, D), qkv[:, (4 + KVH) * D:].view(T, KVH, D)
+    slots = torch.tensor([3, 17, -1, 40, 41, 0, 63])
+    tri, ref = int8_pools(4, bs, KVH, D), int8_pools(4, bs, KVH, D)
+    store_kv_triton(k, v, *tri[:2], slots, *tri[2:])
+    store_kv(k, v, *ref[:2], slots, *ref[2:])  # CPU dispatch: the reference
+    for a, b in zip(tri, ref):
+        assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.int8 else 0)  # a code may round apart
+    for x, cache, pool in ((k, tri[0], tri[2]), (v, tri[1], tri[3])):
+        codes, sz = cache.flatten(0, 1), pool.flatten(0, 1)
+        for t, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            back = dequantize_kv(codes[slot], sz[slot], torch.float64)
+            scale, zero = sz[slot, :, 0].double(), sz[slot, :, 1].double()
+            # half a step; at the range's ends also half an fp16 ulp of zero (its rounding)
+            bound = 0.5 * scale * (1 + 1e-6) + zero.abs() * 2**-11
+            assert ((back - x[t].double()).abs() <= bound[:, None]).all()
+        written = codes.flatten(1).abs().sum(1).count_nonzero() + sz.flatten(1).abs().sum(1).count_nonzero()
+        assert written <= 2 * 6  # the -1 slot wrote nothing
+    assert tri[2].flatten(0, 1)[40].float().min() > 0  # scales of written rows are positive
