@@ -1,18 +1,22 @@
 """Kernel benchmark on CUDA: correctness vs the torch references first, then timings.
 
-python benchmarks/kernels.py [--json FILE] [--quick] [--attention]
+python benchmarks/kernels.py [--json FILE] [--quick] [--attention | --w8a8 | --decode | --linears]
 Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch gaps stay out;
 each replay walks several weight copies so that the weights come from HBM, not L2.
+`--w8a8`: only the W8A8 rows (int8 GEMM vs cuBLAS bf16). `TRITON_INTERPRET=1 python benchmarks/kernels.py
+--w8a8 --smoke` walks the same W8A8 code on the CPU on a tiny shape (timings meaningless).
 """
 
 import argparse
 import json
 import math
+import time
 
 import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
+from lmconvert.kernels import int8_linear as il
 from lmconvert.kernels import quant_linear as ql
 from lmconvert.kernels.autotune import Autotuner
 from lmconvert.kernels import activation, kv_cache, norm, paged_attention_ref, paged_attention_triton, rope  # noqa: I001
@@ -234,6 +238,90 @@ def bench_linears(copy_bw, quick, decode=False):
     return rows
 
 
+# ---- W8A8: int8 x int8 -> int32 GEMM with the per-token x per-channel epilogue ------------------------
+
+def quant_w8a8(w, device):
+    qw, s = quantize_w8(w.cpu(), None, dtype=torch.bfloat16)
+    return il.prepare_w8a8(qw.contiguous().to(device), s.to(device))
+
+
+def check_w8a8(device, shapes):
+    """Every int8 GEMM candidate vs the exact torch reference on the same codes, fp32 output (the same fp32
+    epilogue both sides: equal but for an FMA contraction of the bias add), and the Triton quantizer's codes vs the reference's
+    (the GPU's fp32 division may move a code at a rounding tie by one)."""
+    out = {}
+    tuner, il._tuner = il._tuner, Autotuner(timing=False)
+    for K, N in shapes:
+        w8 = quant_w8a8(torch.randn(N, K), device)
+        for M in (1, 3, 16, 33, 300):
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            q, a_scale = il.quantize_per_token_ref(x)
+            q_t, a_scale_t = il.quantize_per_token_triton(x)
+            diff = (q_t.int() - q.int()).abs()
+            out[f"w8a8 quant M{M} K{K} (max code diff, share moved)"] = (diff.max().item(), diff.bool().float().mean().item())
+            bias = torch.randn(N, device=device, dtype=torch.bfloat16)
+            ref = il.int8_gemm_ref(q, a_scale, *w8, bias, torch.float32)
+            _, cands, run = il.plan(q, a_scale, *w8, bias, torch.float32)
+            worst = 0.0
+            for cfg in cands:
+                try:
+                    y = run(cfg)
+                    e = rel(y, ref)
+                    if not (torch.isfinite(y).all() and e < 1e-6):
+                        raise ValueError(f"rel err {e:.2e}")
+                    worst = max(worst, e)
+                except Exception as exc:  # noqa: BLE001
+                    print("FAIL w8a8", M, K, N, cfg, repr(exc)[:200])
+                    worst = float("inf")
+            out[f"w8a8 gemm M{M} K{K} N{N} ({len(cands)} cfgs)"] = worst
+    il._tuner = tuner
+    return out
+
+
+def bench_w8a8(shapes, ms, device, timer):
+    """Rows: the int8 GEMM alone (x already quantized) and the whole W8A8 linear (quantize x + GEMM), vs
+    cuBLAS bf16 x @ W; TFLOP/s = 2 M N K / time."""
+    rows = []
+    for K, N in shapes:
+        w = torch.randn(N, K)
+        wb = w.t().contiguous().to(device=device, dtype=torch.bfloat16)
+        w8 = quant_w8a8(w, device)
+        n_sets = max(2, math.ceil(2 * L2_BYTES / wb.nbytes)) if device == "cuda" else 1
+        wbs = [wb] + [wb.clone() for _ in range(n_sets - 1)]
+        w8s = [w8] + [tuple(t.clone() for t in w8) for _ in range((n_sets + 1) // 2 - 1)]  # clone keeps the strides
+        del w
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            q, a_scale = il.quantize_per_token(x)
+            t_bf = timer(lambda i: x @ wbs[i], len(wbs))
+            t_gemm = timer(lambda i: il.int8_gemm_triton(q, a_scale, *w8s[i], None, torch.bfloat16), len(w8s))
+            t_lin = timer(lambda i: il.w8a8_linear_triton(x, *w8s[i]), len(w8s))
+            flop = 2 * M * N * K
+            nbytes = w8[0].nbytes + w8[1].nbytes + M * K + M * N * 2
+            for kernel, t in (("int8_gemm", t_gemm), ("w8a8_linear", t_lin)):
+                rows.append(dict(kernel=kernel, M=M, K=K, N=N, us=t * 1e3, cublas_us=t_bf * 1e3, speedup=t_bf / t,
+                                 tflops=flop / t / 1e9, cublas_tflops=flop / t_bf / 1e9, gbps=nbytes / t / 1e6))
+                print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        del wbs, w8s
+    return rows
+
+
+def wall_ms(fn_per_set, n_sets):
+    """CPU smoke timer: one call each, wall clock (the interpreter's times mean nothing)."""
+    start = time.perf_counter()
+    for i in range(n_sets):
+        fn_per_set(i)
+    return (time.perf_counter() - start) * 1e3 / n_sets
+
+
+def smoke_w8a8():
+    """The W8A8 check and bench code on CPU tensors under TRITON_INTERPRET=1, one tiny shape."""
+    shapes = [(64, 48)]
+    for name, e in check_w8a8("cpu", shapes).items():
+        print(f"check {name:50s} {e}")
+    bench_w8a8(shapes, (1, 16, 33), "cpu", wall_ms)
+
+
 def bench_decode_attention(copy_bw):
     """Paged decode attention at Qwen3-8B shapes, bf16 KV and int8 KV (same data, quantized), per block size."""
     S, ctx_len, H, KVH, D = 64, 4096, 32, 8, 128
@@ -281,7 +369,11 @@ def main():
     ap.add_argument("--wide", action="store_true", help="tune over a wider candidate list (to trim the default)")
     ap.add_argument("--decode", action="store_true", help="linears at M = 1 and 16 only")
     ap.add_argument("--attention", action="store_true", help="only paged attention and store_kv (bf16 and int8 KV)")
+    ap.add_argument("--w8a8", action="store_true", help="only the W8A8 int8 GEMM rows (M = 1, 16, 2048)")
+    ap.add_argument("--smoke", action="store_true", help="with --w8a8 under TRITON_INTERPRET=1: CPU code-path check")
     args = ap.parse_args()
+    if args.smoke:
+        return smoke_w8a8()
     plain = ql.candidates
 
     def offered(M, N, K, R, device, whole=False, bits=4):  # drop what failed its check
@@ -300,13 +392,18 @@ def main():
             return c + extra + [("dequant", 256)] * any(f[0] == "dequant" for f in c)
         ql.candidates = wide
     torch.manual_seed(0)
-    errs = check_correctness(args.linears, args.decode, args.attention)
+    errs = {} if args.w8a8 else check_correctness(args.linears, args.decode, args.attention)
+    with_w8a8 = args.w8a8 or not (args.decode or args.attention)
+    errs.update(check_w8a8("cuda", SHAPES[:1] if args.quick else SHAPES) if with_w8a8 else {})
     for name, e in errs.items():
-        print(f"check {name:50s} {e:.2e}" + ("  FAIL" if e > 1e-2 and "quantization" not in name else ""))
+        bad = e[0] > 1 if isinstance(e, tuple) else e > 1e-2 and "quantization" not in name
+        print(f"check {name:50s} {e if isinstance(e, tuple) else f'{e:.2e}'}" + ("  FAIL" if bad else ""))
     copy_bw = copy_gbps()
     rows = []
-    sections = [] if args.attention else [lambda: bench_linears(copy_bw, args.quick, args.decode)]
-    if not args.linears:
+    sections = [] if args.w8a8 or args.attention else [lambda: bench_linears(copy_bw, args.quick, args.decode)]
+    if with_w8a8:
+        sections.append(lambda: bench_w8a8(SHAPES[:1] if args.quick else SHAPES, (1, 16, 2048), "cuda", bench))
+    if not args.linears and not args.w8a8:
         sections.append(lambda: bench_decode_attention(copy_bw))
     for section in sections:
         try:  # one failing section still leaves the other's numbers
@@ -318,12 +415,16 @@ def main():
     print(f"{'kernel':28s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} "
           f"{'%copy':>6s} {'KV MB':>7s} {'x bf16 KV':>9s}")
     for r in rows:
+        if "tflops" in r:
+            print(f"{r['kernel']:28s} {r['M']:>5} {r['K']:>6} {r['N']:>6} {r['us']:9.1f} {r['cublas_us']:9.1f} "
+                  f"{r['speedup']:7.2f} {r['gbps']:7.0f}   {r['tflops']:.0f} TFLOP/s (cuBLAS {r['cublas_tflops']:.0f})")
+            continue
         kv_mb = f"{r['mb']:7.0f}" if "mb" in r else f"{'':7s}"
         vs_bf16 = f"{r['vs_bf16_kv']:9.2f}" if "vs_bf16_kv" in r else ""
         print(f"{r['kernel']:28s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
               f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f} "
               f"{kv_mb} {vs_bf16}")
-    for key, times in ql._tuner.times.items():  # every candidate's time, to trim the candidate lists
+    for key, times in {**ql._tuner.times, **il._tuner.times}.items():  # every candidate's time, to trim the lists
         best = min(times.values())
         print("tune", key[:5], " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))
     if args.json:

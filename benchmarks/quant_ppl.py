@@ -1,4 +1,4 @@
-"""Perplexity table of fp / RTN / AWQ / W8 engines on the held-out texts, with quantize time and peak RSS.
+"""Perplexity table of fp / RTN / AWQ / W8 / W8A8 engines on the held-out texts, with quantize time and peak RSS.
 
     python benchmarks/quant_ppl.py                       # SmolLM2 (the shipped GGUF), the five standard rows
     python benchmarks/quant_ppl.py --configs awq-g64,awq-g64-gptq --windows 10
@@ -26,14 +26,17 @@ CONFIGS = {
     "awq-g64": ["--w4", "--group-size", "64"],
     "awq-g32": ["--w4", "--group-size", "32"],
     "w8": ["--w8"],
+    "w8a8": ["--w8a8"],  # SmoothQuant, alpha 0.5
     # ablations: what each AWQ step adds
     "rtn-g32": ["--w4", "--group-size", "32", "--no-search-scale", "--no-clip"],
     "awq-g64-scale-only": ["--w4", "--group-size", "64", "--no-clip"],
     "awq-g64-grid-only": ["--w4", "--group-size", "64", "--no-search-scale"],
     "awq-g64-gptq": ["--w4", "--group-size", "64", "--gptq"],
     "awq-g32-gptq": ["--w4", "--group-size", "32", "--gptq"],
+    "w8a8-alpha0.75": ["--w8a8", "--alpha", "0.75"],
+    "w8a8-alpha0.3": ["--w8a8", "--alpha", "0.3"],
 }
-STANDARD = ["fp", "rtn-g64", "awq-g64", "awq-g32", "w8"]
+STANDARD = ["fp", "rtn-g64", "awq-g64", "awq-g32", "w8", "w8a8"]
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:

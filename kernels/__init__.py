@@ -6,6 +6,7 @@ from .norm import rms_norm
 from .paged_attention import paged_attention
 from .quant_linear import prepare_w4, prepare_w8, w4a16_linear, w8a16_linear
 from .rope import apply_rope, build_rope_cache
+from .int8_linear import prepare_w8a8, quantize_per_token, w8a8_linear
 
-__all__ = ["apply_rope", "build_rope_cache", "paged_attention", "prepare_w4", "prepare_w8", "rms_norm", "silu_mul", "store_kv",
-           "w4a16_linear", "w8a16_linear"]
+__all__ = ["apply_rope", "build_rope_cache", "paged_attention", "prepare_w4", "prepare_w8", "prepare_w8a8",
+           "quantize_per_token", "rms_norm", "silu_mul", "store_kv", "w4a16_linear", "w8a16_linear", "w8a8_linear"]

@@ -165,6 +165,9 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
 @click.argument("src")
 @click.option("--w4", is_flag=True, help="AWQ W4A16: 4-bit weights in groups, 16-bit activations.")
 @click.option("--w8", is_flag=True, help="INT8 weight-only (W8A16), symmetric.")
+@click.option("--w8a8", "--smooth-quant", "w8a8", is_flag=True,
+              help="SmoothQuant W8A8: int8 per-channel weights, dynamic per-token int8 activations.")
+@click.option("--alpha", type=float, default=None, help="--w8a8: smoothing strength in [0, 1] (default 0.5).")
 @click.option("--dst-path", required=True, help="Engine directory to create.")
 @click.option("--group-size", type=int, default=None,
               help="W4: 128 (default), 64 or 32 input channels per scale. W8: default one scale per output channel.")
@@ -179,17 +182,20 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
 @click.option("--arch", default="auto", show_default=True, help="Architecture check when SRC is a checkpoint.")
 @click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None, help="Cache to search for a model id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
-def quantize(src: str, w4: bool, w8: bool, dst_path: str, group_size: int | None, sym: bool, calib_data: str | None,
-             calib_samples: int, calib_seqlen: int, no_search_scale: bool, no_clip: bool, gptq: bool,
-             device: str | None, arch: str, model_source: str | None, overwrite: bool):
-    """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ) or W8 engine at --dst-path."""
+def quantize(src: str, w4: bool, w8: bool, w8a8: bool, alpha: float | None, dst_path: str, group_size: int | None,
+             sym: bool, calib_data: str | None, calib_samples: int, calib_seqlen: int, no_search_scale: bool,
+             no_clip: bool, gptq: bool, device: str | None, arch: str, model_source: str | None, overwrite: bool):
+    """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ), W8 or W8A8 (SmoothQuant) engine at --dst-path."""
     from lmconvert.quant import QuantConfig
     from lmconvert.quant import quantize as run_quantize
     from lmconvert.quant.report import print_summary
 
-    if w4 == w8:
-        raise UserError("choose exactly one of --w4 and --w8")
+    if w4 + w8 + w8a8 != 1:
+        raise UserError("choose exactly one of --w4, --w8 and --w8a8")
+    if alpha is not None and not w8a8:
+        raise UserError("--alpha is the smoothing strength of --w8a8")
     qc = QuantConfig(bits=4 if w4 else 8, group_size=group_size or (128 if w4 else None), symmetric=sym,
+                     activation_bits=8 if w8a8 else 16, alpha=0.5 if alpha is None else alpha,
                      search_scale=not no_search_scale, clip=not no_clip, gptq=gptq, calib_data=calib_data,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen, device=device)
     print_summary(run_quantize(src, dst_path, qc, overwrite=overwrite, arch=arch, model_source=model_source))

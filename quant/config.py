@@ -12,7 +12,9 @@ W4_GROUP_SIZES = (128, 64, 32)
 
 @dataclass(slots=True)
 class QuantConfig:
-    bits: int = 4  # 4: AWQ / RTN W4A16, 8: INT8 W8A16
+    bits: int = 4  # 4: AWQ / RTN W4A16, 8: INT8 W8A16 (or W8A8 with activation_bits 8)
+    activation_bits: int = 16  # 8: SmoothQuant W8A8, dynamic per-token int8 activations
+    alpha: float = 0.5  # SmoothQuant migration strength: s = max|x|^alpha / max|w|^(1 - alpha)
     group_size: int | None = 128  # W8: None = one group per output channel
     symmetric: bool = False  # W4 only; W8 is always symmetric
     search_scale: bool = True  # AWQ per-input-channel scale search
@@ -28,18 +30,24 @@ class QuantConfig:
 
     @property
     def method(self) -> str:
+        if self.activation_bits == 8:
+            return "smoothquant"
         if self.bits == 8:
             return "int8"
         return "awq" if self.needs_calibration else "rtn"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.bits == 4 and (self.search_scale or self.clip)
+        return self.activation_bits == 8 or (self.bits == 4 and (self.search_scale or self.clip))
 
     def validate(self, cfg: ModelConfig) -> None:
         """Raise UserError for a combination that cannot be quantized; checked before anything is written."""
         if self.bits not in (4, 8):
             raise UserError("choose --w4 or --w8")
+        if self.activation_bits not in (8, 16):
+            raise UserError(f"activation bits {self.activation_bits}: 16, or 8 with --w8a8")
+        if self.activation_bits == 8:
+            self._validate_w8a8()
         if cfg.quantization:
             raise UserError(f"the source is already quantized ({cfg.quantization.get('method', '?')}, "
                             f"{cfg.quantization.get('bits', '?')} bits): quantize the full-precision model")
@@ -57,8 +65,19 @@ class QuantConfig:
             if self.bits == 4 and dim % 8:
                 raise UserError(f"{name}'s input size {dim} is not a multiple of 8: W4 packing needs one")
 
+    def _validate_w8a8(self) -> None:
+        if self.bits != 8:
+            raise UserError("--w8a8 quantizes weights to 8 bits: drop --w4")
+        if self.group_size is not None:
+            raise UserError("--w8a8 uses one weight scale per output channel: drop --group-size")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
+
     def block(self) -> dict:
         """The `quantization` entry of the engine's config.json."""
+        if self.activation_bits == 8:
+            return {"method": "smoothquant", "bits": 8, "activation_bits": 8, "activation_scheme": "dynamic_per_token",
+                    "group_size": None, "zero_point": False, "alpha": self.alpha, "modules_not_converted": ["lm_head"]}
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "zero_point": self.bits == 4 and not self.symmetric, "modules_not_converted": ["lm_head"]}
 

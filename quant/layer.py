@@ -22,10 +22,13 @@ CHUNK_TOKENS = 2048  # MLP work is done in slices of this many tokens to bound t
 
 class CalibLayer:
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device,
-                 rope_cache: torch.Tensor, seqlen: int):
+                 rope_cache: torch.Tensor, seqlen: int, quant: dict | None = None):
+        """quant: an engine quantization block to run the layer as the engine will (its tensors then in the
+        engine layout: integer codes stay integers, the rest goes to fp32)."""
         self.cfg, self.device, self.rope_cache, self.seqlen = cfg, device, rope_cache, seqlen
-        self.layer = DecoderLayer(cfg, {})
-        self.layer.load({k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()})
+        self.layer = DecoderLayer(cfg, quant or {})
+        self.layer.load({k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+                         for k, v in tensors.items()})
         self.linear = {name: self.layer.get_submodule(LAYER_MODULES[name]) for name in LINEARS}
         self.norm = {"input_norm": self.layer.input_norm, "post_attn_norm": self.layer.post_attn_norm}
 

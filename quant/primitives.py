@@ -130,7 +130,7 @@ def quantize_w8(w: torch.Tensor, group_size: int | None = None, dtype=torch.floa
     K, N = wt.shape
     G = group_size or K
     wg = wt.reshape(K // G, G, N)
-    scales = (wg.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    scales = (wg.abs().amax(dim=1) / 127).clamp(min=1e-10).to(dtype).float()  # round to the codes' stored scale
     q = torch.round(wg / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8).reshape(K, N)
     return q, scales.to(dtype)
 

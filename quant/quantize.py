@@ -25,6 +25,7 @@ from lmconvert.quant.calib import calibration_windows, load_texts
 from lmconvert.quant.config import QuantConfig
 from lmconvert.quant.layer import CalibLayer
 from lmconvert.quant.rtn import quantize_layer_plain
+from lmconvert.quant.smooth import quantize_layer_w8a8
 from lmconvert.quant.w4_layer import LayerStats, quantize_layer_w4
 
 
@@ -62,6 +63,12 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[loss]}"))
 
 
+def _title(qc: QuantConfig) -> str:
+    if qc.activation_bits == 8:
+        return f"{qc.method} W8A8 alpha {qc.alpha}"
+    return f"{qc.method} W{qc.bits} g{qc.group_size or 'channel'}"
+
+
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, overwrite: bool = False,
              arch: str = "auto", model_source: str | None = None) -> QuantResult:
     """Quantize SRC (engine dir or checkpoint) into a new engine at dst. Bad input raises UserError first."""
@@ -90,7 +97,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
         writer.write_globals(glob)  # embeddings and lm_head stay in the engine dtype
         del glob
         rope = kernels.build_rope_cache(cfg.head_dim, max(qc.calib_seqlen, 2), cfg.rope_theta, cfg.rope_scaling, device)
-        task = bar.add_task(f"{qc.method} W{qc.bits} g{qc.group_size or 'channel'}", total=cfg.num_layers, loss="")
+        task = bar.add_task(_title(qc), total=cfg.num_layers, loss="")
         for i in range(cfg.num_layers):
             tensors = source.layer_tensors(i)
             result.bytes_before += _nbytes(tensors)
@@ -100,7 +107,10 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
             else:
                 layer = CalibLayer(cfg, tensors, device, rope, qc.calib_seqlen)
                 del tensors
-                out, h, stats = quantize_layer_w4(layer, h, qc, spec)
+                if qc.activation_bits == 8:
+                    out, h, stats = quantize_layer_w8a8(layer, h, qc, dtype)
+                else:
+                    out, h, stats = quantize_layer_w4(layer, h, qc, spec)
                 result.layers.append(stats)
                 loss = f"layer {i} output error: rtn {stats.loss_rtn:.2e} -> {qc.method} {stats.loss:.2e}"
                 del layer

@@ -13,7 +13,8 @@ from lmconvert.runtime.context import get_context
 class Linear(nn.Module):
     """y = x W^T + b with W held in full precision or in a quantized engine layout.
 
-    `quant` is the engine's quantization block ({} for fp): bits 4 → W4A16 kernel, bits 8 → W8A16 kernel.
+    `quant` is the engine's quantization block ({} for fp): bits 4 → W4A16 kernel, bits 8 → W8A16 kernel,
+    bits 8 with activation_bits 8 (SmoothQuant) → per-token int8 activations and the int8 GEMM.
     An imported act-order linear also has `input_perm` [K]: its weight rows are sorted by quantization group,
     so the input columns are gathered in that order first.
     """
@@ -22,6 +23,7 @@ class Linear(nn.Module):
         super().__init__()
         self.bits = (quant or {}).get("bits", 16)
         self.group_size = (quant or {}).get("group_size", 0)
+        self.int8_act = (quant or {}).get("activation_bits", 16) == 8
         self.weight = self.qweight = self.scales = self.zeros = self.bias = self.input_perm = None
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -32,6 +34,8 @@ class Linear(nn.Module):
         # repack once into the kernels' layout (a no-op on CPU)
         if self.bits == 4:
             self.qweight, self.scales, self.zeros = kernels.prepare_w4(self.qweight, self.scales, self.zeros, self.group_size)
+        elif self.int8_act:
+            self.qweight, self.scales = kernels.prepare_w8a8(self.qweight, self.scales)
         elif self.bits == 8:
             self.qweight, self.scales = kernels.prepare_w8(self.qweight, self.scales, self.group_size)
 
@@ -44,6 +48,8 @@ class Linear(nn.Module):
             x = x.index_select(-1, self.input_perm)
         if self.bits == 4:
             return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        if self.int8_act:
+            return kernels.w8a8_linear(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -30,8 +30,13 @@ def w8_engine(tiny_engine, tmp_path_factory):
 
 
 CASES = {
-    "both_bits": (["--w4", "--w8"], "exactly one of --w4 and --w8"),
-    "no_bits": ([], "exactly one of --w4 and --w8"),
+    "both_bits": (["--w4", "--w8"], "exactly one of --w4, --w8 and --w8a8"),
+    "no_bits": ([], "exactly one of --w4, --w8 and --w8a8"),
+    "w8a8_and_w4": (["--w8a8", "--w4"], "exactly one of --w4, --w8 and --w8a8"),
+    "smooth_quant_and_w8": (["--smooth-quant", "--w8"], "exactly one of --w4, --w8 and --w8a8"),
+    "alpha_without_w8a8": (["--w8", "--alpha", "0.5"], "--alpha is the smoothing strength of --w8a8"),
+    "alpha_out_of_range": (["--w8a8", "--alpha", "1.5"], "--alpha must lie in [0, 1], got 1.5"),
+    "w8a8_groups": (["--w8a8", "--group-size", "32"], "one weight scale per output channel"),
     "group_not_dividing": (["--w4", "--group-size", "128"], "use --group-size 64"),
     "group_unsupported": (["--w4", "--group-size", "48"], "W4 supports 128, 64, 32"),
     "empty_calib": (["--w4", "--group-size", "32", "--calib-data", "{d}/empty.txt"], "fewer than --calib-samples"),

@@ -25,3 +25,12 @@ def test_quantized_smollm2_answers_paris(bits, smollm2_gguf, tmp_path):
     assert result.method == ("awq" if bits == 4 else "int8")
     assert result.compression > (2.2 if bits == 4 else 1.6)  # embeddings (tied, 28M of 135M) stay 16-bit
     assert "Paris" in answer(result.path)
+
+
+def test_w8a8_smollm2_answers_paris(smollm2_gguf, tmp_path):
+    qc = QuantConfig(bits=8, group_size=None, activation_bits=8, calib_samples=2, calib_seqlen=256, loss_tokens=256,
+                     device="cpu")
+    result = quantize(smollm2_gguf, tmp_path / "engine", qc, arch="llama")
+    assert result.method == "smoothquant" and result.compression > 1.6
+    assert all(s.loss < s.loss_rtn for s in result.layers)  # smoothing lowers every layer's W8A8 error
+    assert "Paris" in answer(result.path)
