@@ -28,7 +28,8 @@ def test_quantized_smollm2_answers_paris(bits, smollm2_gguf, tmp_path):
 
 
 def test_w8a8_smollm2_answers_paris(smollm2_gguf, tmp_path):
-    qc = QuantConfig(bits=8, group_size=None, activation_bits=8, calib_samples=2, calib_seqlen=256, loss_tokens=256,
+    # smoothing factors need a few more activations than AWQ here: 2 x 256 tokens flip the greedy answer
+    qc = QuantConfig(bits=8, group_size=None, activation_bits=8, calib_samples=4, calib_seqlen=256, loss_tokens=256,
                      device="cpu")
     result = quantize(smollm2_gguf, tmp_path / "engine", qc, arch="llama")
     assert result.method == "smoothquant" and result.compression > 1.6
