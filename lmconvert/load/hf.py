@@ -66,7 +66,11 @@ class HFCheckpoint:
         return self.arch.hf_name(name) in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        source = self.arch.hf_name(name)
+        """Tensor by engine-canonical name."""
+        return self.raw_tensor(self.arch.hf_name(name))
+
+    def raw_tensor(self, source: str) -> torch.Tensor:
+        """Tensor by the checkpoint's own name."""
         if source not in self.files:
             raise UserError(f"checkpoint {self.path} lacks tensor {source}")
         file = self.files[source]

@@ -75,20 +75,6 @@ class QuantizedHFCheckpoint(HFCheckpoint):
             return read_gptq(get, prefix, K, N, self.info, has)
         return read_ct(get, prefix, K, N, self.info, has)
 
-    def raw_tensor(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise UserError(f"checkpoint {self.path} lacks tensor {name}")
-        return self._read(self.files[name], name)
-
-    def _read(self, file: Path, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(file, "pt") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types
-            raise UserError(f"cannot read {file}: {e}") from None
-
     def layer_tensors(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Engine tensors of decoder layer i: fp norms/biases cast to dtype, linears in the W4 layout."""
         out = {s: self.get(f"layers.{i}.{s}").to(dtype) for s in self.arch.layer_names()
