@@ -3,8 +3,8 @@
     python benchmarks/runtime_gpu.py [--preset qwen3-8b] [--quick] [--json FILE]
 
 1. correctness: tiny random checkpoints, runtime on CUDA (Triton paths) vs transformers on CUDA;
-2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, and transformers bf16;
-3. throughput: 256 requests of 512 in / 256 out (bf16), and transformers at batch 16;
+2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, W8A8, and transformers bf16;
+3. throughput: 256 requests of 512 in / 256 out (bf16 and W8A8), and transformers at batch 16;
 4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0), Triton kernels
    compiled during them (should be 0), and where one decode step's GPU time goes (torch profiler);
 5. memory: allocated / reserved CUDA memory after every 100 of 1000 requests (should stay flat);
@@ -57,6 +57,10 @@ def check_correctness() -> dict:
                         "worst_greedy_gap": gap}
         del engine, ref_model
     return errors
+
+
+W8 = {"bits": 8, "group_size": None}
+W8A8 = {"bits": 8, "group_size": None, "activation_bits": 8}  # SmoothQuant layout: int8 weights and activations
 
 
 def free():
@@ -207,7 +211,7 @@ def main():
         results["correctness"] = check_correctness()
         print("correctness", results["correctness"], flush=True)
     if "latency" not in skip:
-        for name, quant in (("bf16", None), ("w8", {"bits": 8, "group_size": None}), ("w4g128", {"bits": 4, "group_size": 128})):
+        for name, quant in (("bf16", None), ("w8", W8), ("w4g128", {"bits": 4, "group_size": 128}), ("w8a8", W8A8)):
             engine = engine_for(args.preset, quant, 8, 1024)
             r = run_bench(engine, "latency", 1, 512, out_len)
             results[f"latency_{name}"] = r.as_dict()
@@ -228,16 +232,17 @@ def main():
             del engine
             free()
     if "throughput" not in skip:
-        engine = engine_for(args.preset, None, 256, 1024)
         n = 64 if args.quick else 256
-        r = run_bench(engine, "throughput", n, 512, out_len)
-        results["throughput_bf16"] = r.as_dict()
-        print("throughput", f"{r.output_tok_s:.0f} out tok/s, {r.requests_s:.2f} req/s", flush=True)
-        if "hf" not in skip:
-            results["hf_throughput_b16_tok_s"] = hf_generate_tok_s(engine, 16, 512, 64)
-            print("hf batch-16", results["hf_throughput_b16_tok_s"], flush=True)
-        del engine
-        free()
+        for name, quant in (("bf16", None), ("w8a8", W8A8)):
+            engine = engine_for(args.preset, quant, 256, 1024)
+            r = run_bench(engine, "throughput", n, 512, out_len)
+            results[f"throughput_{name}"] = r.as_dict()
+            print("throughput", name, f"{r.output_tok_s:.0f} out tok/s, {r.requests_s:.2f} req/s", flush=True)
+            if name == "bf16" and "hf" not in skip:
+                results["hf_throughput_b16_tok_s"] = hf_generate_tok_s(engine, 16, 512, 64)
+                print("hf batch-16", results["hf_throughput_b16_tok_s"], flush=True)
+            del engine
+            free()
     if "kvint8" not in skip:
         results["kv_int8_logits_rel_err"] = kv_int8_logits_errors()
         print("kv int8 logits", results["kv_int8_logits_rel_err"], flush=True)

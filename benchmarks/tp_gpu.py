@@ -1,11 +1,13 @@
 """Tensor-parallel figures at real size with random weights: tp=N against tp=1 on the GPUs of one host.
 
     export PYTHONPATH=$(bash benchmarks/device_setup.sh)
-    python benchmarks/tp_gpu.py [--preset qwen3-8b] [--tp 2] [--quant w4] [--throughput 256] [--json FILE]
+    python benchmarks/tp_gpu.py [--preset qwen3-8b] [--tp 1,2,4] [--quant w4] [--throughput 256] [--json FILE]
 
-1. agreement: the same random model at tp=N and tp=1, greedy tokens of one prompt and max logit difference;
-2. batch-1 latency (512 in / 256 out), tp=1 then tp=N, and the decode speed-up;
-3. with --throughput R: R requests at once (512 in / 256 out) at both sizes.
+--tp lists the sizes to run in turn; every figure is compared with the smallest. Sizes can also run as separate
+processes on disjoint GPUs (CUDA_VISIBLE_DEVICES), each with its own --json, merged with --report a.json b.json.
+1. agreement: the same random model at each size vs the first, greedy tokens of one prompt and max logit difference;
+2. batch-1 latency (512 in / 256 out) at each size, and the decode speed-up and scaling efficiency;
+3. with --throughput R: R requests at once (512 in / 256 out) at each size.
 Each rank builds the random model itself (the source is pickled to the workers, not its tensors) and keeps
 its shard. NVLink multicast stays off (NCCL_NVLS_ENABLE=0), also in the spawned workers.
 """
@@ -42,6 +44,9 @@ def build(args, tp: int) -> tuple[LLMEngine, float]:
     return engine, time.monotonic() - start
 
 
+LOGIT_COLUMNS = 2048  # enough of the vocabulary to compare runs made in different processes
+
+
 def measure(args, tp: int) -> dict:
     engine, load_s = build(args, tp)
     try:
@@ -59,7 +64,7 @@ def measure_engine(args, engine: LLMEngine, tp: int, load_s: float) -> dict:
     prompt = random_prompts(1, min(64, args.input_len), engine.config.vocab_size, seed=7)[0]
     out = engine.generate([prompt], SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))[0]
     result = {"tp": tp, "load_s": round(load_s, 1), "greedy": out.token_ids,
-              "logits": engine.logits(prompt[:16]).cpu(),
+              "logits": engine.logits(prompt[:16])[:, :LOGIT_COLUMNS].float().cpu().tolist(),
               "latency": run_bench(engine, "latency", 1, args.input_len, args.output_len).as_dict()}
     if args.device.startswith("cuda"):  # where rank 0's decode step goes, all-reduce included
         from runtime_gpu import decode_step_profile
@@ -78,7 +83,7 @@ def measure_engine(args, engine: LLMEngine, tp: int, load_s: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="qwen3-8b", help="random_weights preset or a config.json")
-    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--tp", default="1,2", help="sizes to run in turn, e.g. 1,2,4")
     p.add_argument("--quant", choices=["bf16", "w4", "w8"], default="bf16")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--device", default="cuda")
@@ -86,29 +91,44 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--throughput", type=int, default=0, help="requests at once for the throughput run (0: skip)")
     p.add_argument("--num-cache-tokens", type=int, default=None, help="default: 0.8 of free GPU memory")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the runs here (rewritten after each one)")
+    p.add_argument("--report", nargs="+", default=None,
+                   help="no runs: merge the --json files of earlier runs (e.g. sizes run side by side) into one report")
     args = p.parse_args()
 
-    runs = []
-    for tp in (1, args.tp):  # progress as it goes: a run cut short still says how far it got
+    if args.report:
+        runs = [run for path in args.report for run in json.loads(Path(path).read_text())["runs"]]
+        head = json.loads(Path(args.report[0]).read_text())
+        print(json.dumps(scaling_report(head, runs), indent=1))
+        return
+    head = {"preset": args.preset, "quant": args.quant,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "runs": []}
+    for tp in [int(t) for t in args.tp.split(",")]:  # progress as it goes: a run cut short still says how far it got
         print(f"tp={tp}: building and measuring", flush=True)
-        runs.append(measure(args, tp))
-        print(f"tp={tp}: load {runs[-1]['load_s']} s, decode {runs[-1]['latency']['decode_tok_s']:.1f} tok/s", flush=True)
-    one, many = runs
-    report = {"preset": args.preset, "quant": args.quant, "tp": args.tp,
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "greedy_equal": one["greedy"] == many["greedy"],
-              "max_logit_diff": (one.pop("logits") - many.pop("logits")).abs().max().item(),
-              "decode_speedup": many["latency"]["decode_tok_s"] / one["latency"]["decode_tok_s"], "runs": runs}
-    if args.throughput:
-        report["throughput_speedup"] = many["throughput"]["output_tok_s"] / one["throughput"]["output_tok_s"]
-    for run in runs:
-        run.pop("greedy")
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+        head["runs"].append(measure(args, tp))
+        print(f"tp={tp}: load {head['runs'][-1]['load_s']} s, decode "
+              f"{head['runs'][-1]['latency']['decode_tok_s']:.1f} tok/s", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(head))
+    if len(head["runs"]) > 1:
+        print(json.dumps(scaling_report(head, head["runs"]), indent=1))
+
+
+def scaling_report(head: dict, runs: list[dict]) -> dict:
+    """Every run against the smallest tp size: agreement, decode speed-up, throughput speed-up and efficiency."""
+    runs = sorted(runs, key=lambda r: r["tp"])
+    base = runs[0]
+    report = {k: head[k] for k in ("preset", "quant", "gpu")} | {"tp": [r["tp"] for r in runs], "scaling": []}
+    for run in runs[1:]:
+        diff = (torch.tensor(run["logits"]) - torch.tensor(base["logits"])).abs().max().item()
+        row = {"tp": run["tp"], "vs_tp": base["tp"], "greedy_equal": run["greedy"] == base["greedy"],
+               "max_logit_diff": diff, "decode_speedup": run["latency"]["decode_tok_s"] / base["latency"]["decode_tok_s"]}
+        if "throughput" in run and "throughput" in base:
+            row["throughput_speedup"] = run["throughput"]["output_tok_s"] / base["throughput"]["output_tok_s"]
+            row["throughput_efficiency"] = row["throughput_speedup"] * base["tp"] / run["tp"]
+        report["scaling"].append(row)
+    report["runs"] = [{k: v for k, v in r.items() if k not in ("greedy", "logits")} for r in runs]
+    return report
 
 
 if __name__ == "__main__":
