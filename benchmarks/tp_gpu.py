@@ -47,10 +47,13 @@ def build(args, tp: int) -> tuple[LLMEngine, float]:
 LOGIT_COLUMNS = 2048  # enough of the vocabulary to compare runs made in different processes
 
 
-def measure(args, tp: int) -> dict:
+def measure(args, tp: int, keep) -> dict:
+    """Build, measure, keep(result) (written out before the engine closes: a hang at shutdown loses nothing)."""
     engine, load_s = build(args, tp)
     try:
-        return measure_engine(args, engine, tp, load_s)
+        result = measure_engine(args, engine, tp, load_s)
+        keep(result)
+        return result
     finally:
         engine.close()
         del engine
@@ -75,7 +78,6 @@ def measure_engine(args, engine: LLMEngine, tp: int, load_s: float) -> dict:
                                          args.output_len).as_dict()
     if args.device.startswith("cuda"):
         result["peak_gib_rank0"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    # printed before the engine closes: a hang at shutdown must not lose the figures
     print(json.dumps({k: v for k, v in result.items() if k not in ("greedy", "logits")}), flush=True)
     return result
 
@@ -103,13 +105,15 @@ def main() -> None:
         return
     head = {"preset": args.preset, "quant": args.quant,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "runs": []}
-    for tp in [int(t) for t in args.tp.split(",")]:  # progress as it goes: a run cut short still says how far it got
-        print(f"tp={tp}: building and measuring", flush=True)
-        head["runs"].append(measure(args, tp))
-        print(f"tp={tp}: load {head['runs'][-1]['load_s']} s, decode "
-              f"{head['runs'][-1]['latency']['decode_tok_s']:.1f} tok/s", flush=True)
+    def keep(result):
+        head["runs"].append(result)
         if args.json:
             Path(args.json).write_text(json.dumps(head))
+
+    for tp in [int(t) for t in args.tp.split(",")]:  # progress as it goes: a run cut short still says how far it got
+        print(f"tp={tp}: building and measuring", flush=True)
+        run = measure(args, tp, keep)
+        print(f"tp={tp}: load {run['load_s']} s, decode {run['latency']['decode_tok_s']:.1f} tok/s", flush=True)
     if len(head["runs"]) > 1:
         print(json.dumps(scaling_report(head, head["runs"]), indent=1))
 

@@ -14,8 +14,10 @@ MIN_SCALE = 1e-10  # an all-zero row quantizes to zeros instead of dividing by z
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK_K: tl.constexpr):
-    """One program per row: two passes over K in BLOCK_K chunks (absmax, then round and store)."""
+def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK_K: tl.constexpr, QMAX: tl.constexpr,
+                         MIN_SCALE: tl.constexpr):
+    """One program per row: two passes over K in BLOCK_K chunks (absmax, then round and store).
+    QMAX / MIN_SCALE arrive as constexpr arguments: compiled Triton reads no plain module globals."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)

@@ -66,7 +66,8 @@ def quantize_per_token_triton(x):
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         block = min(4096, next_pow2(K))
-        quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+        quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), BLOCK_K=block, QMAX=QMAX, MIN_SCALE=MIN_SCALE,
+                                   num_warps=4 if block <= 1024 else 8)
     return q, scale
 
 
