@@ -322,7 +322,7 @@ def smoke_w8a8():
     bench_w8a8(shapes, (1, 16, 33), "cpu", wall_ms)
 
 
-def bench_decode_attention(copy_bw):
+def bench_decode_attention(copy_bw, sweep_int8=False):
     """Paged decode attention at Qwen3-8B shapes, bf16 KV and int8 KV (same data, quantized), per block size."""
     S, ctx_len, H, KVH, D = 64, 4096, 32, 8, 128
     rows = []
@@ -348,15 +348,22 @@ def bench_decode_attention(copy_bw):
         (kq, ks), (vq, vs) = kv_cache.quantize_kv_ref(kc), kv_cache.quantize_kv_ref(vc)
         del kc, vc
         kv8_bytes = kq.nbytes + vq.nbytes + ks.nbytes + vs.nbytes
-        tiles = sorted({paged_attention_triton.decode_tile(bs, True), max(bs, 64), max(bs, 256)})
-        for keys in tiles:  # keys per step: the default and two others, to tune it
-            t8 = bench(lambda i: paged_attention_triton.paged_attention_triton(
-                q, kq, vq, bt, cu, ctx, D**-0.5, k_scales=ks, v_scales=vs, decode_keys=keys), 1)
-            rows.append(dict(kernel=f"paged_decode int8 bs{bs} k{keys}", us=t8 * 1e3, sdpa_us=t_sdpa * 1e3,
-                             speedup=t_sdpa / t8, gbps=kv8_bytes / t8 / 1e6, mb=kv8_bytes / 1e6, vs_bf16_kv=t / t8,
-                             pct_copy=100 * kv8_bytes / t8 / 1e6 / copy_bw))
-        for r in rows[-1 - len(tiles):]:
-            print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        default = (paged_attention_triton.decode_tile(bs, True), 4, None, None)
+        # keys per step, warps, stages, KV splits: the default, then a sweep (block size 16 only) to tune them
+        sweep = [default] + ([(k, w, st, sp) for k in (128, 256) for w in (4, 8) for st in (2, 3, 4) for sp in (None, 4)]
+                             if bs == 16 and sweep_int8 else [])
+        for keys, warps, stages, splits in sweep:
+            try:
+                t8 = bench(lambda i: paged_attention_triton.paged_attention_triton(
+                    q, kq, vq, bt, cu, ctx, D**-0.5, k_scales=ks, v_scales=vs, decode_keys=keys, decode_warps=warps,
+                    decode_stages=stages, num_splits=splits), 1)
+            except Exception as exc:  # noqa: BLE001  (a sweep point out of resources)
+                print("skip", keys, warps, stages, splits, repr(exc)[:100])
+                continue
+            rows.append(dict(kernel=f"paged_decode int8 bs{bs} k{keys} w{warps} st{stages} sp{splits}", us=t8 * 1e3,
+                             sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t8, gbps=kv8_bytes / t8 / 1e6, mb=kv8_bytes / 1e6,
+                             vs_bf16_kv=t / t8, pct_copy=100 * kv8_bytes / t8 / 1e6 / copy_bw))
+            print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         del kq, vq, ks, vs
     return rows
 
@@ -369,6 +376,7 @@ def main():
     ap.add_argument("--wide", action="store_true", help="tune over a wider candidate list (to trim the default)")
     ap.add_argument("--decode", action="store_true", help="linears at M = 1 and 16 only")
     ap.add_argument("--attention", action="store_true", help="only paged attention and store_kv (bf16 and int8 KV)")
+    ap.add_argument("--attention-sweep", action="store_true", help="with --attention: sweep the int8-KV decode launch")
     ap.add_argument("--w8a8", action="store_true", help="only the W8A8 int8 GEMM rows (M = 1, 16, 2048)")
     ap.add_argument("--smoke", action="store_true", help="with --w8a8 under TRITON_INTERPRET=1: CPU code-path check")
     args = ap.parse_args()
@@ -404,7 +412,7 @@ def main():
     if with_w8a8:
         sections.append(lambda: bench_w8a8(SHAPES[:1] if args.quick else SHAPES, (1, 16, 2048), "cuda", bench))
     if not args.linears and not args.w8a8:
-        sections.append(lambda: bench_decode_attention(copy_bw))
+        sections.append(lambda: bench_decode_attention(copy_bw, args.attention_sweep))
     for section in sections:
         try:  # one failing section still leaves the other's numbers
             rows += section()
@@ -412,16 +420,16 @@ def main():
             print("section failed:", repr(e))
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy {copy_bw:.0f} GB/s")
-    print(f"{'kernel':28s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} "
+    print(f"{'kernel':44s} {'M':>5s} {'K':>6s} {'N':>6s} {'us':>9s} {'base us':>9s} {'x base':>7s} {'GB/s':>7s} "
           f"{'%copy':>6s} {'KV MB':>7s} {'x bf16 KV':>9s}")
     for r in rows:
         if "tflops" in r:
-            print(f"{r['kernel']:28s} {r['M']:>5} {r['K']:>6} {r['N']:>6} {r['us']:9.1f} {r['cublas_us']:9.1f} "
+            print(f"{r['kernel']:44s} {r['M']:>5} {r['K']:>6} {r['N']:>6} {r['us']:9.1f} {r['cublas_us']:9.1f} "
                   f"{r['speedup']:7.2f} {r['gbps']:7.0f}   {r['tflops']:.0f} TFLOP/s (cuBLAS {r['cublas_tflops']:.0f})")
             continue
         kv_mb = f"{r['mb']:7.0f}" if "mb" in r else f"{'':7s}"
         vs_bf16 = f"{r['vs_bf16_kv']:9.2f}" if "vs_bf16_kv" in r else ""
-        print(f"{r['kernel']:28s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
+        print(f"{r['kernel']:44s} {r.get('M', ''):>5} {r.get('K', ''):>6} {r.get('N', ''):>6} {r['us']:9.1f} "
               f"{r.get('cublas_us', r.get('sdpa_us')):9.1f} {r['speedup']:7.2f} {r['gbps']:7.0f} {r['pct_copy']:6.1f} "
               f"{kv_mb} {vs_bf16}")
     for key, times in {**ql._tuner.times, **il._tuner.times}.items():  # every candidate's time, to trim the lists
