@@ -25,25 +25,25 @@ settle() { wait; pkill -9 -f benchmarks/tp_gpu.py; sleep 2; }  # a killed run's 
 
 if [ "${GPUS:-4}" = 2 ]; then  # a 2-GPU host: tp=1 vs tp=2 for each size that fits one GPU, 32B at tp=2 only
   run 8b_tp1 0 ${LIMIT_PHASE1:-165} --preset qwen3-8b --tp 1 &
-  run 72b_w4_tp1 1 ${LIMIT_PHASE1:-165} --preset qwen2.5-72b --quant w4 --tp 1 &
+  run 72b_w4_tp1 1 ${LIMIT_PHASE1:-165} --preset qwen2.5-72b-awq --quant w4 --tp 1 &
   settle
   run 8b_tp2 0,1 ${LIMIT_PHASE2:-130} --preset qwen3-8b --tp 2
   settle
-  run 72b_w4_tp2 0,1 ${LIMIT_PHASE3:-140} --preset qwen2.5-72b --quant w4 --tp 2
+  run 72b_w4_tp2 0,1 ${LIMIT_PHASE3:-140} --preset qwen2.5-72b-awq --quant w4 --tp 2
   settle
   run 32b_tp2 0,1 ${LIMIT_PHASE4:-140} --preset qwen3-32b --tp 2
   settle
 else
   run 8b_tp1 0 ${LIMIT_PHASE1:-165} --preset qwen3-8b --tp 1 &
   run 8b_tp2 1,2 ${LIMIT_PHASE1:-165} --preset qwen3-8b --tp 2 &
-  run 72b_w4_tp1 3 ${LIMIT_PHASE1:-165} --preset qwen2.5-72b --quant w4 --tp 1 &
+  run 72b_w4_tp1 3 ${LIMIT_PHASE1:-165} --preset qwen2.5-72b-awq --quant w4 --tp 1 &
   settle
   run 32b_tp2 0,1 ${LIMIT_PHASE2:-165} --preset qwen3-32b --tp 2 &
-  run 72b_w4_tp2 2,3 ${LIMIT_PHASE2:-165} --preset qwen2.5-72b --quant w4 --tp 2 &
+  run 72b_w4_tp2 2,3 ${LIMIT_PHASE2:-165} --preset qwen2.5-72b-awq --quant w4 --tp 2 &
   settle
   run 32b_tp4 0,1,2,3 ${LIMIT_PHASE3:-125} --preset qwen3-32b --tp 4
   settle
-  run 72b_w4_tp4 0,1,2,3 ${LIMIT_PHASE4:-125} --preset qwen2.5-72b --quant w4 --tp 4
+  run 72b_w4_tp4 0,1,2,3 ${LIMIT_PHASE4:-125} --preset qwen2.5-72b-awq --quant w4 --tp 4
   settle
 fi
 for model in 8b 32b 72b_w4; do

@@ -29,6 +29,8 @@ PRESETS = {
                         num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
                         rms_norm_eps=1e-6, qkv_bias=True, eos_token_ids=[151645, 151643]),
 }
+# Qwen's own W4 releases of the 72B pad the MLP to 29696 (232 groups of 128): 29568 splits over no tp > 1 at g128
+PRESETS["qwen2.5-72b-awq"] = dict(PRESETS["qwen2.5-72b"], intermediate_size=29696)
 
 
 def config_from(spec: str, dtype: str = "bf16") -> ModelConfig:
