@@ -126,8 +126,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def teacher_forced(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Stores the step's K/V like run() and returns fp32 logits of every token in it (scoring), sampling nothing."""
-        return self.execute(*self._prepare(batch, all_rows=True))
+        """Stores the step's K/V like run() and returns fp32 logits of every token in it (scoring), sampling nothing.
+        A copy: a decode step's logits live in the CUDA graph's output buffer, which the next replay overwrites."""
+        logits = self.execute(*self._prepare(batch, all_rows=True))
+        return None if logits is None else logits.clone()
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from lmconvert.cli import main
 from lmconvert.config import ModelConfig
 from lmconvert.runtime import LLMEngine, SamplingParams
+from lmconvert.runtime.context import Context, use_context
 from lmconvert.runtime.model_runner import kv_bytes_per_token
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -115,6 +116,36 @@ def test_score_through_the_cache(tiny_engine, kv_int8):
     assert engine.block_manager.num_used == 0
     if kv_int8:  # engine.logits (what eval scores) goes through the cache too
         assert rel(engine.logits(seqs[0]), by_chunk[0]) < same
+
+
+class _StaticOutputGraphs:
+    """Stands in for DecodeGraphs on CPU: every replay writes its logits into one reused buffer, as a captured
+    CUDA graph does, so a caller that keeps the returned tensor across steps sees it overwritten."""
+
+    def __init__(self, runner):
+        self.runner, self.out = runner, None
+
+    def fits(self, bs, width):
+        return True
+
+    def run(self, input_ids, positions, slot_mapping, context_lens, block_tables):
+        ctx = Context(cu_seqlens_q=torch.arange(len(input_ids) + 1, dtype=torch.int32), slot_mapping=slot_mapping,
+                      block_tables=block_tables, context_lens=context_lens, max_query_len=1, is_decode=True)
+        with use_context(ctx):
+            logits = self.runner.model.compute_logits(self.runner.model(input_ids, positions))
+        if self.out is None or self.out.shape != logits.shape:
+            self.out = torch.empty_like(logits)
+        return self.out.copy_(logits)
+
+
+def test_score_survives_graph_output_reuse(tiny_engine):
+    """score() through the decode path keeps each step's logits although graph replays reuse their output buffer."""
+    path = str(tiny_engine("qwen3"))
+    engine = LLMEngine(path, device="cpu", num_cache_tokens=256, block_size=8)
+    engine.runner.graphs = _StaticOutputGraphs(engine.runner)
+    ids = prompts(7, [20])[0]
+    by_token = torch.cat([out for _, out in engine.score([ids], 1)])
+    assert rel(by_token, engine.runner.logits(ids)) < 1e-5
 
 
 def test_tp2_int8_matches_tp1(tiny_engine):
