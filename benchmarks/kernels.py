@@ -348,19 +348,20 @@ def bench_decode_attention(copy_bw, sweep_int8=False):
         (kq, ks), (vq, vs) = kv_cache.quantize_kv_ref(kc), kv_cache.quantize_kv_ref(vc)
         del kc, vc
         kv8_bytes = kq.nbytes + vq.nbytes + ks.nbytes + vs.nbytes
-        default = (paged_attention_triton.decode_tile(bs, True), 4, None, None)
-        # keys per step, warps, stages, KV splits: the default, then a sweep (block size 16 only) to tune them
-        sweep = [default] + ([(k, w, st, sp) for k in (128, 256) for w in (4, 8) for st in (2, 3, 4) for sp in (None, 4)]
-                             if bs == 16 and sweep_int8 else [])
-        for keys, warps, stages, splits in sweep:
+        default = (None, None, None, True)  # decode_tile keys, decode_launch warps / stages, the word kernel
+        # keys per step, warps, stages, word or byte kernel: the default, then a sweep (block size 16 only)
+        sweep = [default] + ([(k, w, st, wd) for wd in (True, False) for k in (64, 128, 256) for w in (4, 8)
+                              for st in (2, 3)] if bs == 16 and sweep_int8 else [])
+        for keys, warps, stages, words in sweep:
             try:
                 t8 = bench(lambda i: paged_attention_triton.paged_attention_triton(
                     q, kq, vq, bt, cu, ctx, D**-0.5, k_scales=ks, v_scales=vs, decode_keys=keys, decode_warps=warps,
-                    decode_stages=stages, num_splits=splits), 1)
+                    decode_stages=stages, decode_words=words), 1)
             except Exception as exc:  # noqa: BLE001  (a sweep point out of resources)
-                print("skip", keys, warps, stages, splits, repr(exc)[:100])
+                print("skip", keys, warps, stages, words, repr(exc)[:100])
                 continue
-            rows.append(dict(kernel=f"paged_decode int8 bs{bs} k{keys} w{warps} st{stages} sp{splits}", us=t8 * 1e3,
+            kind = "words" if words else "bytes"
+            rows.append(dict(kernel=f"paged_decode int8 {kind} bs{bs} k{keys} w{warps} st{stages}", us=t8 * 1e3,
                              sdpa_us=t_sdpa * 1e3, speedup=t_sdpa / t8, gbps=kv8_bytes / t8 / 1e6, mb=kv8_bytes / 1e6,
                              vs_bf16_kv=t / t8, pct_copy=100 * kv8_bytes / t8 / 1e6 / copy_bw))
             print("row", {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)

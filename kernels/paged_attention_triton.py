@@ -30,9 +30,14 @@ def _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS: tl.constexpr, KVH: tl.const
 
 
 @triton.jit
-def _codes(x, like):
-    """int8 codes in like's dtype (exact). Via fp32: Triton 3.9's interpreter converts int8 -> bf16 wrongly."""
-    return x.to(tl.float32).to(like.dtype)
+def _codes(x, like, UPCAST: tl.constexpr):
+    """int8 codes in like's dtype (exact). Interpreted via fp32: Triton 3.9's interpreter converts int8 -> bf16
+    wrongly; compiled straight (Triton's int8 -> bf16 is a byte permute and a bf16x2 subtract)."""
+    if UPCAST:
+        out = x.to(tl.float32).to(like.dtype)
+    else:
+        out = x.to(like.dtype)
+    return out
 
 
 @triton.jit
@@ -43,7 +48,7 @@ def _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, zeros, D, UPCAST: tl.constexpr, K
     if KV_INT8:
         s = tl.load(ks_ptr + row * 2).to(tl.float32)
         z = tl.load(ks_ptr + row * 2 + 1).to(tl.float32)
-        scores = dot_acc(q, tl.trans(_codes(k, q)), zeros, UPCAST) * s[None, :] + q_sum[:, None] * z[None, :]
+        scores = dot_acc(q, tl.trans(_codes(k, q, UPCAST)), zeros, UPCAST) * s[None, :] + q_sum[:, None] * z[None, :]
     else:  # (one return at the end: the compiler also walks code after a return under a constexpr if)
         scores = dot_acc(q, tl.trans(k), zeros, UPCAST)
     return scores
@@ -58,7 +63,7 @@ def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, K
     if KV_INT8:
         s = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
         z = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
-        acc = dot_acc((p * s[None, :]).to(q.dtype), _codes(v, q), acc + tl.sum(p * z[None, :], axis=1)[:, None],
+        acc = dot_acc((p * s[None, :]).to(q.dtype), _codes(v, q, UPCAST), acc + tl.sum(p * z[None, :], axis=1)[:, None],
                       UPCAST)
     else:
         acc = dot_acc(p.to(v.dtype), v, acc, UPCAST)
@@ -108,6 +113,90 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
         row = (s.to(tl.int64) * H + heads) * NUM_SPLITS + split
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=row_ok)  # -inf for an empty split
+
+
+@triton.jit
+def _byte(words, j: tl.constexpr, like, UPCAST: tl.constexpr):
+    """Byte j (lowest address first) of each int32 word of int8 codes, sign-extended, in like's dtype (exact)."""
+    return _codes(((words << (24 - 8 * j)) >> 24).to(tl.int8), like, UPCAST)
+
+
+@triton.jit
+def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                        stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
+                        KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                        BLOCK_W: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+    """The decode kernel for int8 KV, reading codes as int32 words: byte j of the words of a key tile holds
+    dims j, j+4, j+8, ..., so scores are four dots q[:, j::4] @ K[:, j::4]^T and P @ V fills four
+    accumulators for those dims. Words reach the dot operands through shared memory 4 codes at a time
+    (Triton stages a plain int8 tile and reads it back one byte per element, which made int8 KV as slow
+    as bf16 KV). Same walk, splits and int8 algebra as _decode_kernel (see _qk / _pv)."""
+    s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    w = tl.arange(0, BLOCK_W)
+    W = D // 4
+    row_ok, w_ok = g < QG, w < W
+    heads = kvh * QG + g
+    q_at = q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + 4 * w[None, :]
+    q_mask = row_ok[:, None] & w_ok[None, :]
+    q0 = tl.load(q_at, mask=q_mask, other=0.0)
+    q1 = tl.load(q_at + 1, mask=q_mask, other=0.0)
+    q2 = tl.load(q_at + 2, mask=q_mask, other=0.0)
+    q3 = tl.load(q_at + 3, mask=q_mask, other=0.0)
+    q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+    ctx = tl.load(ctx_ptr + s)
+    start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0
+    first, last = start // BS, tl.cdiv(ctx, BS)
+    per_split = tl.cdiv(last - first, NUM_SPLITS)
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, last)
+    m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc0 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
+    acc1 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
+    acc2 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
+    acc3 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
+    k_words = k_ptr.to(tl.pointer_type(tl.int32))
+    v_words = v_ptr.to(tl.pointer_type(tl.int32))
+    offs = tl.arange(0, BLOCK_N)
+    for b in range(lo, hi, BLOCK_N // BS):
+        pos, row, page_ok = _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS, KVH, kvh)
+        kw = tl.load(k_words + row[:, None] * W + w[None, :], mask=w_ok[None, :], other=0)
+        dots = dot_acc(q0, tl.trans(_byte(kw, 0, q0, UPCAST)), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST)
+        dots = dot_acc(q1, tl.trans(_byte(kw, 1, q0, UPCAST)), dots, UPCAST)
+        dots = dot_acc(q2, tl.trans(_byte(kw, 2, q0, UPCAST)), dots, UPCAST)
+        dots = dot_acc(q3, tl.trans(_byte(kw, 3, q0, UPCAST)), dots, UPCAST)
+        k_scale = tl.load(ks_ptr + row * 2).to(tl.float32)
+        k_zero = tl.load(ks_ptr + row * 2 + 1).to(tl.float32)
+        scores = (dots * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
+        live = (pos < ctx) & (pos >= start) & page_ok
+        scores = tl.where(live[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
+        v_scale = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
+        v_zero = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
+        ps = (p * v_scale[None, :]).to(q0.dtype)
+        pz = tl.sum(p * v_zero[None, :], axis=1)[:, None]
+        acc0 = dot_acc(ps, _byte(vw, 0, q0, UPCAST), acc0 * alpha[:, None] + pz, UPCAST)
+        acc1 = dot_acc(ps, _byte(vw, 1, q0, UPCAST), acc1 * alpha[:, None] + pz, UPCAST)
+        acc2 = dot_acc(ps, _byte(vw, 2, q0, UPCAST), acc2 * alpha[:, None] + pz, UPCAST)
+        acc3 = dot_acc(ps, _byte(vw, 3, q0, UPCAST), acc3 * alpha[:, None] + pz, UPCAST)
+        m_i = m_new
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        dst = out_ptr + (s.to(tl.int64) * H + heads[:, None]) * D + 4 * w[None, :]
+        dtype = out_ptr.dtype.element_ty
+    else:
+        dst = part_o_ptr + ((s.to(tl.int64) * H + heads[:, None]) * NUM_SPLITS + split) * D + 4 * w[None, :]
+        dtype = tl.float32
+        tl.store(part_lse_ptr + (s.to(tl.int64) * H + heads) * NUM_SPLITS + split, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(dst, (acc0 * inv).to(dtype), mask=q_mask)
+    tl.store(dst + 1, (acc1 * inv).to(dtype), mask=q_mask)
+    tl.store(dst + 2, (acc2 * inv).to(dtype), mask=q_mask)
+    tl.store(dst + 3, (acc3 * inv).to(dtype), mask=q_mask)
 
 
 @triton.jit
@@ -192,9 +281,10 @@ def decode_launch(kv_int8: bool, warps=None, stages=None) -> dict:
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
                            sliding_window=None, max_seqlen_q=None, num_splits=None, k_scales=None, v_scales=None,
-                           decode_keys=None, decode_warps=None, decode_stages=None):
+                           decode_keys=None, decode_warps=None, decode_stages=None, decode_words=True):
     """decode_keys: keys per decode step (a power of two >= block size; default decode_tile); decode_warps /
-    decode_stages: the decode kernel's launch options (default decode_launch). For tuning."""
+    decode_stages: the decode kernel's launch options (default decode_launch); decode_words=False: int8 KV
+    decode through the byte-tile kernel (_decode_kernel) instead of _decode_int8_kernel. For tuning."""
     T, H, D = q.shape
     S = context_lens.shape[0]
     _, BS, KVH, _ = k_cache.shape
@@ -213,11 +303,16 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms))  # merge needs 2^n
         part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
         part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-        _decode_kernel[(S, KVH, splits)](q, *caches, block_tables, context_lens, out, part_o, part_lse,
-                                         q.stride(0), q.stride(1), block_tables.stride(0), qk_scale, window, qg, H, D,
-                                         BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)),
-                                         NUM_SPLITS=splits, **decode_launch(int8, decode_warps, decode_stages),
-                                         **common)
+        args = (q, *caches, block_tables, context_lens, out, part_o, part_lse, q.stride(0), q.stride(1),
+                block_tables.stride(0), qk_scale, window, qg, H, D)
+        shape = dict(KVH=KVH, BS=BS, BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)),
+                     NUM_SPLITS=splits, UPCAST=INTERPRET)
+        if int8 and D % 4 == 0 and decode_words:
+            _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)),
+                                                  **decode_launch(int8, decode_warps, decode_stages))
+        else:
+            _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8,
+                                             **decode_launch(int8, decode_warps, decode_stages))
         if splits > 1:
             _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
         return out
