@@ -126,7 +126,8 @@ def scaling_report(head: dict, runs: list[dict]) -> dict:
     for run in runs[1:]:
         diff = (torch.tensor(run["logits"]) - torch.tensor(base["logits"])).abs().max().item()
         row = {"tp": run["tp"], "vs_tp": base["tp"], "greedy_equal": run["greedy"] == base["greedy"],
-               "max_logit_diff": diff, "decode_speedup": run["latency"]["decode_tok_s"] / base["latency"]["decode_tok_s"]}
+               "max_logit_diff": diff,
+               "decode_speedup": run["latency"]["decode_tok_s"] / base["latency"]["decode_tok_s"]}
         if "throughput" in run and "throughput" in base:
             row["throughput_speedup"] = run["throughput"]["output_tok_s"] / base["throughput"]["output_tok_s"]
             row["throughput_efficiency"] = row["throughput_speedup"] * base["tp"] / run["tp"]

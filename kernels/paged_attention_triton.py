@@ -8,7 +8,8 @@ partial outputs by their log-sum-exp.
 prefill (any query count): one program per (query tile, sequence, head), walking page-sized key tiles
 from the window start to the tile's last query position. Softmax is online, in fp32, base 2.
 int8 KV (KV_INT8, see kv_cache.py): both kernels read codes and per-(slot, head) fp16 (scale, zero) and
-dequantize in registers, folded into the two dots (_qk, _pv), so KV bytes read are about halved.
+dequantize in registers, folded into the two dots (_qk, _pv), so KV bytes read are about halved. Decode
+with int8 KV has its own kernel (_decode_int8_kernel) that reads the codes as int32 words.
 """
 
 import torch
@@ -264,16 +265,18 @@ def num_kv_splits(num_seqs, num_kv_heads, max_blocks, num_sms):
     return max(1, min(next_pow2(want), max(1, max_blocks // 4), 64))
 
 
-def decode_tile(block_size: int, kv_int8: bool = False) -> int:
-    """Keys per decode step: at least 64 (128 for int8, the same bytes a step), so short pages still give
-    the loads and the dot some length."""
-    return max(block_size, 128 if kv_int8 else 64)
+def decode_tile(block_size: int, kv_int8: bool = False, words: bool = True) -> int:
+    """Keys per decode step: at least 64, so short pages still give the loads and the dot some length (128 for
+    the int8 byte-tile kernel: the same bytes a step)."""
+    return max(block_size, 128 if kv_int8 and not words else 64)
 
 
-def decode_launch(kv_int8: bool, warps=None, stages=None) -> dict:
-    """Launch options of the decode kernel. int8 KV: 8 warps, 2 stages (H100, 64 x 4k, block 16: 344 us vs 384 us
-    with 4 warps and Triton's default 3 stages; 24 combinations of keys / warps / stages / splits tried)."""
-    options = {"num_warps": warps or (8 if kv_int8 else 4)}
+def decode_launch(kv_int8: bool, words: bool = True, warps=None, stages=None) -> dict:
+    """Launch options of the decode kernel, from sweeps on an H100 (64 x 4096 tokens, block 16, 32q / 8kv heads):
+    int8 word kernel 4 warps, 2 stages, 64 keys: 272 us (bf16 KV: 358 us; 24 combinations tried, 1.0-1.3x);
+    int8 byte-tile kernel 8 warps, 2 stages, 128 keys: 344 us."""
+    int8_bytes = kv_int8 and not words
+    options = {"num_warps": warps or (8 if int8_bytes else 4)}
     if stages or kv_int8:
         options["num_stages"] = stages or 2
     return options
@@ -305,14 +308,14 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
         args = (q, *caches, block_tables, context_lens, out, part_o, part_lse, q.stride(0), q.stride(1),
                 block_tables.stride(0), qk_scale, window, qg, H, D)
-        shape = dict(KVH=KVH, BS=BS, BLOCK_N=decode_keys or decode_tile(BS, int8), BLOCK_G=max(16, next_pow2(qg)),
-                     NUM_SPLITS=splits, UPCAST=INTERPRET)
-        if int8 and D % 4 == 0 and decode_words:
-            _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)),
-                                                  **decode_launch(int8, decode_warps, decode_stages))
+        words = int8 and D % 4 == 0 and decode_words
+        shape = dict(KVH=KVH, BS=BS, BLOCK_N=decode_keys or decode_tile(BS, int8, words),
+                     BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits, UPCAST=INTERPRET)
+        launch = decode_launch(int8, words, decode_warps, decode_stages)
+        if words:
+            _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)), **launch)
         else:
-            _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8,
-                                             **decode_launch(int8, decode_warps, decode_stages))
+            _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
         if splits > 1:
             _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
         return out
