@@ -65,17 +65,17 @@ def channel_magnitude(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> 
 
 
 def search_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec,
-                 grid: int) -> tuple[torch.Tensor, list[float]]:
+                 grid: int, target: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """Best scales [K] for group.linear on inputs x [T, K], and the block loss at every grid point.
 
-    Loss: mean squared error of the block output on the first n_loss tokens, with the linear's weight
-    replaced by Q(W s) / s (alpha = 0 is plain round-to-nearest).
+    Loss: mean squared error of the block output on the first n_loss tokens (target: the fp output there,
+    if already computed), with the linear's weight replaced by Q(W s) / s (alpha = 0 is plain round-to-nearest).
     """
     mag = channel_magnitude(layer, group, x).clamp(min=1e-6)
     x_loss = x[:n_loss]
     w = layer.weight(group.linear)
     with torch.no_grad():
-        target = run_block(layer, group, x_loss)
+        target = run_block(layer, group, x_loss) if target is None else target
         losses, best, best_loss = [], None, float("inf")
         for i in range(grid):
             s = mag.pow(i / grid)
@@ -114,29 +114,36 @@ def fold_scale(layer: CalibLayer, group: ScaleGroup, s: torch.Tensor, x: torch.T
 
 
 def fitted_block_loss(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, s: torch.Tensor, n_loss: int,
-                      spec: QuantSpec, steps: int) -> float:
-    """Block loss with the linear quantized as it will be: W s on a grid fitted to the inputs x / s."""
+                      spec: QuantSpec, steps: int, target: torch.Tensor) -> tuple[float, tuple]:
+    """Block loss with the linear quantized as it will be: W s on a grid fitted to the inputs x / s; and that
+    grid (scales, zeros), which is the one the layer keeps if s is chosen."""
     w = layer.weight(group.linear)
     ws = w * s
     scales, zeros = fit_grid(ws, group_gram(x / s, spec.group_size), spec.bits, spec.symmetric, spec.dtype, steps,
                              integer_zero=spec.integer_zero)
     with torch.no_grad():
-        target = run_block(layer, group, x[:n_loss])
         layer.set_weight(group.linear, snap_to_grid(ws, scales, zeros, spec.bits).div_(s))
         loss = (run_block(layer, group, x[:n_loss]) - target).pow(2).mean().item()
     layer.set_weight(group.linear, w)
-    return loss
+    return loss, (scales, zeros)
 
 
 def choose_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec, grid: int,
-                 fit_steps: int | None) -> torch.Tensor:
-    """search_scale's pick, checked against no scaling with the fitted grid (fit_steps) when there is one.
+                 fit_steps: int | None) -> tuple[torch.Tensor, tuple | None]:
+    """search_scale's pick, checked against no scaling with the fitted grid (fit_steps) when there is one;
+    -> (scales, the winner's fitted grid or None).
 
     The search scores exponents with a plain min/max grid; the fitted grid can make scaling unnecessary
     (weights that already sit on a 4-bit grid, e.g. from a GGUF), so both finalists are scored as written.
+    The block's fp output on the loss tokens is computed once for all of it.
     """
-    s, _ = search_scale(layer, group, x, n_loss, spec, grid)
+    with torch.no_grad():
+        target = run_block(layer, group, x[:n_loss])
+    s, _ = search_scale(layer, group, x, n_loss, spec, grid, target)
     if not fit_steps:
-        return s
-    ones = torch.ones_like(s)
-    return min((s, ones), key=lambda c: fitted_block_loss(layer, group, x, c, n_loss, spec, fit_steps))
+        return s, None
+    scored = [(s, *fitted_block_loss(layer, group, x, s, n_loss, spec, fit_steps, target)),
+              (torch.ones_like(s), *fitted_block_loss(layer, group, x, torch.ones_like(s), n_loss, spec, fit_steps,
+                                                        target))]
+    best, _, fitted = min(scored, key=lambda c: c[1])
+    return best, fitted

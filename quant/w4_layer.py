@@ -15,6 +15,8 @@ from lmconvert.quant.primitives import fake_quantize, group_params, grid_values,
 
 
 KEEP_QK = False
+# linears whose rows a later scale group divides (v rows by o's scales, up rows by down's): refit after all folds
+REFOLDED = {"qkv_proj", "gate_up_proj"}
 
 
 @dataclass(slots=True)
@@ -69,15 +71,20 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     inputs = {"qkv_proj": x_attn, "o_proj": o_in, "gate_up_proj": x_mlp, "down_proj": down_in}
 
     # 2. AWQ scales, folded into the op before each linear (x is rescaled with them)
+    grids = {}  # name -> (scales, zeros)
     if qc.search_scale:
         for group in SCALE_GROUPS:
-            s = choose_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid, fit_steps if qc.clip else None)
+            s, fitted = choose_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid,
+                                     fit_steps if qc.clip else None)
             fold_scale(layer, group, s, inputs[group.linear], spec.dtype)
+            if fitted is not None and group.linear not in REFOLDED:  # fitted to W s and x / s: what step 3 fits
+                grids[group.linear] = fitted
 
-    # 3. the quantization grid of every linear: ranges and zero points fitted to the block's inputs
-    grids = {}
+    # 3. the quantization grid of every other linear: ranges and zero points fitted to the block's inputs
     for name in LINEARS:
         w = layer.weight(name)
+        if name in grids:
+            continue
         if qc.clip:
             keep = slice(0, layer.cfg.q_size + layer.cfg.kv_size) if name == "qkv_proj" and KEEP_QK else None
             grids[name] = fit_grid(w, group_gram(inputs[name], spec.group_size), spec.bits, spec.symmetric, spec.dtype,

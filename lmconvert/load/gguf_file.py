@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,32 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+@contextlib.contextmanager
+def _plain_ndarray_maps():
+    """gguf.GGUFReader slices its np.memmap about a million times while parsing a 49k-token vocabulary; each slice
+    of a memmap subclass runs __array_finalize__ (4.2 s for SmolLM2). A plain ndarray view of the same mapping
+    parses in 1 s and is still backed by the file."""
+    import types
+
+    import gguf.gguf_reader as module
+
+    fast = types.ModuleType("numpy_with_plain_memmap")
+    fast.__dict__.update(np.__dict__)
+    fast.memmap = lambda *args, **kwargs: np.memmap(*args, **kwargs).view(np.ndarray)
+    module.np = fast
+    try:
+        yield
+    finally:
+        module.np = np
+
+
 class GGUFCheckpoint:
     def __init__(self, path: Path, arch: str = "auto"):
         import gguf
 
         try:
-            self.reader = gguf.GGUFReader(path)
+            with _plain_ndarray_maps():
+                self.reader = gguf.GGUFReader(path)
         except Exception as e:  # the reader raises ValueError / struct errors on damaged files
             raise UserError(f"{path} is not a readable GGUF file: {e}") from None
         self.path = path
@@ -121,7 +143,8 @@ class GGUFCheckpoint:
             from transformers import AutoTokenizer
 
             try:
-                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+                with self._reader_reused():
+                    tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
             except Exception as e:  # transformers raises assorted errors for vocabularies it cannot rebuild
                 raise UserError(f"cannot build a tokenizer from {self.path.name}: {e}") from None
             template = self.meta("tokenizer.chat_template")
@@ -129,6 +152,24 @@ class GGUFCheckpoint:
                 tok.chat_template = template
             self._tokenizer = tok
         return self._tokenizer
+
+    @contextlib.contextmanager
+    def _reader_reused(self):
+        """transformers opens the file with gguf.GGUFReader again (config, then vocabulary): ~3 s of Python per
+        parse for SmolLM2's 49k-token vocabulary. Hand it the reader this checkpoint already holds."""
+        import gguf
+
+        real = gguf.GGUFReader
+
+        def reader(path, *args, **kwargs):
+            return self.reader if Path(path).resolve() == self.path.resolve() and not args and not kwargs \
+                else real(path, *args, **kwargs)
+
+        gguf.GGUFReader = reader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = real
 
     def save_tokenizer(self, dst: Path) -> None:
         self.load_tokenizer().save_pretrained(dst)
