@@ -2,10 +2,8 @@
 
 Scaling input channel k of a linear by s_k and dividing the op that feeds it by s_k leaves the fp
 model unchanged, but shrinks the relative rounding error of the channels that carry large activations.
-The scales are s = mean|x|^r / mean|w|^(1-r) (|w| relative to its group's max; AutoAWQ's "duo" form,
-normalized), r picked from a grid by the error of the *block* the linear sits in: attention for qkv, the
-whole MLP for gate_up, the linear itself for o and down. (x alone, s = mean|x|^r, costs Macbeth 0.6 points
-more on SmolLM2 W4 g64.)
+The scales are s = mean|x|^alpha (normalized), alpha picked from a grid by the error of the *block* the
+linear sits in: attention for qkv, the whole MLP for gate_up, the linear itself for o and down.
 """
 
 from __future__ import annotations
@@ -57,26 +55,13 @@ def run_block(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Te
 
 
 def channel_magnitude(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Tensor:
-    """mean |x| per input channel (shared over the heads of a kv head for v -> o)."""
-    return shared_over_kv_heads(layer, group, x.abs().mean(dim=0))
-
-
-def shared_over_kv_heads(layer: CalibLayer, group: ScaleGroup, per_channel: torch.Tensor) -> torch.Tensor:
-    """For v -> o, one value per channel of a kv head (the mean over the query heads that share it): the
-    scale of o's input channel is folded into a v row, and one v row feeds every head of its group."""
-    if group.absorb != "v_rows":
-        return per_channel
-    cfg = layer.cfg
-    per_kv = per_channel.view(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).mean(dim=1,
-                                                                                                   keepdim=True)
-    return per_kv.expand(-1, cfg.num_heads // cfg.num_kv_heads, -1).reshape(-1)
-
-
-def weight_magnitude(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Mean over output rows of |w| relative to its quantization group's max, per input channel [K]."""
-    N, K = w.shape
-    g = w.abs().reshape(N, K // group_size, group_size)
-    return (g / g.amax(dim=-1, keepdim=True).clamp(min=1e-12)).reshape(N, K).mean(dim=0)
+    """mean |x| per input channel; for v -> o, averaged over the heads that share one kv head."""
+    mag = x.abs().mean(dim=0)
+    if group.absorb == "v_rows":
+        cfg = layer.cfg
+        per_kv = mag.view(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).mean(dim=1, keepdim=True)
+        mag = per_kv.expand(-1, cfg.num_heads // cfg.num_kv_heads, -1).reshape(-1)
+    return mag
 
 
 def search_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec,
@@ -89,13 +74,11 @@ def search_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: 
     mag = channel_magnitude(layer, group, x).clamp(min=1e-6)
     x_loss = x[:n_loss]
     w = layer.weight(group.linear)
-    w_mag = shared_over_kv_heads(layer, group, weight_magnitude(w, spec.group_size)).clamp(min=1e-6)
     with torch.no_grad():
         target = run_block(layer, group, x_loss) if target is None else target
         losses, best, best_loss = [], None, float("inf")
         for i in range(grid):
-            r = i / grid
-            s = (mag.pow(r) / w_mag.pow(1 - r)).clamp(min=1e-4)
+            s = mag.pow(i / grid)
             s = s / (s.max() * s.min()).sqrt()
             layer.set_weight(group.linear, spec.fake(w * s).div_(s))
             loss = (run_block(layer, group, x_loss) - target).pow(2).mean().item()

@@ -116,11 +116,7 @@ def test_scale_search_lowers_block_error(tiny_engine):
     spec = QuantSpec(4, 32, False, torch.float32)
     x = layer.mlp_norm(h)
     group = next(g for g in SCALE_GROUPS if g.linear == "gate_up_proj")
-    w, x_loss = layer.weight(group.linear), x[:4 * SEQLEN]
-    target = layer.mlp(x_loss)
-    layer.set_weight(group.linear, spec.fake(w))  # plain round-to-nearest
-    rtn = (layer.mlp(x_loss) - target).pow(2).mean().item()
-    layer.set_weight(group.linear, w)
     s, losses = search_scale(layer, group, x, 4 * SEQLEN, spec, grid=10)
+    rtn = losses[0]  # exponent 0: s = 1, plain round-to-nearest
     assert min(losses) < 0.7 * rtn
     assert s.argmax() < 4  # the loud channels get the large scales
