@@ -72,6 +72,28 @@ def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, K
 
 
 @triton.jit
+def _decode_pages(ctx_ptr, s, split, WINDOW, BS: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Sequence s's context length, its first visible position (sliding window: keys at positions
+    > p - window, p = ctx - 1) and the pages [lo, hi) that KV split `split` walks."""
+    ctx = tl.load(ctx_ptr + s)
+    start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0
+    first, last = start // BS, tl.cdiv(ctx, BS)
+    per_split = tl.cdiv(last - first, NUM_SPLITS)
+    lo = first + split * per_split
+    return ctx, start, lo, tl.minimum(lo + per_split, last)
+
+
+@triton.jit
+def _softmax_step(scores, m_i, l_i):
+    """Online softmax (base 2) over one more key tile: its weights p, the rescale alpha of what came before,
+    and the new running max and sum."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
                    KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -84,12 +106,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
     q = tl.load(q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_sum = tl.sum(q.to(tl.float32), axis=1)  # int8 KV's zero-point term
-    ctx = tl.load(ctx_ptr + s)
-    start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0  # keys at positions > p - window, p = ctx - 1
-    first, last = start // BS, tl.cdiv(ctx, BS)
-    per_split = tl.cdiv(last - first, NUM_SPLITS)
-    lo = first + split * per_split
-    hi = tl.minimum(lo + per_split, last)
+    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -100,10 +117,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
                      UPCAST, KV_INT8) * qk_scale
         live = (pos < ctx) & (pos >= start) & page_ok
         scores = tl.where(live[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         acc = _pv(p, acc * alpha[:, None], q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST, KV_INT8)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -145,12 +159,7 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     q2 = tl.load(q_at + 2, mask=q_mask, other=0.0)
     q3 = tl.load(q_at + 3, mask=q_mask, other=0.0)
     q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
-    ctx = tl.load(ctx_ptr + s)
-    start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0
-    first, last = start // BS, tl.cdiv(ctx, BS)
-    per_split = tl.cdiv(last - first, NUM_SPLITS)
-    lo = first + split * per_split
-    hi = tl.minimum(lo + per_split, last)
+    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc0 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
@@ -172,10 +181,7 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
         scores = (dots * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
         live = (pos < ctx) & (pos >= start) & page_ok
         scores = tl.where(live[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
         v_scale = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
         v_zero = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
@@ -247,10 +253,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, cu_ptr, ctx_ptr
         if WINDOW > 0:
             ok &= k_pos[None, :] > q_pos[:, None] - WINDOW
         scores = tl.where(ok, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         acc = _pv(p, acc * alpha[:, None], q, v_ptr, vs_ptr, row, d, d_ok, (k_pos <= last_pos) & page_ok, D,
                   UPCAST, KV_INT8)
         m_i = m_new
