@@ -147,7 +147,9 @@ def compiled_triton_kernels() -> int:
     return total
 
 
-KERNEL_KINDS = (("attention", ("paged", "attn", "flash")), ("W4/W8 GEMV/GEMM", ("gemv", "w4", "w8", "quant", "dequant")),
+# (kind, name fragments): the first kind whose fragment is in a kernel's name takes its time
+KERNEL_KINDS = (("attention", ("paged", "attn", "flash", "_decode", "_prefill", "_merge")),
+                ("W4/W8 GEMV/GEMM", ("gemv", "w4", "w8", "quant", "dequant")),
                 ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "sm90", "xmma")), ("norm", ("norm",)), ("rope", ("rope",)),
                 ("silu*mul", ("silu",)), ("kv store", ("store_kv",)), ("all-reduce", ("nccl", "allreduce")))
 
