@@ -42,13 +42,25 @@ def _codes(x, like, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _scale_zero(sz_ptr, row, live, MASKED: tl.constexpr):
+    """fp32 (scale, zero) of int8 cache rows (slot * KVH + head) from their fp16 pair in the scale pool; MASKED:
+    rows where live is false read 0 (stale slots past the context)."""
+    if MASKED:
+        s = tl.load(sz_ptr + row * 2, mask=live, other=0)
+        z = tl.load(sz_ptr + row * 2 + 1, mask=live, other=0)
+    else:
+        s = tl.load(sz_ptr + row * 2)
+        z = tl.load(sz_ptr + row * 2 + 1)
+    return s.to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
 def _qk(q, q_sum, k_ptr, ks_ptr, row, d, d_ok, zeros, D, UPCAST: tl.constexpr, KV_INT8: tl.constexpr):
     """Unscaled scores q @ K^T of one key tile. int8: q @ (codes * s + z)^T = (q @ codes^T) * s + sum(q) * z,
     so the tile is only converted (int8 -> q's dtype is exact) and the scales apply per key, not per element."""
     k = tl.load(k_ptr + row[:, None] * D + d[None, :], mask=d_ok[None, :], other=0)
     if KV_INT8:
-        s = tl.load(ks_ptr + row * 2).to(tl.float32)
-        z = tl.load(ks_ptr + row * 2 + 1).to(tl.float32)
+        s, z = _scale_zero(ks_ptr, row, row, False)
         scores = dot_acc(q, tl.trans(_codes(k, q, UPCAST)), zeros, UPCAST) * s[None, :] + q_sum[:, None] * z[None, :]
     else:  # (one return at the end: the compiler also walks code after a return under a constexpr if)
         scores = dot_acc(q, tl.trans(k), zeros, UPCAST)
@@ -62,8 +74,7 @@ def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, K
     the dot in q's dtype."""
     v = tl.load(v_ptr + row[:, None] * D + d[None, :], mask=live[:, None] & d_ok[None, :], other=0)
     if KV_INT8:
-        s = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
-        z = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
+        s, z = _scale_zero(vs_ptr, row, live, True)
         acc = dot_acc((p * s[None, :]).to(q.dtype), _codes(v, q, UPCAST), acc + tl.sum(p * z[None, :], axis=1)[:, None],
                       UPCAST)
     else:
@@ -176,15 +187,13 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
         dots = dot_acc(q1, tl.trans(_byte(kw, 1, q0, UPCAST)), dots, UPCAST)
         dots = dot_acc(q2, tl.trans(_byte(kw, 2, q0, UPCAST)), dots, UPCAST)
         dots = dot_acc(q3, tl.trans(_byte(kw, 3, q0, UPCAST)), dots, UPCAST)
-        k_scale = tl.load(ks_ptr + row * 2).to(tl.float32)
-        k_zero = tl.load(ks_ptr + row * 2 + 1).to(tl.float32)
+        k_scale, k_zero = _scale_zero(ks_ptr, row, row, False)
         scores = (dots * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
         live = (pos < ctx) & (pos >= start) & page_ok
         scores = tl.where(live[None, :], scores, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
-        v_scale = tl.load(vs_ptr + row * 2, mask=live, other=0).to(tl.float32)
-        v_zero = tl.load(vs_ptr + row * 2 + 1, mask=live, other=0).to(tl.float32)
+        v_scale, v_zero = _scale_zero(vs_ptr, row, live, True)
         ps = (p * v_scale[None, :]).to(q0.dtype)
         pz = tl.sum(p * v_zero[None, :], axis=1)[:, None]
         acc0 = dot_acc(ps, _byte(vw, 0, q0, UPCAST), acc0 * alpha[:, None] + pz, UPCAST)

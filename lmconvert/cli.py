@@ -153,7 +153,8 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
     engine = build_engine(model, opts, use_cuda_graphs=not eager)
     result = run_bench(engine, mode, num_prompts, input_len, output_len)
     if compare_hf:
-        result.hf_tok_s = hf_generate_tok_s(engine, hf_batch or (1 if mode == "latency" else 16), input_len, output_len)
+        result.hf_tok_s = hf_generate_tok_s(engine.config, engine.device, engine.dtype,
+                                            hf_batch or (1 if mode == "latency" else 16), input_len, output_len)
     figures = result.as_dict()
     for key, value in figures.items():
         click.echo(f"{key:>14}: {value:.2f}" if isinstance(value, float) else f"{key:>14}: {value}")

@@ -54,14 +54,20 @@ def run_block(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Te
     return layer.linear[group.linear](x)
 
 
+def shared_over_kv_heads(layer: CalibLayer, group: ScaleGroup, per_channel: torch.Tensor,
+                         reduce=torch.mean) -> torch.Tensor:
+    """For v -> o, one value per channel of a kv head (reduce over the query heads that share it): o's input
+    channel scale is folded into a v row, and one v row feeds every head of its group."""
+    if group.absorb != "v_rows":
+        return per_channel
+    cfg = layer.cfg
+    per_head = per_channel.view(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    return reduce(per_head, dim=1, keepdim=True).expand_as(per_head).reshape(-1)
+
+
 def channel_magnitude(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor) -> torch.Tensor:
     """mean |x| per input channel; for v -> o, averaged over the heads that share one kv head."""
-    mag = x.abs().mean(dim=0)
-    if group.absorb == "v_rows":
-        cfg = layer.cfg
-        per_kv = mag.view(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).mean(dim=1, keepdim=True)
-        mag = per_kv.expand(-1, cfg.num_heads // cfg.num_kv_heads, -1).reshape(-1)
-    return mag
+    return shared_over_kv_heads(layer, group, x.abs().mean(dim=0))
 
 
 def search_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec,
@@ -142,8 +148,7 @@ def choose_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: 
     s, _ = search_scale(layer, group, x, n_loss, spec, grid, target)
     if not fit_steps:
         return s, None
-    scored = [(s, *fitted_block_loss(layer, group, x, s, n_loss, spec, fit_steps, target)),
-              (torch.ones_like(s), *fitted_block_loss(layer, group, x, torch.ones_like(s), n_loss, spec, fit_steps,
-                                                        target))]
-    best, _, fitted = min(scored, key=lambda c: c[1])
+    scored = [(c, *fitted_block_loss(layer, group, x, c, n_loss, spec, fit_steps, target))
+              for c in (s, torch.ones_like(s))]
+    best, _, fitted = min(scored, key=lambda c: c[1])  # a tie keeps the searched scales
     return best, fitted

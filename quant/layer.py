@@ -72,6 +72,20 @@ class CalibLayer:
         out = torch.cat(outs)
         return (out, torch.cat(downs)) if capture_down_input else out
 
+    def linear_inputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fp forward of the layer on its input stream h: the input of every linear."""
+        x_attn = self.attn_norm(h)
+        attn, o_in = self.attention(x_attn, capture_o_input=True)
+        x_mlp = self.mlp_norm(h + attn)
+        del attn
+        _, down_in = self.mlp(x_mlp, capture_down_input=True)
+        return {"qkv_proj": x_attn, "o_proj": o_in, "gate_up_proj": x_mlp, "down_proj": down_in}
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """The layer's output stream for input stream h."""
+        h = h + self.attention(self.attn_norm(h))
+        return h + self.mlp(self.mlp_norm(h))
+
     # ---- weights -----------------------------------------------------------------------------------
     def weight(self, name: str) -> torch.Tensor:
         return self.linear[name].weight

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lmconvert.quant.awq import SCALE_GROUPS, ScaleGroup, fold_scale
+from lmconvert.quant.awq import SCALE_GROUPS, ScaleGroup, fold_scale, shared_over_kv_heads
 from lmconvert.quant.config import QuantConfig
 from lmconvert.quant.layer import LINEARS, CalibLayer
 from lmconvert.quant.primitives import quantize_w8
@@ -25,28 +25,9 @@ SMOOTH_GROUPS = SCALE_GROUPS
 EPS = 1e-5  # floor of the maxima: a dead channel gets a finite scale
 
 
-def linear_inputs_absmax(layer: CalibLayer, h: torch.Tensor) -> dict[str, torch.Tensor]:
-    """max |x| per input channel of every linear over the calibration stream h, fp forward."""
-    x_attn = layer.attn_norm(h)
-    attn, o_in = layer.attention(x_attn, capture_o_input=True)
-    x_mlp = layer.mlp_norm(h + attn)
-    _, down_in = layer.mlp(x_mlp, capture_down_input=True)
-    inputs = {"qkv_proj": x_attn, "o_proj": o_in, "gate_up_proj": x_mlp, "down_proj": down_in}
-    return {name: x.abs().amax(dim=0) for name, x in inputs.items()}
-
-
-def shared_by_kv_group(layer: CalibLayer, group: ScaleGroup, v: torch.Tensor) -> torch.Tensor:
-    """o's input channels come in query heads; the heads reading one kv head must share its v-row scale."""
-    if group.absorb != "v_rows":
-        return v
-    cfg = layer.cfg
-    per_kv = v.view(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).amax(dim=1, keepdim=True)
-    return per_kv.expand(-1, cfg.num_heads // cfg.num_kv_heads, -1).reshape(-1)
-
-
 def smoothing_scale(layer: CalibLayer, group: ScaleGroup, x_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    act = shared_by_kv_group(layer, group, x_absmax).clamp(min=EPS)
-    wmax = shared_by_kv_group(layer, group, layer.weight(group.linear).abs().amax(dim=0)).clamp(min=EPS)
+    act = shared_over_kv_heads(layer, group, x_absmax, torch.amax).clamp(min=EPS)
+    wmax = shared_over_kv_heads(layer, group, layer.weight(group.linear).abs().amax(dim=0), torch.amax).clamp(min=EPS)
     return act.pow(alpha) / wmax.pow(1 - alpha)
 
 
@@ -68,11 +49,6 @@ def as_engine(layer: CalibLayer, tensors: dict[str, torch.Tensor], qc: QuantConf
     return CalibLayer(layer.cfg, tensors, layer.device, layer.rope_cache, layer.seqlen, quant=qc.block())
 
 
-def layer_output(layer: CalibLayer, h: torch.Tensor) -> torch.Tensor:
-    h = h + layer.attention(layer.attn_norm(h))
-    return h + layer.mlp(layer.mlp_norm(h))
-
-
 @torch.no_grad()
 def quantize_layer_w8a8(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, dtype: torch.dtype):
     """-> (engine tensors, the W8A8 layer's output stream, LayerStats: block error unsmoothed -> smoothed).
@@ -83,11 +59,11 @@ def quantize_layer_w8a8(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, dty
     probe = BlockProbe(layer, h[:n_loss])
     loss_plain = probe.loss(as_engine(layer, w8a8_tensors(layer, dtype), qc))
 
-    absmax = linear_inputs_absmax(layer, h)
+    absmax = {name: x.abs().amax(dim=0) for name, x in layer.linear_inputs(h).items()}
     for group in SMOOTH_GROUPS:
         s = smoothing_scale(layer, group, absmax[group.linear], qc.alpha)
         fold_scale(layer, group, s, absmax[group.linear], dtype)  # also divides the maxima by s
 
     tensors = w8a8_tensors(layer, dtype)
     quantized = as_engine(layer, tensors, qc)
-    return tensors, layer_output(quantized, h), LayerStats(loss_plain, probe.loss(quantized))
+    return tensors, quantized.output(h), LayerStats(loss_plain, probe.loss(quantized))

@@ -63,12 +63,7 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     loss_rtn = rtn_loss(layer, probe, spec)
 
     # 1. fp forward: the input of every linear over the whole calibration set
-    x_attn = layer.attn_norm(h)
-    attn, o_in = layer.attention(x_attn, capture_o_input=True)
-    x_mlp = layer.mlp_norm(h + attn)
-    del attn
-    _, down_in = layer.mlp(x_mlp, capture_down_input=True)
-    inputs = {"qkv_proj": x_attn, "o_proj": o_in, "gate_up_proj": x_mlp, "down_proj": down_in}
+    inputs = layer.linear_inputs(h)
 
     # 2. AWQ scales, folded into the op before each linear (x is rescaled with them)
     grids = {}  # name -> (scales, zeros)
@@ -91,7 +86,7 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
                                    fit_steps, keep_rows=keep, integer_zero=spec.integer_zero)
         else:
             grids[name] = group_params(w, spec.bits, spec.group_size, spec.symmetric, 1.0, spec.dtype, spec.integer_zero)
-    del inputs, x_attn, o_in, x_mlp, down_in
+    del inputs
 
     # 4. round, in execution order: each linear's inputs come from the linears already quantized
     codes = {}

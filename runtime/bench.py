@@ -95,16 +95,17 @@ def hf_equivalent(config, device: torch.device, dtype: torch.dtype):
 
 
 @torch.inference_mode()
-def hf_generate_tok_s(engine: LLMEngine, batch: int, input_len: int, output_len: int) -> float:
-    """Output tokens per second of transformers' greedy generate on an equivalent model."""
-    model = hf_equivalent(engine.config, engine.device, engine.dtype)
-    prompts = torch.tensor(random_prompts(batch, input_len, engine.config.vocab_size), device=engine.device)
+def hf_generate_tok_s(config, device, dtype, batch: int, input_len: int, output_len: int) -> float:
+    """Output tokens per second of transformers' greedy generate on a model equivalent to an engine's (its
+    config, device and dtype: the engine itself may be freed first, e.g. where both don't fit one GPU)."""
+    model = hf_equivalent(config, device, dtype)
+    prompts = torch.tensor(random_prompts(batch, input_len, config.vocab_size), device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(prompts, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
-    _sync(engine.device)
+    _sync(device)
     start = time.monotonic()
     model.generate(prompts, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
-    _sync(engine.device)
+    _sync(device)
     rate = batch * output_len / (time.monotonic() - start)
     del model
     return rate

@@ -86,15 +86,10 @@ def calib_layer(tiny_engine, arch: str) -> tuple[CalibLayer, torch.Tensor]:
     return layer, h
 
 
-def layer_output(layer: CalibLayer, h: torch.Tensor) -> torch.Tensor:
-    h = h + layer.attention(layer.attn_norm(h))
-    return h + layer.mlp(layer.mlp_norm(h))
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # GQA everywhere, qkv bias (qwen2), q/k norm (qwen3)
 def test_scale_folding_keeps_fp_outputs(arch, tiny_engine):
     layer, h = calib_layer(tiny_engine, arch)
-    before = layer_output(layer, h)
+    before = layer.output(h)
     g = torch.Generator().manual_seed(6)
     x = {"qkv_proj": layer.attn_norm(h)}
     _, x["o_proj"] = layer.attention(x["qkv_proj"], capture_o_input=True)
@@ -107,7 +102,7 @@ def test_scale_folding_keeps_fp_outputs(arch, tiny_engine):
             s = s[: layer.cfg.kv_size].view(layer.cfg.num_kv_heads, 1, -1)
             s = s.expand(-1, layer.cfg.num_heads // layer.cfg.num_kv_heads, -1).reshape(-1)
         fold_scale(layer, group, s, x[group.linear], torch.float32)
-    assert (layer_output(layer, h) - before).abs().max().item() <= 1e-5
+    assert (layer.output(h) - before).abs().max().item() <= 1e-5
 
 
 def test_scale_search_lowers_block_error(tiny_engine):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,23 +30,18 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-@contextlib.contextmanager
 def _plain_ndarray_maps():
     """gguf.GGUFReader slices its np.memmap about a million times while parsing a 49k-token vocabulary; each slice
     of a memmap subclass runs __array_finalize__ (4.2 s for SmolLM2). A plain ndarray view of the same mapping
-    parses in 1 s and is still backed by the file."""
+    parses in 1 s and is still backed by the file. (A context: gguf's module sees this numpy while it is open.)"""
     import types
 
-    import gguf.gguf_reader as module
+    import gguf.gguf_reader
 
     fast = types.ModuleType("numpy_with_plain_memmap")
     fast.__dict__.update(np.__dict__)
     fast.memmap = lambda *args, **kwargs: np.memmap(*args, **kwargs).view(np.ndarray)
-    module.np = fast
-    try:
-        yield
-    finally:
-        module.np = np
+    return mock.patch.object(gguf.gguf_reader, "np", fast)
 
 
 class GGUFCheckpoint:
@@ -153,7 +147,6 @@ class GGUFCheckpoint:
             self._tokenizer = tok
         return self._tokenizer
 
-    @contextlib.contextmanager
     def _reader_reused(self):
         """transformers opens the file with gguf.GGUFReader again (config, then vocabulary): ~3 s of Python per
         parse for SmolLM2's 49k-token vocabulary. Hand it the reader this checkpoint already holds."""
@@ -162,14 +155,10 @@ class GGUFCheckpoint:
         real = gguf.GGUFReader
 
         def reader(path, *args, **kwargs):
-            return self.reader if Path(path).resolve() == self.path.resolve() and not args and not kwargs \
-                else real(path, *args, **kwargs)
+            same = Path(path).resolve() == self.path.resolve() and not args and not kwargs
+            return self.reader if same else real(path, *args, **kwargs)
 
-        gguf.GGUFReader = reader
-        try:
-            yield
-        finally:
-            gguf.GGUFReader = real
+        return mock.patch.object(gguf, "GGUFReader", reader)
 
     def save_tokenizer(self, dst: Path) -> None:
         self.load_tokenizer().save_pretrained(dst)
