@@ -16,7 +16,7 @@ from lmconvert.config import parse_dtype
 from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
-from lmconvert.runtime.model_runner import ModelRunner
+from lmconvert.runtime.model_runner import ModelRunner, Sampled
 from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.scheduler import Scheduler, SchedulerConfig
 from lmconvert.runtime.sequence import Sequence
@@ -41,6 +41,15 @@ class _Request:
     text_end: int | None = None  # where a matched stop string cut the text
 
 
+@dataclass(slots=True)
+class _Step:
+    """A launched step: what it computes, which of its sequences sample (decided at launch: a sequence may
+    finish, and lose its counters, while the step is in flight) and the sampled tokens (None: no sampling)."""
+    batch: list[tuple[Sequence, int]]
+    samples: list[bool]
+    sampled: Sampled | None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -50,7 +59,7 @@ class LLMEngine:
                  max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
-                 model_source: str | None = None, tp: int = 1, kv_int8: bool = False):
+                 model_source: str | None = None, tp: int = 1, kv_int8: bool = False, overlap: bool | None = None):
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
@@ -82,6 +91,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_batch_size, max(max_num_batched_tokens, block_size), self.session_len), self.block_manager)
         self.requests: dict[int, _Request] = {}
+        # Overlap (GPU default): the next decode step is launched before this one's tokens reach the host, so
+        # the host's per-step work (scheduling, detokenizing, stop checks) runs while the GPU computes.
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Step | None = None
 
     # ---- requests --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -118,17 +131,56 @@ class LLMEngine:
     # ---- stepping --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        tokens = iter(self.runner.run(batch))
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+            current = _Step(batch, [seq.num_computed + n == seq.num_tokens for seq, n in batch], self.runner.launch(batch))
+        if self.overlap:
+            self._in_flight = self._lookahead(current)
+        return self._commit(current)
+
+    def _lookahead(self, current: _Step) -> _Step | None:
+        """Launch the decode step after `current` before its tokens are known: each sequence's input is the
+        token `current` samples for it (read on the device). Only when every sequence samples in `current`,
+        none waits for admission (the scheduler then decides the next step) and none needs its tokens on the
+        host to sample (penalties). A sequence that `current` finishes (stop token) wastes its row; those
+        that surely finish (length) are left out."""
+        if current.sampled is None or self.scheduler.waiting or not all(current.samples):
+            return None  # nothing sampled, admissions pending, or a prefill chunk with more to come
+        seqs, rows = [], []
+        for row, (seq, _) in enumerate(current.batch):
+            p = seq.params
+            if seq.finished or len(seq.output_ids) + 1 >= p.max_tokens or seq.num_tokens + 1 >= self.session_len:
+                continue
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return None
+            if not self.block_manager.ensure_slots(seq, seq.num_tokens + 1):
+                return None  # the pool is short: let the scheduler preempt
+            seqs.append(seq)
+            rows.append(row)
+        if not seqs:
+            return None
+        ids = current.sampled.device
+        if len(rows) < len(current.batch):
+            ids = ids[torch.tensor(rows, device=ids.device)]
+        batch = [(seq, 1) for seq in seqs]
+        return _Step(batch, [True] * len(batch), self.runner.launch(batch, input_ids=ids))
+
+    def _commit(self, step: _Step) -> list[RequestOutput]:
+        """Book a launched step's results (waiting for its tokens); sequences that finished or were aborted
+        while it was in flight are skipped."""
+        tokens = iter(step.sampled.tolist() if step.sampled is not None else [])
         outputs = []
-        for seq, n in batch:
+        for (seq, n), samples in zip(step.batch, step.samples):
+            token = next(tokens) if samples else None
+            if seq.finished:
+                continue
             seq.num_computed += n
             self.block_manager.register_full_blocks(seq)
-            if seq.num_computed < seq.num_tokens:  # a prefill chunk with more to come
-                continue
-            outputs.append(self._append(self.requests[seq.seq_id], next(tokens)))
+            if samples:
+                outputs.append(self._append(self.requests[seq.seq_id], token))
         return outputs
 
     def _append(self, req: _Request, token: int) -> RequestOutput:

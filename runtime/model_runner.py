@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lmconvert.config import ModelConfig
@@ -29,6 +31,30 @@ def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, 
     if kv_int8:
         attn.k_scales = torch.zeros(*shape[:3], 2, dtype=torch.float16, device=device)
         attn.v_scales = torch.zeros(*shape[:3], 2, dtype=torch.float16, device=device)
+
+
+@dataclass(slots=True)
+class Sampled:
+    """A step's sampled token ids: on the device (where a lookahead step reads them as its input) and in
+    pinned host memory once `done` has fired, so reading them waits for this step only, not later ones."""
+    device: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None = None
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor) -> Sampled:
+        if tokens.device.type != "cuda":
+            return cls(tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(tokens, host, done)
+
+    def tolist(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -73,46 +99,57 @@ class ModelRunner:
             num_cache_tokens = int(free * fraction) // kv_bytes_per_token(self.cfg, self.dtype, self.kv_int8)
         return max(1, num_cache_tokens // self.block_size)
 
-    def _prepare(self, batch: list[tuple[Sequence, int]], all_rows: bool = False):
-        return self._tensors(*self._flatten(batch, all_rows))
+    def _prepare(self, batch: list[tuple[Sequence, int]], all_rows: bool = False, input_ids: torch.Tensor | None = None):
+        return self._tensors(*self._flatten(batch, all_rows, lookahead=input_ids is not None), input_ids=input_ids)
 
-    def _flatten(self, batch: list[tuple[Sequence, int]], all_rows: bool = False):
+    def _flatten(self, batch: list[tuple[Sequence, int]], all_rows: bool = False, lookahead: bool = False):
         """The step as host lists: token ids, positions, slots, cu_seqlens, context lens, block tables, logit rows
-        (each sequence's last token once its known tokens are all in; every token with all_rows)."""
+        (each sequence's last token once its known tokens are all in; every token with all_rows).
+        lookahead: each sequence's one token is the one the step before samples (not on the host yet), at
+        position num_tokens; its id is a placeholder here."""
         bs = self.block_size
         ids, positions, slots, cu, ctx_lens, logit_rows = [], [], [], [0], [], []
         for seq, n in batch:
-            start = seq.num_computed
-            ids += seq.token_ids(start, start + n)
+            start = seq.num_tokens if lookahead else seq.num_computed
+            ids += [0] * n if lookahead else seq.token_ids(start, start + n)
             positions += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
             cu.append(cu[-1] + n)
             ctx_lens.append(start + n)
             if all_rows:
                 logit_rows += range(cu[-2], cu[-1])
-            elif start + n == seq.num_tokens:  # the last known token is in this step: sample after it
+            elif lookahead or start + n == seq.num_tokens:  # the last known token is in this step: sample after it
                 logit_rows.append(cu[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in batch)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
         return ids, positions, slots, cu, ctx_lens, tables, logit_rows
 
-    def _tensors(self, ids, positions, slots, cu, ctx_lens, tables, logit_rows):
+    def _tensors(self, ids, positions, slots, cu, ctx_lens, tables, logit_rows, input_ids=None):
         def dev(x, dtype):
             return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         ctx = Context(cu_seqlens_q=dev(cu, torch.int32), slot_mapping=dev(slots, torch.int64),
                       block_tables=dev(tables, torch.int32), context_lens=dev(ctx_lens, torch.int32),
                       max_query_len=max(b - a for a, b in zip(cu, cu[1:])), is_decode=len(ids) == len(ctx_lens))
-        return dev(ids, torch.int64), dev(positions, torch.int64), ctx, logit_rows
+        ids = input_ids if input_ids is not None else dev(ids, torch.int64)
+        return ids, dev(positions, torch.int64), ctx, logit_rows
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
         """Computes the step; returns one sampled token per sequence whose known tokens are now all computed."""
-        logits = self.execute(*self._prepare(batch))
+        sampled = self.launch(batch)
+        return [] if sampled is None else sampled.tolist()
+
+    @torch.inference_mode()
+    def launch(self, batch: list[tuple[Sequence, int]], input_ids: torch.Tensor | None = None) -> Sampled | None:
+        """Enqueues the step and its sampling without waiting for them (on a GPU). input_ids (device, one per
+        sequence) makes it a lookahead step: each sequence's next token is what the previous step samples,
+        which need not have reached the host (engine.LLMEngine overlaps its host work with the GPU so)."""
+        logits = self.execute(*self._prepare(batch, input_ids=input_ids))
         if logits is None:
-            return []
-        sampling_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
-        return self.sampler(logits, sampling_seqs)
+            return None
+        sampling_seqs = [seq for seq, n in batch if input_ids is not None or seq.num_computed + n == seq.num_tokens]
+        return Sampled.of(self.sampler(logits, sampling_seqs))
 
     def execute(self, input_ids, positions, ctx: Context, logit_rows: list[int]) -> torch.Tensor | None:
         """The model part of a step (tensor-parallel workers run only this): logits of logit_rows, or None."""

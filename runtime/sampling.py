@@ -63,12 +63,13 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs) -> list[int]:
+    def __call__(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        """int64 [B] token ids on the logits' device (no host sync)."""
         for row, seq in enumerate(seqs):
             _apply_penalties(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
         greedy = logits.argmax(dim=-1)
         if all(s.params.greedy for s in seqs):
-            return greedy.tolist()
+            return greedy
         dev = logits.device
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev).unsqueeze(1)
         probs = torch.softmax(logits / temps, dim=-1)
@@ -86,4 +87,4 @@ class Sampler:
                 noise[row].exponential_(generator=self._generator(seq.seq_id, seq.params.seed, dev))
         picked = order.gather(1, (sorted_probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
         is_greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
-        return torch.where(is_greedy, greedy, picked).tolist()
+        return torch.where(is_greedy, greedy, picked)

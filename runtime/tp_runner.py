@@ -46,23 +46,26 @@ class TPRunner(ModelRunner):
         return int(n.item())
 
     # ---- rank 0 ----------------------------------------------------------------------------------
-    def _prepare(self, batch, all_rows: bool = False):
-        ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch, all_rows)
+    def _prepare(self, batch, all_rows: bool = False, input_ids: torch.Tensor | None = None):
+        ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch, all_rows, input_ids is not None)
         payload = ids + positions + slots + cu + ctx_lens + [b for row in tables for b in row] + logit_rows
         header = [STEP, len(payload), len(ids), len(ctx_lens), len(tables[0]), len(logit_rows),
                   max(b - a for a, b in zip(cu, cu[1:]))]
-        return self._unpack(header, self._send(header, payload), logit_rows)
+        return self._unpack(header, self._send(header, payload, input_ids), logit_rows)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.dense_logits(self._send([DENSE, len(token_ids)], token_ids))
 
-    def _send(self, header: list[int], payload: list[int]) -> torch.Tensor:
+    def _send(self, header: list[int], payload: list[int], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (a lookahead step's token ids, on the device) replace the payload's leading placeholders."""
         def dev(x):
             return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
 
         dist.broadcast(dev(header + [0] * (HEADER - len(header))), 0)
         data = dev(payload)
+        if input_ids is not None:
+            data[:len(input_ids)] = input_ids
         dist.broadcast(data, 0)
         return data
 

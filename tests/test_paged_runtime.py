@@ -26,10 +26,11 @@ def alone(tiny_engine):
     return ps, [engine.generate([p], GREEDY)[0].token_ids for p in ps]
 
 
-def test_batched_chunked_equals_alone(alone, tiny_engine):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_batched_chunked_equals_alone(alone, tiny_engine, overlap):
     ps, expected = alone
     engine = LLMEngine(str(tiny_engine("qwen3")), device="cpu", num_cache_tokens=4096, block_size=8,
-                       max_num_batched_tokens=24)  # prompts longer than 24 tokens prefill in chunks
+                       max_num_batched_tokens=24, overlap=overlap)  # prompts over 24 tokens prefill in chunks
     outs = engine.generate(ps, GREEDY)
     assert [o.token_ids for o in outs] == expected
     assert engine.block_manager.num_used == count_cached_only(engine)
@@ -40,11 +41,12 @@ def count_cached_only(engine) -> int:
     return sum(1 for b in engine.block_manager.blocks if b.ref_count > 0)
 
 
-def test_preemption_by_recompute(alone, tiny_engine):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_by_recompute(alone, tiny_engine, overlap):
     ps, expected = alone
     # 12 blocks of 8 tokens: enough for the longest request (64 + 20) alone, not for all six at once,
     # so some are preempted and recomputed
-    engine = LLMEngine(str(tiny_engine("qwen3")), device="cpu", num_cache_tokens=96, block_size=8)
+    engine = LLMEngine(str(tiny_engine("qwen3")), device="cpu", num_cache_tokens=96, block_size=8, overlap=overlap)
     outs = engine.generate(ps, GREEDY)
     assert engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == expected
@@ -66,6 +68,43 @@ def test_prefix_cache_hits_give_same_tokens(alone, tiny_engine):
     solo = LLMEngine(str(tiny_engine("qwen3")), device="cpu", num_cache_tokens=4096, block_size=8,
                      enable_prefix_caching=False).generate([shared], GREEDY)[0]
     assert engine.generate([shared], GREEDY)[0].token_ids == solo.token_ids
+
+
+def test_overlap_steps_like_plain_stepping(alone, tiny_engine):
+    """Overlapped stepping (the next decode step launched before this one's tokens are read) gives what plain
+    stepping gives (a request added while a lookahead is in flight joins one step later): stop tokens and length limits met inside a lookahead, seeded sampling, requests
+    joining and one aborted while a lookahead holds it; every block comes back."""
+    ps, _ = alone
+    path = str(tiny_engine("qwen3"))
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    free_run = LLMEngine(path, device="cpu", num_cache_tokens=1024).generate([ps[1]], sampled)[0].token_ids
+    # a token that request 1 first samples at its k-th step, k >= 4: it stops there (others may stop on it too)
+    k, stop = next((k, t) for k, t in enumerate(free_run) if k >= 3 and t not in free_run[:k])
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=[stop]) for m in (20, 3, 9)]
+    params.insert(1, SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True, stop_token_ids=[stop]))
+    params += [SamplingParams(max_tokens=15, temperature=0.9, top_p=0.8, seed=s) for s in (1, 2)]
+
+    def run(overlap: bool):
+        engine = LLMEngine(path, device="cpu", num_cache_tokens=4096, block_size=8, overlap=overlap)
+        ids = [engine.add_request(p, sp) for p, sp in zip(ps[:4], params[:4])]
+        finals, steps, lookaheads = {}, 0, 0
+        while engine.has_unfinished():
+            finals.update((o.request_id, (o.token_ids, o.finish_reason)) for o in engine.step() if o.finished)
+            lookaheads += engine._in_flight is not None
+            steps += 1
+            if steps == 3:
+                ids += [engine.add_request(p, sp) for p, sp in zip(ps[4:], params[4:])]
+            if steps == 8:
+                engine.abort(ids[0])
+        engine.step()  # commits a lookahead left in flight, if any (its sequences have all finished)
+        return [finals.get(i) for i in ids], steps, lookaheads, count_cached_only(engine)
+
+    plain, overlapped = run(False), run(True)
+    assert overlapped[0] == plain[0]
+    assert plain[2] == 0 and overlapped[2] > 0.5 * overlapped[1]  # most steps overlapped
+    assert plain[0][0] is None and plain[0][1] == (free_run[:k], "stop")  # aborted; stopped
+    assert plain[0][2][1] == "length" and len(plain[0][2][0]) == 3
+    assert overlapped[3] == plain[3] == 0
 
 
 def test_paged_logits_equal_dense(tiny_engine):

@@ -1,0 +1,107 @@
+"""Where one batch-1 decode step's wall time goes: host work, launch gaps inside the CUDA graph, kernels.
+
+    python benchmarks/decode_anatomy.py [--preset qwen3-8b] [--configs bf16,w8,w4g128] [--json FILE]
+
+Per config (random weights, 512-token prompt, then steady decode):
+- step_ms: wall time of engine.step() (scheduling, input copies, graph replay, sampling, the token sync),
+  with overlapped stepping (the default on a GPU); plain_step_ms without it;
+- replay_ms: back-to-back replays of the batch-1 graph alone (GPU time with in-graph gaps, no host work);
+- kernel_ms / kernels: the sum of the graph's kernel durations and their count (torch profiler);
+so host = step - replay and in-graph gaps = replay - kernels. Kernel time is split by kind as in
+runtime_gpu.decode_step_profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime_gpu import KERNEL_KINDS, W8, W8A8, engine_for, free  # noqa: E402
+
+from lmconvert.runtime import SamplingParams  # noqa: E402
+
+CONFIGS = {"bf16": None, "w8": W8, "w4g128": {"bits": 4, "group_size": 128}, "w8a8": W8A8}
+
+
+def _timed(fn, n: int) -> float:
+    """Milliseconds per call of fn over n calls, synchronized once at the end."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def graph_kernels(replay, steps: int = 20) -> tuple[float, int, dict, list]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    total, count, kinds, names = 0.0, 0, {}, []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not us:
+            continue
+        name = evt.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        kinds[kind] = round(kinds.get(kind, 0.0) + us / steps / 1e3, 4)
+        total += us / steps / 1e3
+        count += evt.count
+        names.append((round(us / steps, 1), evt.count // steps, evt.key[:70]))
+    return total, count // steps, kinds, sorted(names, reverse=True)
+
+
+def anatomy(preset: str, quant) -> dict:
+    engine = engine_for(preset, quant, 8, 2048)
+    plain_ms = _decode_ms(engine, overlap=False)
+    step_ms = _decode_ms(engine, overlap=True)
+    replay = engine.runner.graphs.graphs[1].replay
+    replay_ms = _timed(replay, 200)
+    kernel_ms, kernels, kinds, names = graph_kernels(replay)
+    del engine
+    free()
+    return {"step_ms": round(step_ms, 4), "tok_s": round(1e3 / step_ms, 1), "replay_ms": round(replay_ms, 4),
+            "plain_step_ms": round(plain_ms, 4), "plain_tok_s": round(1e3 / plain_ms, 1),
+            "kernel_ms": round(kernel_ms, 4), "kernels": kernels, "host_ms": round(step_ms - replay_ms, 4),
+            "gaps_ms": round(replay_ms - kernel_ms, 4), "kernel_ms_by_kind": kinds, "kernels_us_count_name": names}
+
+
+def _decode_ms(engine, overlap: bool) -> float:
+    """Wall milliseconds per engine.step() in steady batch-1 decode, with or without overlapped stepping."""
+    engine.overlap = overlap
+    rid = engine.add_request(list(range(100, 612)), SamplingParams(max_tokens=1200, temperature=0, ignore_eos=True))
+    for _ in range(10):
+        engine.step()
+    ms = _timed(engine.step, 200)
+    engine.abort(rid)
+    engine.step()  # commits what is still in flight
+    return ms
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-8b")
+    ap.add_argument("--configs", default="bf16,w8,w4g128")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name in args.configs.split(","):
+        results[name] = anatomy(args.preset, CONFIGS[name])
+        print(name, json.dumps(results[name]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
