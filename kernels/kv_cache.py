@@ -51,6 +51,18 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=N
 
 
 @triton.jit
+def int8_scale_zero(lo, hi, STEP: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """fp16 (scale, zero) of a row with range [lo, hi] (module docstring)."""
+    scale = tl.maximum((hi - lo) * STEP, MIN_SCALE).to(tl.float16)
+    return scale, (lo + 128 * scale.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def int8_codes(x, scale, zero):
+    return tl.clamp(tl.floor((x - zero.to(tl.float32)) / scale.to(tl.float32) + 0.5), -128.0, 127.0).to(tl.int8)
+
+
+@triton.jit
 def _store_row(src_ptr, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr, STEP: tl.constexpr,
                MIN_SCALE: tl.constexpr):
     """One (token, KV head) row of D values into cache row `row` (= slot * KVH + head)."""
@@ -59,10 +71,8 @@ def _store_row(src_ptr, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr,
         x = x.to(tl.float32)
         lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
         hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
-        scale = tl.maximum((hi - lo) * STEP, MIN_SCALE).to(tl.float16)
-        zero = (lo + 128 * scale.to(tl.float32)).to(tl.float16)
-        q = tl.floor((x - zero.to(tl.float32)) / scale.to(tl.float32) + 0.5)
-        tl.store(dst_ptr + row * D + d, tl.clamp(q, -128.0, 127.0).to(tl.int8), mask=mask)
+        scale, zero = int8_scale_zero(lo, hi, STEP, MIN_SCALE)
+        tl.store(dst_ptr + row * D + d, int8_codes(x, scale, zero), mask=mask)
         tl.store(sz_ptr + row * 2, scale)
         tl.store(sz_ptr + row * 2 + 1, zero)
     else:

@@ -94,27 +94,34 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window
         self.qkv_proj = Linear(quant)
         self.o_proj = Linear(quant)
+        self.eps = cfg.rms_norm_eps
         self.q_norm = RMSNorm(cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.rms_norm_eps) if cfg.qk_norm else None
         # [num_blocks, block_size, Hkv, D], attached by the model runner; int8 KV adds (scale, zero) pools
         self.k_cache = self.v_cache = self.k_scales = self.v_scales = None
 
+    def _qk_norm_weights(self):
+        return (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+
     def forward(self, positions, x, rope_cache):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qkv = self.qkv_proj(x)
+        ctx = get_context()
+        if ctx.paged:  # one fused launch: q/k norm, RoPE, K/V into the cache
+            q = kernels.rope_and_store(qkv, self.num_heads, positions, rope_cache, self.k_cache, self.v_cache,
+                                       ctx.slot_mapping, *self._qk_norm_weights(), self.eps, self.k_scales,
+                                       self.v_scales)
+            o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                                        ctx.context_lens, self.scale, self.sliding_window, self.k_scales, self.v_scales)
+            return self.o_proj(o.reshape(T, -1))
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.apply_rope(q, k, positions, rope_cache)
-        ctx = get_context()
-        if ctx.paged:
-            kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scales, self.v_scales)
-            o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
-                                        ctx.context_lens, self.scale, self.sliding_window, self.k_scales, self.v_scales)
-        else:
-            o = dense_causal_attention(q, k, v, ctx.cu_seqlens_q.tolist(), self.scale, self.sliding_window)
+        o = dense_causal_attention(q, k, v, ctx.cu_seqlens_q.tolist(), self.scale, self.sliding_window)
         return self.o_proj(o.reshape(T, -1))
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmconvert.kernels import int8_linear as il
-from lmconvert.kernels import kv_cache, norm, paged_attention_triton, quant_linear as ql, rope
+from lmconvert.kernels import kv_cache, norm, paged_attention_triton, qkv_store, quant_linear as ql, rope
 from lmconvert.kernels import activation
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KiB)
@@ -117,6 +117,11 @@ def _gpu_launches():
                 torch.full((2,), 100, dtype=torch.int32), D**-0.5, sliding_window=64, max_seqlen_q=100, **kv)
             kv_cache.store_kv_triton(torch.randn(5, KVH, D, dtype=dt), torch.randn(5, KVH, D, dtype=dt), cache, cache,
                                      torch.arange(5, dtype=torch.int64), scales, scales)
+            for norm_w in (None, torch.ones(D, dtype=dt)):  # llama-like, Qwen3's q/k norm
+                qkv_store.rope_and_store_triton(torch.randn(5, (H + 2 * KVH) * D, dtype=dt), H, torch.arange(5),
+                                                rope.build_rope_cache(D, 64, 1e6), cache, cache,
+                                                torch.arange(5, dtype=torch.int64), norm_w, norm_w, 1e-6, scales,
+                                                scales)
     x = torch.randn(5, 4096, dtype=dt)
     norm.rms_norm_triton(x, torch.ones(4096, dtype=dt), 1e-6)
     norm.rms_norm_triton(x, torch.ones(4096, dtype=dt), 1e-6, residual=x.clone())
@@ -154,7 +159,7 @@ def test_every_gpu_launch_compiles_for_sm90(recorded, tmp_path):
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     names = {launch["name"] for launch in unique}
     assert {"gemv_kernel", "fused_kernel", "dequant_kernel", "int8_gemm_kernel", "quantize_rows_kernel",
-            "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel"} <= names, names
+            "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_rope_and_store_kernel"} <= names, names
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
