@@ -145,7 +145,7 @@ def compiled_triton_kernels() -> int:
 KERNEL_KINDS = (("attention", ("paged", "attn", "flash", "_decode", "_prefill", "_merge")),
                 ("W4/W8 GEMV/GEMM", ("gemv", "w4", "w8", "quant", "dequant")),
                 ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "sm90", "xmma")), ("norm", ("norm",)), ("rope", ("rope",)),
-                ("silu*mul", ("silu",)), ("kv store", ("store_kv",)), ("all-reduce", ("nccl", "allreduce")))
+                ("silu*mul", ("silu",)), ("kv store", ("store_kv",)), ("all-reduce", ("nccl", "allreduce", "all_reduce")))
 
 
 def decode_step_profile(engine: LLMEngine, steps: int = 20) -> dict:
