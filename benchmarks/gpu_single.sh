@@ -2,7 +2,8 @@
 # One device call, one GPU: every single-GPU figure of the kernel, runtime, W8A8 and int8-KV issues.
 #   OUT=/some/dir bash benchmarks/gpu_single.sh      (the device tool sets OUT)
 # Each part has its own time limit, writes its log and JSON under $OUT as it goes, and a failing part
-# does not stop the next. Budget: about 9.7 minutes in all (WITH_LINEARS=1 adds the W4/W8 decode linears).
+# does not stop the next. Budget: about 9.7 minutes in all (WITH_LINEARS=1 adds the W4/W8 decode linears,
+# SKIP_NCU=1 drops the ncu profile of the attention kernel).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lmconvert-gpu}
@@ -22,6 +23,6 @@ part w8a8 ${LIMIT_W8A8:-80} python3 benchmarks/kernels.py --w8a8 --json "$OUT/ke
 part attention ${LIMIT_ATTENTION:-110} python3 benchmarks/kernels.py --attention --attention-sweep --json "$OUT/kernels_attention.json"
 part runtime ${LIMIT_RUNTIME:-320} python3 benchmarks/runtime_gpu.py --json "$OUT/runtime.json"
 [ -n "${WITH_LINEARS:-}" ] && part linears ${LIMIT_LINEARS:-120} python3 benchmarks/kernels.py --decode --json "$OUT/kernels_decode.json"
-part ncu_attention ${LIMIT_NCU:-70} ncu --kernel-name regex:_decode_kernel --launch-skip 2 --launch-count 5 \
+[ -z "${SKIP_NCU:-}" ] && part ncu_attention ${LIMIT_NCU:-70} ncu --kernel-name regex:_decode_kernel --launch-skip 2 --launch-count 5 \
   --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
   python3 benchmarks/ncu_attention.py
