@@ -25,6 +25,9 @@ ENGINE_OPTIONS = [
                  help="Store the KV cache as int8 with per-token, per-head scales: about twice the tokens."),
     click.option("--quant-policy", type=click.Choice(["0", "8"]), default=None,
                  help="LMDeploy's spelling of the KV cache type: 8 = --kv-int8, 0 = the compute dtype."),
+    click.option("--overlap/--no-overlap", default=None,
+                 help="Launch the next decode step before reading this one's tokens, so host work overlaps the "
+                      "GPU (default: on with a GPU, off on CPU)."),
 ]
 
 SAMPLING_OPTIONS = [
@@ -64,7 +67,7 @@ def build_engine(model: str, opts: dict, **extra):
     from lmconvert.runtime import LLMEngine
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
-            "cache_max_entry_count", "block_size", "num_cache_tokens", "tp")
+            "cache_max_entry_count", "block_size", "num_cache_tokens", "tp", "overlap")
     return LLMEngine(model, **{k: opts[k] for k in keys}, kv_int8=kv_int8_option(opts), **extra)
 
 

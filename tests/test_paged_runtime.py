@@ -146,3 +146,16 @@ def test_block_manager_refcounts():
     bm.free_seq(a)
     bm.free_seq(b)
     assert bm.num_free == 4
+
+
+def test_cli_overlap_flag(tiny_engine):
+    """`--overlap` (a GPU's default, forced here on CPU) prints what `--no-overlap` prints, seeded sampling too."""
+    from click.testing import CliRunner
+
+    from lmconvert.cli import main
+
+    base = ["generate", str(tiny_engine("qwen3")), "--prompt", "The quick brown fox", "--device", "cpu",
+            "--max-new-tokens", "12", "--num-cache-tokens", "256", "--temperature", "0.8", "--seed", "3"]
+    plain, overlapped = (CliRunner().invoke(main, base + [flag]) for flag in ("--no-overlap", "--overlap"))
+    assert plain.exit_code == overlapped.exit_code == 0, plain.output + overlapped.output
+    assert overlapped.output == plain.output and plain.output.strip()

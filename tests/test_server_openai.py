@@ -16,7 +16,8 @@ QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
 
 @pytest.fixture(scope="module")
 def client(smollm2_engine):
-    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024)
+    # overlapped stepping (a GPU's default) on CPU too: streaming, stop strings and limits go through lookaheads
+    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024, overlap=True)
     with BackgroundServer(create_app(engine, "smollm2", api_keys=("sk-local",))) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-local", max_retries=0, timeout=300)
 
