@@ -1,0 +1,78 @@
+"""All-reduce of decode-sized bf16 messages on the GPUs of one host: NCCL against torch's one-shot all-reduce
+over symmetric memory (P2P loads, no multicast), checked against each other, then timed inside CUDA graphs
+(back-to-back, so the time is the collective's own latency, without rank skew).
+
+    python benchmarks/allreduce_micro.py [--gpus 2]
+"""
+
+import argparse
+import os
+import tempfile
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+SHAPES = [(1, 4096), (1, 5120), (8, 5120), (64, 4096), (192, 5120), (256, 4096)]
+MAX_ELEMS = 1 << 20
+
+
+def graph_us(fn, reps: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    dist.barrier()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (5 * reps)
+
+
+def worker(rank: int, world: int, init: str) -> None:
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, device_id=dev)
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    name = dist.group.WORLD.group_name
+    buf = symm_mem.empty(MAX_ELEMS, dtype=torch.bfloat16, device=dev)
+    handle = symm_mem.rendezvous(buf, name)
+    handle.barrier()
+    for T, hidden in SHAPES:
+        x = torch.randn(T, hidden, device=dev, dtype=torch.bfloat16, generator=torch.Generator(dev).manual_seed(rank))
+        ref = x.clone()
+        dist.all_reduce(ref)
+        n = x.numel()
+        one = torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:n].view_as(x), x, "sum", name)
+        torch.cuda.synchronize()
+        err = (one.float() - ref.float()).abs().max().item()
+        nccl_us = graph_us(lambda: dist.all_reduce(x))
+        one_us = graph_us(lambda: torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:n].view_as(x), x, "sum", name))
+        if rank == 0:
+            print(f"{T} x {hidden}: max diff {err:.3g}; in a graph: NCCL {nccl_us:.1f} us, one-shot {one_us:.1f} us",
+                  flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=2)
+    args = ap.parse_args()
+    init = "file://" + os.path.join(tempfile.mkdtemp(), "store")
+    mp.spawn(worker, args=(args.gpus, init), nprocs=args.gpus)
+
+
+if __name__ == "__main__":
+    main()
