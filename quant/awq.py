@@ -120,9 +120,9 @@ def fold_scale(layer: CalibLayer, group: ScaleGroup, s: torch.Tensor, x: torch.T
 
 
 def fitted_block_loss(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, s: torch.Tensor, n_loss: int,
-                      spec: QuantSpec, steps: int, target: torch.Tensor) -> tuple[float, tuple]:
-    """Block loss with the linear quantized as it will be: W s on a grid fitted to the inputs x / s; and that
-    grid (scales, zeros), which is the one the layer keeps if s is chosen."""
+                      spec: QuantSpec, steps: int, target: torch.Tensor) -> float:
+    """Block loss with the linear quantized about as it will be: W s on a grid fitted to the inputs x / s
+    (with a shorter range search than the final fit: this only ranks two candidates)."""
     w = layer.weight(group.linear)
     ws = w * s
     scales, zeros = fit_grid(ws, group_gram(x / s, spec.group_size), spec.bits, spec.symmetric, spec.dtype, steps,
@@ -131,13 +131,12 @@ def fitted_block_loss(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, s: 
         layer.set_weight(group.linear, snap_to_grid(ws, scales, zeros, spec.bits).div_(s))
         loss = (run_block(layer, group, x[:n_loss]) - target).pow(2).mean().item()
     layer.set_weight(group.linear, w)
-    return loss, (scales, zeros)
+    return loss
 
 
 def choose_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: int, spec: QuantSpec, grid: int,
-                 fit_steps: int | None) -> tuple[torch.Tensor, tuple | None]:
-    """search_scale's pick, checked against no scaling with the fitted grid (fit_steps) when there is one;
-    -> (scales, the winner's fitted grid or None).
+                 fit_steps: int | None) -> torch.Tensor:
+    """search_scale's pick, checked against no scaling with the fitted grid (fit_steps) when there is one.
 
     The search scores exponents with a plain min/max grid; the fitted grid can make scaling unnecessary
     (weights that already sit on a 4-bit grid, e.g. from a GGUF), so both finalists are scored as written.
@@ -147,8 +146,7 @@ def choose_scale(layer: CalibLayer, group: ScaleGroup, x: torch.Tensor, n_loss: 
         target = run_block(layer, group, x[:n_loss])
     s, _ = search_scale(layer, group, x, n_loss, spec, grid, target)
     if not fit_steps:
-        return s, None
-    scored = [(c, *fitted_block_loss(layer, group, x, c, n_loss, spec, fit_steps, target))
+        return s
+    scored = [(c, fitted_block_loss(layer, group, x, c, n_loss, spec, fit_steps, target))
               for c in (s, torch.ones_like(s))]
-    best, _, fitted = min(scored, key=lambda c: c[1])  # a tie keeps the searched scales
-    return best, fitted
+    return min(scored, key=lambda c: c[1])[0]  # a tie keeps the searched scales

@@ -24,7 +24,7 @@ class QuantConfig:
     calib_samples: int = 16
     calib_seqlen: int = 512
     loss_tokens: int = 512  # calibration tokens the scale search evaluates block outputs on
-    grid: int = 10  # scale-search points (exponents 0, 1/grid, ...); the range search of the grid fit: grid // 2
+    grid: int = 10  # scale-search points (exponents 0, 1/grid, ...); the grid fit's range search: grid // 2 cuts per end
     device: str = "cpu"
     seed: int = 0
 

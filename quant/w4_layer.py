@@ -15,8 +15,6 @@ from lmconvert.quant.primitives import fake_quantize, group_params, grid_values,
 
 
 KEEP_QK = False
-# linears whose rows a later scale group divides (v rows by o's scales, up rows by down's): refit after all folds
-REFOLDED = {"qkv_proj", "gate_up_proj"}
 
 
 @dataclass(slots=True)
@@ -58,6 +56,7 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     h [T, hidden]: this layer's input, i.e. the previous *quantized* layer's output on the calibration set.
     """
     fit_steps = max(1, qc.grid // 2)
+    score_steps = 1  # ranking two scale candidates: the min/max grid, least-squares refitted, is enough
     n_loss = min(h.shape[0], max(1, qc.loss_tokens // layer.seqlen) * layer.seqlen)  # whole sequences
     probe = BlockProbe(layer, h[:n_loss])
     loss_rtn = rtn_loss(layer, probe, spec)
@@ -66,20 +65,15 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     inputs = layer.linear_inputs(h)
 
     # 2. AWQ scales, folded into the op before each linear (x is rescaled with them)
-    grids = {}  # name -> (scales, zeros)
     if qc.search_scale:
         for group in SCALE_GROUPS:
-            s, fitted = choose_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid,
-                                     fit_steps if qc.clip else None)
+            s = choose_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid, score_steps if qc.clip else None)
             fold_scale(layer, group, s, inputs[group.linear], spec.dtype)
-            if fitted is not None and group.linear not in REFOLDED:  # fitted to W s and x / s: what step 3 fits
-                grids[group.linear] = fitted
 
-    # 3. the quantization grid of every other linear: ranges and zero points fitted to the block's inputs
+    # 3. the quantization grid of every linear (after all folds): ranges and zero points fitted to its inputs
+    grids = {}  # name -> (scales, zeros)
     for name in LINEARS:
         w = layer.weight(name)
-        if name in grids:
-            continue
         if qc.clip:
             keep = slice(0, layer.cfg.q_size + layer.cfg.kv_size) if name == "qkv_proj" and KEEP_QK else None
             grids[name] = fit_grid(w, group_gram(inputs[name], spec.group_size), spec.bits, spec.symmetric, spec.dtype,
