@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runtime_gpu import KERNEL_KINDS, W8, W8A8, engine_for, free  # noqa: E402
+from runtime_gpu import W8, W8A8, cuda_kernels, engine_for, free  # noqa: E402
 
 from lmconvert.runtime import SamplingParams  # noqa: E402
 
@@ -48,18 +48,13 @@ def graph_kernels(replay, steps: int = 20) -> tuple[float, int, dict, list]:
         for _ in range(steps):
             replay()
         torch.cuda.synchronize()
-    total, count, kinds, names = 0.0, 0, {}, []
-    for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
-        if evt.device_type != torch.autograd.DeviceType.CUDA or not us:
-            continue
-        name = evt.key.lower()
-        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
-        kinds[kind] = round(kinds.get(kind, 0.0) + us / steps / 1e3, 4)
-        total += us / steps / 1e3
-        count += evt.count
-        names.append((round(us / steps, 1), evt.count // steps, evt.key[:70]))
-    return total, count // steps, kinds, sorted(names, reverse=True)
+    kernels = cuda_kernels(prof, steps)
+    kinds: dict[str, float] = {}
+    for us, _, _, kind in kernels:
+        kinds[kind] = round(kinds.get(kind, 0.0) + us / 1e3, 4)
+    total_ms = sum(us for us, *_ in kernels) / 1e3
+    count = sum(n for _, n, _, _ in kernels)
+    return total_ms, count, kinds, [(round(us, 1), n, name[:70]) for us, n, name, _ in kernels]
 
 
 def anatomy(preset: str, quant) -> dict:

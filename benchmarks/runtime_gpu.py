@@ -148,6 +148,18 @@ KERNEL_KINDS = (("attention", ("paged", "attn", "flash", "_decode", "_prefill", 
                 ("silu*mul", ("silu",)), ("kv store", ("store_kv",)), ("all-reduce", ("nccl", "allreduce", "all_reduce")))
 
 
+def cuda_kernels(prof, steps: int) -> list[tuple[float, int, str, str]]:
+    """(us per step, launches per step, name, kind) of every CUDA kernel a torch profiler saw over `steps` steps."""
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not us:
+            continue
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in evt.key.lower() for p in pats)), "other")
+        rows.append((us / steps, evt.count // steps, evt.key, kind))
+    return sorted(rows, reverse=True)
+
+
 def decode_step_profile(engine: LLMEngine, steps: int = 20) -> dict:
     """GPU time of one steady batch-1 decode step by kernel kind (CUDA graph replays; CUPTI sees their kernels)."""
     from torch.profiler import ProfilerActivity, profile
@@ -166,21 +178,13 @@ def decode_step_profile(engine: LLMEngine, steps: int = 20) -> dict:
         torch.cuda.synchronize()
     while engine.has_unfinished():
         engine.step()
+    kernels = cuda_kernels(prof, steps)
     kinds: dict[str, float] = {}
-    top = []
-    for evt in prof.key_averages():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
-        if not us:
-            continue
-        name = evt.key.lower()
-        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us / steps
-        top.append((us / steps, evt.key[:60]))
+    for us, _, _, kind in kernels:
+        kinds[kind] = kinds.get(kind, 0.0) + us
     api = {e.key: e.count for e in prof.key_averages() if e.key in ("cudaGraphLaunch", "cudaLaunchKernel", "cudaMalloc")}
     return {"wall_ms_per_step": start.elapsed_time(end) / steps, "gpu_us_per_step_by_kind": kinds,
-            "top_kernels_us_per_step": sorted(top, reverse=True)[:12], "cuda_api_calls": api}
+            "top_kernels_us_per_step": [(us, name[:60]) for us, _, name, _ in kernels[:12]], "cuda_api_calls": api}
 
 
 def memory_over_requests(engine: LLMEngine, total: int = 1000, wave: int = 100) -> list[dict]:

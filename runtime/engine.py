@@ -136,7 +136,7 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not batch:
                 return []
-            current = _Step(batch, [seq.num_computed + n == seq.num_tokens for seq, n in batch], self.runner.launch(batch))
+            current = _Step(batch, [seq.completes(n) for seq, n in batch], self.runner.launch(batch))
         if self.overlap:
             self._in_flight = self._lookahead(current)
         return self._commit(current)
@@ -154,7 +154,7 @@ class LLMEngine:
             p = seq.params
             if seq.finished or len(seq.output_ids) + 1 >= p.max_tokens or seq.num_tokens + 1 >= self.session_len:
                 continue
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if p.penalized:
                 return None
             if not self.block_manager.ensure_slots(seq, seq.num_tokens + 1):
                 return None  # the pool is short: let the scheduler preempt

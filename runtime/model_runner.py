@@ -118,7 +118,7 @@ class ModelRunner:
             ctx_lens.append(start + n)
             if all_rows:
                 logit_rows += range(cu[-2], cu[-1])
-            elif lookahead or start + n == seq.num_tokens:  # the last known token is in this step: sample after it
+            elif lookahead or seq.completes(n):  # the last known token is in this step: sample after it
                 logit_rows.append(cu[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in batch)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
@@ -135,12 +135,6 @@ class ModelRunner:
         return ids, dev(positions, torch.int64), ctx, logit_rows
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
-        """Computes the step; returns one sampled token per sequence whose known tokens are now all computed."""
-        sampled = self.launch(batch)
-        return [] if sampled is None else sampled.tolist()
-
-    @torch.inference_mode()
     def launch(self, batch: list[tuple[Sequence, int]], input_ids: torch.Tensor | None = None) -> Sampled | None:
         """Enqueues the step and its sampling without waiting for them (on a GPU). input_ids (device, one per
         sequence) makes it a lookahead step: each sequence's next token is what the previous step samples,
@@ -148,7 +142,7 @@ class ModelRunner:
         logits = self.execute(*self._prepare(batch, input_ids=input_ids))
         if logits is None:
             return None
-        sampling_seqs = [seq for seq, n in batch if input_ids is not None or seq.num_computed + n == seq.num_tokens]
+        sampling_seqs = [seq for seq, n in batch if input_ids is not None or seq.completes(n)]
         return Sampled.of(self.sampler(logits, sampling_seqs))
 
     def execute(self, input_ids, positions, ctx: Context, logit_rows: list[int]) -> torch.Tensor | None:

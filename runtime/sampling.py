@@ -26,6 +26,11 @@ class SamplingParams:
             raise ValueError("invalid sampling parameters: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_tokens >= 1")
 
     @property
+    def penalized(self) -> bool:
+        """Repetition / presence / frequency penalties: sampling reads the tokens so far (on the host)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
@@ -38,6 +43,8 @@ def generation_defaults(gen: dict) -> dict:
 
 
 def _apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
+    if not p.penalized:
+        return
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device, dtype=torch.long)
         vals = logits[seen]

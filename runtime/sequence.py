@@ -43,6 +43,10 @@ class Sequence:
             return self.prompt_ids[start:end]
         return self.prompt_ids[start:] + self.output_ids[max(0, start - n_prompt):end - n_prompt]
 
+    def completes(self, n: int) -> bool:
+        """Whether computing its next n tokens puts every known token in the cache: the step then samples."""
+        return self.num_computed + n == self.num_tokens
+
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
