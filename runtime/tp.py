@@ -6,6 +6,9 @@ local config (its share of heads and MLP width), loads it from a ShardedSource a
                    gate_up_proj (gate and up split separately), lm_head (vocab, padded; logits all-gathered)
   row-parallel:    o_proj, down_proj (input dim split, output all-reduced; a bias stays on rank 0)
   replicated:      norms, q/k norms, the embedding table
+A row-parallel output always feeds a residual add + RMSNorm (post-attention norm, the next layer's input
+norm, the final norm), so the all-reduce happens there: on GPUs with P2P access, decode-sized batches take
+one fused kernel (kernels/allreduce_norm.py), larger ones NCCL followed by the norm.
 Quantized tensors keep the engine layout ([K/8 | K/G | K, N]): a column split cuts N, a row split cuts K,
 which must fall on group boundaries. An act-order `input_perm` [K] stays whole on a column-parallel linear
 (every rank reads the whole input); on a row-parallel one it must map each rank's slice of K onto itself.
@@ -14,12 +17,16 @@ which must fall on group boundaries. An act-order `input_perm` [K] stays whole o
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from lmconvert import kernels
 from lmconvert.config import ModelConfig
 from lmconvert.errors import UserError
+from lmconvert.kernels.allreduce_norm import PeerBuffers, all_reduce_rms_norm
 
 QUANT_ATTRS = ("qweight", "scales", "zeros")
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
@@ -141,11 +148,50 @@ class ShardedSource:
         return out
 
 
-def apply_tp(model, world: int, vocab_size: int, group=None) -> None:
-    """All-reduce after the row-parallel Linears, all-gather of the vocab-parallel logits (forward hooks)."""
+FUSED_MAX_ROWS = 16  # tokens a step up to which the fused kernel all-reduces (decode batches); NCCL above
 
-    def all_reduce(_module, _inputs, out):
-        dist.all_reduce(out, group=group)
+
+def peer_buffers(device: torch.device, hidden: int, group=None) -> PeerBuffers | None:
+    """Receive buffers of the fused all-reduce in symmetric memory, every rank's mapped into each process.
+
+    None (NCCL everywhere) off CUDA, without P2P access between all GPUs, for an odd hidden size, or with
+    LMCONVERT_TP_ALLREDUCE=nccl."""
+    world = dist.get_world_size(group)
+    if (device.type != "cuda" or hidden % 2 or os.environ.get("LMCONVERT_TP_ALLREDUCE", "fused") == "nccl"
+            or not all(torch.cuda.can_device_access_peer(device.index, peer)
+                       for peer in range(torch.cuda.device_count()) if peer != device.index)):
+        return None
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # P2P stores only, no NVLink multicast
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    shape = PeerBuffers.shape(world, FUSED_MAX_ROWS, hidden // 2)
+    recv = symm_mem.empty(*shape, dtype=torch.int64, device=device).zero_()
+    handle = symm_mem.rendezvous(recv, (group or dist.group.WORLD).group_name)
+    peers = torch.tensor([handle.get_buffer(r, shape, torch.int64).data_ptr() for r in range(world)],
+                         dtype=torch.int64, device=device)
+    handle.barrier()  # every buffer is zeroed before any rank can write into it
+    return PeerBuffers(dist.get_rank(group), world, FUSED_MAX_ROWS, hidden // 2, recv, peers,
+                       torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device),
+                       torch.zeros(1, dtype=torch.int32, device=device))
+
+
+class ReducingRMSNorm(nn.Module):
+    """norm(x, residual) where x is a rank's partial sum: all-reduce x, then the residual add and RMSNorm."""
+
+    def __init__(self, norm: nn.Module, group, bufs: PeerBuffers | None):
+        super().__init__()
+        self.norm, self.group, self.bufs = norm, group, bufs
+
+    def forward(self, x, residual):
+        if self.bufs is not None and self.bufs.fits(x):
+            return all_reduce_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.bufs)
+        dist.all_reduce(x, group=self.group)
+        return kernels.rms_norm(x, self.norm.weight, self.norm.eps, residual)
+
+
+def apply_tp(model, world: int, vocab_size: int, group=None, bufs: PeerBuffers | None = None) -> None:
+    """Row-parallel outputs are all-reduced by the norms that take them in (module docstring); the
+    vocab-parallel logits are all-gathered (a forward hook)."""
 
     def all_gather(_module, _inputs, out):
         T, per = out.shape
@@ -153,7 +199,9 @@ def apply_tp(model, world: int, vocab_size: int, group=None) -> None:
         _gather_into(full, out.contiguous(), group=group)
         return full.view(world, T, per).transpose(0, 1).reshape(T, world * per)[:, :vocab_size]
 
-    for layer in model.layers:
-        layer.self_attn.o_proj.register_forward_hook(all_reduce)
-        layer.mlp.down_proj.register_forward_hook(all_reduce)
+    for i, layer in enumerate(model.layers):
+        layer.post_attn_norm = ReducingRMSNorm(layer.post_attn_norm, group, bufs)  # after o_proj
+        if i:  # after the previous layer's down_proj (layer 0's input is the embedding)
+            layer.input_norm = ReducingRMSNorm(layer.input_norm, group, bufs)
+    model.norm = ReducingRMSNorm(model.norm, group, bufs)
     model.lm_head.register_forward_hook(all_gather)

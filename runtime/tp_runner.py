@@ -26,7 +26,7 @@ from lmconvert.errors import UserError
 from lmconvert.runtime.context import Context
 from lmconvert.runtime.dist import Launch, close_group, init_group, rank_device, spawn_workers, torchrun_ranks
 from lmconvert.runtime.model_runner import ModelRunner
-from lmconvert.runtime.tp import ShardedSource, apply_tp
+from lmconvert.runtime.tp import ShardedSource, apply_tp, peer_buffers
 
 EXIT, STEP, DENSE = 0, 1, 2
 HEADER = 8  # [command, payload length, T, B, block-table width, logit rows, max query len, ids on the GPU]
@@ -43,7 +43,8 @@ class TPRunner(ModelRunner):
 
     def _load_model(self, source: ShardedSource):
         model = super()._load_model(source)
-        apply_tp(model, self.world, source.full_config.vocab_size)
+        self.peer_buffers = peer_buffers(self.device, source.config.hidden_size)
+        apply_tp(model, self.world, source.full_config.vocab_size, bufs=self.peer_buffers)
         return model
 
     def _count_blocks(self, num_cache_tokens, fraction) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from lmconvert.kernels import int8_linear as il
 from lmconvert.kernels import kv_cache, norm, paged_attention_triton, qkv_store, quant_linear as ql, rope
-from lmconvert.kernels import activation
+from lmconvert.kernels import activation, allreduce_norm
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KiB)
 PREFILL_AND_DECODE_M = (1, 16, 64, 65)  # 65: the prefill bucket, as 2048 would be, at a smaller CPU cost
@@ -129,6 +129,13 @@ def _gpu_launches():
     cache = rope.build_rope_cache(D, 64, 1e6)
     rope.apply_rope_triton(torch.randn(5, H * D, dtype=dt), torch.randn(5, KVH * D, dtype=dt),
                            torch.arange(5), cache)
+    for world, hidden, dtype in ((2, 4096, dt), (2, 5120, dt), (4, 4096, torch.float16)):  # TP's fused all-reduce
+        x = torch.randn(1, hidden, dtype=dtype)
+        for rank in range(world):
+            bufs = allreduce_norm.PeerBuffers(rank, world, 16, hidden // 2, torch.zeros(1, dtype=torch.int64),
+                                              torch.zeros(world, dtype=torch.int64), torch.zeros(16, dtype=torch.int32),
+                                              torch.zeros(1, dtype=torch.int32))
+            allreduce_norm.all_reduce_rms_norm(x, x, torch.ones(hidden, dtype=dtype), 1e-6, bufs)
 
 
 def compile_all(path: str) -> None:
@@ -159,7 +166,8 @@ def test_every_gpu_launch_compiles_for_sm90(recorded, tmp_path):
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     names = {launch["name"] for launch in unique}
     assert {"gemv_kernel", "fused_kernel", "dequant_kernel", "int8_gemm_kernel", "quantize_rows_kernel",
-            "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_rope_and_store_kernel"} <= names, names
+            "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_rope_and_store_kernel",
+            "_all_reduce_rms_norm_kernel"} <= names, names
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
