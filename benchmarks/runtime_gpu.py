@@ -142,10 +142,11 @@ def compiled_triton_kernels() -> int:
 
 
 # (kind, name fragments): the first kind whose fragment is in a kernel's name takes its time
-KERNEL_KINDS = (("attention", ("paged", "attn", "flash", "_decode", "_prefill", "_merge")),
+KERNEL_KINDS = (("all-reduce", ("nccl", "allreduce", "all_reduce")),  # first: the fused all-reduce + norm counts here
+                ("attention", ("paged", "attn", "flash", "_decode", "_prefill", "_merge")),
                 ("W4/W8 GEMV/GEMM", ("gemv", "w4", "w8", "quant", "dequant")),
                 ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "sm90", "xmma")), ("norm", ("norm",)), ("rope", ("rope",)),
-                ("silu*mul", ("silu",)), ("kv store", ("store_kv",)), ("all-reduce", ("nccl", "allreduce", "all_reduce")))
+                ("silu*mul", ("silu",)), ("kv store", ("store_kv",)))
 
 
 def cuda_kernels(prof, steps: int) -> list[tuple[float, int, str, str]]:
