@@ -37,29 +37,41 @@ def group_error(w: torch.Tensor, wq: torch.Tensor, gram: torch.Tensor) -> torch.
     return ((d @ gram) * d).sum(-1).t()
 
 
-def refit(w: torch.Tensor, q: torch.Tensor, gram: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-          symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """H_g-weighted least-squares (s, z) for fixed codes q; groups where the fit is degenerate keep theirs."""
-    G = gram.shape[-1]
-    qg, wg = _grouped(q, G), _grouped(w, G)  # [K/G, N, G]
-    if symmetric:  # w ~ s (q - z) with z fixed
-        a = qg - zeros.t().unsqueeze(-1)
-        ha = a @ gram
-        num, den = (ha * wg).sum(-1), (ha * a).sum(-1)
-        s = (num / den.clamp(min=1e-30)).t()
-        ok = (den.t() > 1e-20) & (s > 0)
-        return torch.where(ok, s.to(dtype).float(), scales), zeros
-    hq = qg @ gram
-    h1 = gram.sum(-1).unsqueeze(1)  # H_g 1, [K/G, 1, G]
-    a11, a12, a22 = (hq * qg).sum(-1), hq.sum(-1), h1.sum(-1)
-    b1, b2 = (hq * wg).sum(-1), (h1 * wg).sum(-1)
-    det = a11 * a22 - a12 * a12
-    s = ((a22 * b1 - a12 * b2) / det.where(det.abs() > 1e-20, torch.ones_like(det))).t()
-    ok = (det.t().abs() > 1e-20 * (a11 * a22).t().clamp(min=1e-30)) & (s > 0)
-    s = torch.where(ok, s, scales).to(dtype).float()
-    m = ((b2 - s.t() * a12) / a22.clamp(min=1e-30)).t()  # best offset for the rounded scale
-    z = torch.where(ok, (-m / s).to(dtype).float(), zeros)
-    return s, z
+class _GroupedRows:
+    """A block of rows of w in the groups-first layout [K/G, N, G] (one contiguous copy, made once), with the
+    products of w and H_g that every refit reuses; scales and zeros here are [K/G, N]."""
+
+    def __init__(self, w: torch.Tensor, gram: torch.Tensor, bits: int, dtype: torch.dtype):
+        self.w = _grouped(w.float(), gram.shape[-1]).contiguous()
+        self.gram, self.qmax, self.dtype = gram, 2**bits - 1, dtype
+        self.h1 = gram.sum(-1).unsqueeze(1)  # H_g 1, [K/G, 1, G]
+        self.hw = self.w @ gram  # H_g w (H_g is symmetric)
+        self.b2 = (self.h1 * self.w).sum(-1)  # 1^T H_g w
+
+    def codes(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(z.unsqueeze(-1), self.w, s.reciprocal().unsqueeze(-1)).round_().clamp_(0, self.qmax)
+
+    def error(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        d = torch.addcmul(self.w, self.codes(s, z).sub_(z.unsqueeze(-1)), s.unsqueeze(-1), value=-1.0)  # w - wq
+        return ((d @ self.gram).mul_(d)).sum(-1)
+
+    def refit(self, s: torch.Tensor, z: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """H_g-weighted least-squares (s, z) for the codes of (s, z); groups where the fit is degenerate keep theirs."""
+        q = self.codes(s, z)
+        if symmetric:  # w ~ s (q - z) with z fixed
+            a = q - z.unsqueeze(-1)
+            num, den = (a * self.hw).sum(-1), (a @ self.gram).mul_(a).sum(-1)
+            s_new = num / den.clamp(min=1e-30)
+            return torch.where((den > 1e-20) & (s_new > 0), s_new.to(self.dtype).float(), s), z
+        a11, a12 = (q @ self.gram).mul_(q).sum(-1), (q * self.h1).sum(-1)
+        a22 = self.h1.sum(-1)  # [K/G, 1]
+        b1 = (q * self.hw).sum(-1)
+        det = a11 * a22 - a12 * a12
+        s_new = (a22 * b1 - a12 * self.b2) / det.where(det.abs() > 1e-20, torch.ones_like(det))
+        ok = (det.abs() > 1e-20 * (a11 * a22).clamp(min=1e-30)) & (s_new > 0)
+        s_new = torch.where(ok, s_new, s).to(self.dtype).float()
+        m = (self.b2 - s_new * a12) / a22.clamp(min=1e-30)  # best offset for the rounded scale
+        return s_new, torch.where(ok, (-m / s_new).to(self.dtype).float(), z)
 
 
 def fit_grid(w: torch.Tensor, gram: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype, steps: int,
@@ -99,23 +111,25 @@ def _start_grids(w, G, bits, symmetric, dtype, steps, max_shrink, integer_zero):
 
 
 def _fit_rows(w, gram, bits, symmetric, dtype, steps, max_shrink, integer_zero):
-    best = None  # (scales, zeros, error) per group
+    rows = _GroupedRows(w, gram, bits, dtype)
+    best = None  # (scales, zeros, error) per group, [K/G, N]
 
     def keep_better(s, z):
-        err = group_error(w, grid_values(round_to_grid(w, s, z, bits), s, z), gram)
+        err = rows.error(s, z)
         if best is None:
             return s, z, err
         better = err < best[2]
         return torch.where(better, s, best[0]), torch.where(better, z, best[1]), torch.where(better, err, best[2])
 
     for s, z in _start_grids(w, gram.shape[-1], bits, symmetric, dtype, steps, max_shrink, integer_zero):
+        s, z = s.t().contiguous(), z.t().contiguous()
         if best is None:  # the plain grid, unrefitted, is the baseline every refit must beat
             best = keep_better(s, z)
         for _ in range(REFITS):
-            s, z = refit(w, round_to_grid(w, s, z, bits), gram, s, z, symmetric, dtype)
+            s, z = rows.refit(s, z, symmetric)
         best = keep_better(s, z)
     s, z = best[0], best[1]
     for _ in range(POLISH):
-        s, z = refit(w, round_to_grid(w, s, z, bits), gram, s, z, symmetric, dtype)
+        s, z = rows.refit(s, z, symmetric)
         best = keep_better(s, z)
-    return best[0], best[1]
+    return best[0].t().contiguous(), best[1].t().contiguous()

@@ -6,6 +6,7 @@ input is the previous quantized layer's output, so each layer corrects for the e
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import time
@@ -56,6 +57,16 @@ def resolve_device(name: str | None) -> torch.device:
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Without it peak RSS grew
+    ~40 MiB a layer: as big temporaries come and go glibc raises its mmap threshold, later ones are carved
+    from the heap, and the heap's free holes stay resident (1831 MiB instead of ~1300 on the 1.5 GB model)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _progress() -> Progress:
@@ -117,6 +128,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
             writer.write_layer(i, out)
             result.bytes_after += _nbytes(out)
             del out
+            _return_freed_memory()
             bar.update(task, advance=1, loss=loss)
         writer.write_config(out_cfg, source.generation_config)
     result.path = writer.dst
