@@ -38,34 +38,35 @@ def group_error(w: torch.Tensor, wq: torch.Tensor, gram: torch.Tensor) -> torch.
 
 
 class _GroupedRows:
-    """A block of rows of w in the groups-first layout [K/G, N, G] (one contiguous copy, made once), with the
-    products of w and H_g that every refit reuses; scales and zeros here are [K/G, N]."""
+    """A block of rows of w in the groups-first layout [K/G, N, G] (one contiguous copy, made once); scales and
+    zeros here are [K/G, N]. The arithmetic is the plain formulas', in place where a temporary allows it."""
 
     def __init__(self, w: torch.Tensor, gram: torch.Tensor, bits: int, dtype: torch.dtype):
         self.w = _grouped(w.float(), gram.shape[-1]).contiguous()
         self.gram, self.qmax, self.dtype = gram, 2**bits - 1, dtype
         self.h1 = gram.sum(-1).unsqueeze(1)  # H_g 1, [K/G, 1, G]
-        self.hw = self.w @ gram  # H_g w (H_g is symmetric)
         self.b2 = (self.h1 * self.w).sum(-1)  # 1^T H_g w
 
     def codes(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(z.unsqueeze(-1), self.w, s.reciprocal().unsqueeze(-1)).round_().clamp_(0, self.qmax)
+        return torch.div(self.w, s.unsqueeze(-1)).add_(z.unsqueeze(-1)).round_().clamp_(0, self.qmax)
 
     def error(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        d = torch.addcmul(self.w, self.codes(s, z).sub_(z.unsqueeze(-1)), s.unsqueeze(-1), value=-1.0)  # w - wq
-        return ((d @ self.gram).mul_(d)).sum(-1)
+        d = self.codes(s, z).sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).sub_(self.w)  # wq - w
+        return (d @ self.gram).mul_(d).sum(-1)
 
     def refit(self, s: torch.Tensor, z: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """H_g-weighted least-squares (s, z) for the codes of (s, z); groups where the fit is degenerate keep theirs."""
         q = self.codes(s, z)
         if symmetric:  # w ~ s (q - z) with z fixed
-            a = q - z.unsqueeze(-1)
-            num, den = (a * self.hw).sum(-1), (a @ self.gram).mul_(a).sum(-1)
+            a = q.sub_(z.unsqueeze(-1))
+            ha = a @ self.gram
+            num, den = (ha * self.w).sum(-1), ha.mul_(a).sum(-1)
             s_new = num / den.clamp(min=1e-30)
             return torch.where((den > 1e-20) & (s_new > 0), s_new.to(self.dtype).float(), s), z
-        a11, a12 = (q @ self.gram).mul_(q).sum(-1), (q * self.h1).sum(-1)
+        hq = q @ self.gram
+        a12, b1 = hq.sum(-1), (hq * self.w).sum(-1)
+        a11 = hq.mul_(q).sum(-1)
         a22 = self.h1.sum(-1)  # [K/G, 1]
-        b1 = (q * self.hw).sum(-1)
         det = a11 * a22 - a12 * a12
         s_new = (a22 * b1 - a12 * self.b2) / det.where(det.abs() > 1e-20, torch.ones_like(det))
         ok = (det.abs() > 1e-20 * (a11 * a22).clamp(min=1e-30)) & (s_new > 0)

@@ -151,15 +151,25 @@ class ShardedSource:
 FUSED_MAX_ROWS = 16  # tokens a step up to which the fused kernel all-reduces (decode batches); NCCL above
 
 
+_rendezvous_done = False  # see peer_buffers
+
+
 def peer_buffers(device: torch.device, hidden: int, group=None) -> PeerBuffers | None:
     """Receive buffers of the fused all-reduce in symmetric memory, every rank's mapped into each process.
 
-    None (NCCL everywhere) off CUDA, without P2P access between all GPUs, for an odd hidden size, or with
-    LMCONVERT_TP_ALLREDUCE=nccl."""
+    None (NCCL everywhere) off CUDA, without P2P access between all GPUs, for an odd hidden size, with
+    LMCONVERT_TP_ALLREDUCE=nccl, and for a second TP engine built in the same process: torch numbers its
+    symmetric-memory rendezvous per process, so the new workers' first one would not meet rank 0's second
+    (it hangs); every rank learns whether any has done one and then all keep to NCCL."""
+    global _rendezvous_done
     world = dist.get_world_size(group)
     if (device.type != "cuda" or hidden % 2 or os.environ.get("LMCONVERT_TP_ALLREDUCE", "fused") == "nccl"
             or not all(torch.cuda.can_device_access_peer(device.index, peer)
                        for peer in range(torch.cuda.device_count()) if peer != device.index)):
+        return None
+    done_before = torch.tensor([int(_rendezvous_done)], device=device)
+    dist.all_reduce(done_before, op=dist.ReduceOp.MAX, group=group)
+    if done_before.item():
         return None
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # P2P stores only, no NVLink multicast
     from torch.distributed import _symmetric_memory as symm_mem
@@ -167,6 +177,7 @@ def peer_buffers(device: torch.device, hidden: int, group=None) -> PeerBuffers |
     shape = PeerBuffers.shape(world, FUSED_MAX_ROWS, hidden // 2)
     recv = symm_mem.empty(*shape, dtype=torch.int64, device=device).zero_()
     handle = symm_mem.rendezvous(recv, (group or dist.group.WORLD).group_name)
+    _rendezvous_done = True
     peers = torch.tensor([handle.get_buffer(r, shape, torch.int64).data_ptr() for r in range(world)],
                          dtype=torch.int64, device=device)
     handle.barrier()  # every buffer is zeroed before any rank can write into it
