@@ -14,7 +14,8 @@ Receive slots alternate by the parity of the call counter: a rank can only start
 peer has sent call t + 1, which each peer does after it has read call t's slot, so a slot is never
 overwritten before it is read. Counters and buffers start at zero; flags start at 1.
 A rank that never sends (a crashed peer) would stall the others: the poll gives up after MAX_SPINS loads
-and raises `status` (checked by the runtime), so a dead peer ends in an error instead of a hang.
+and sets `status` (the benchmarks check it) rather than spin forever; the runtime learns of a dead peer
+from its gloo step channel, which fails at once.
 """
 
 from __future__ import annotations

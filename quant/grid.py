@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lmconvert.quant.primitives import ROW_CHUNK, grid_values, group_params, round_to_grid
+from lmconvert.quant.primitives import ROW_CHUNK, group_params
 
 REFITS = 3
 POLISH = 2  # more refits of each group's winning grid only (all start grids x 4 refits cost 24% more time)
