@@ -62,7 +62,7 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Without it peak RSS grew
     ~40 MiB a layer: as big temporaries come and go glibc raises its mmap threshold, later ones are carved
-    from the heap, and the heap's free holes stay resident (peak 1831 MiB on the 1.5 GB model; 1413 with this)."""
+    from the heap, and the heap's free holes stay resident (peak 1831 MiB on the 1.5 GB model; 1371 with this)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
