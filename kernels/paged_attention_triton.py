@@ -296,13 +296,15 @@ def decode_launch(kv_int8: bool, words: bool = True, warps=None, stages=None) ->
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
                            sliding_window=None, max_seqlen_q=None, num_splits=None, k_scales=None, v_scales=None,
-                           decode_keys=None, decode_warps=None, decode_stages=None, decode_words=True):
-    """decode_keys: keys per decode step (a power of two >= block size; default decode_tile); decode_warps /
-    decode_stages: the decode kernel's launch options (default decode_launch); decode_words=False: int8 KV
-    decode through the byte-tile kernel (_decode_kernel) instead of _decode_int8_kernel. For tuning."""
+                           decode_keys=None, decode_warps=None, decode_stages=None, decode_words=True, decode_rows=0):
+    """decode_rows: how many leading sequences of a mixed step have exactly one query (known on the host):
+    they go through the decode kernel (each KV head read once for its query group) instead of the prefill
+    kernel (a 16-64-row query tile per query head for one row). decode_keys: keys per decode step (a power
+    of two >= block size; default decode_tile); decode_warps / decode_stages: the decode kernel's launch
+    options (default decode_launch); decode_words=False: int8 KV decode through the byte-tile kernel
+    (_decode_kernel) instead of _decode_int8_kernel. For tuning."""
     T, H, D = q.shape
     S = context_lens.shape[0]
-    _, BS, KVH, _ = k_cache.shape
     int8 = k_cache.dtype == torch.int8
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     if int8:  # the (scale, zero) pools: read as [slot * KVH + head, 2]
@@ -311,32 +313,54 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
     if T == 0:
         return out
     caches = (k_cache, v_cache, k_scales if int8 else k_cache, v_scales if int8 else v_cache)
-    common = dict(KVH=KVH, BS=BS, BLOCK_D=next_pow2(D), UPCAST=INTERPRET, KV_INT8=int8)
-    qk_scale, window, qg = scale * LOG2E, sliding_window or 0, H // KVH
+    tuning = dict(num_splits=num_splits, keys=decode_keys, warps=decode_warps, stages=decode_stages, words=decode_words)
     if T == S:  # decode: no host sync needed
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms))  # merge needs 2^n
-        part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
-        part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-        args = (q, *caches, block_tables, context_lens, out, part_o, part_lse, q.stride(0), q.stride(1),
-                block_tables.stride(0), qk_scale, window, qg, H, D)
-        words = int8 and D % 4 == 0 and decode_words
-        shape = dict(KVH=KVH, BS=BS, BLOCK_N=decode_keys or decode_tile(BS, int8, words),
-                     BLOCK_G=max(16, next_pow2(qg)), NUM_SPLITS=splits, UPCAST=INTERPRET)
-        launch = decode_launch(int8, words, decode_warps, decode_stages)
-        if words:
-            _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)), **launch)
-        else:
-            _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
-        if splits > 1:
-            _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
+        _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, **tuning)
         return out
+    d = decode_rows
+    if d:
+        _decode(q[:d], caches, block_tables[:d], context_lens[:d], out[:d], scale, sliding_window, **tuning)
+        q, block_tables, context_lens, cu_seqlens_q = q[d:], block_tables[d:], context_lens[d:], cu_seqlens_q[d:] - d
+    _prefill(q, caches, block_tables, cu_seqlens_q, context_lens, out[d:], scale, sliding_window, max_seqlen_q)
+    return out
+
+
+def _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, num_splits, keys, warps, stages,
+            words):
+    """One query per sequence: rows of q and out are the sequences."""
+    S, H, D = q.shape
+    k_cache = caches[0]
+    _, BS, KVH, _ = k_cache.shape
+    int8 = k_cache.dtype == torch.int8
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms))  # merge needs 2^n
+    part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
+    part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
+    args = (q, *caches, block_tables, context_lens, out, part_o, part_lse, q.stride(0), q.stride(1),
+            block_tables.stride(0), scale * LOG2E, sliding_window or 0, H // KVH, H, D)
+    words = int8 and D % 4 == 0 and words
+    shape = dict(KVH=KVH, BS=BS, BLOCK_N=keys or decode_tile(BS, int8, words),
+                 BLOCK_G=max(16, next_pow2(H // KVH)), NUM_SPLITS=splits, UPCAST=INTERPRET)
+    launch = decode_launch(int8, words, warps, stages)
+    if words:
+        _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)), **launch)
+    else:
+        _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
+    if splits > 1:
+        _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
+
+
+def _prefill(q, caches, block_tables, cu_seqlens_q, context_lens, out, scale, sliding_window, max_seqlen_q):
+    T, H, D = q.shape
+    S = context_lens.shape[0]
+    k_cache = caches[0]
+    _, BS, KVH, _ = k_cache.shape
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     BLOCK_M = 64 if max_seqlen_q > 32 and not INTERPRET else 16
     grid = (triton.cdiv(max_seqlen_q, BLOCK_M), S, H)
     # key tiles of one page (tl.dot needs >= 16 keys: pages under 16 tokens are walked in groups)
     _prefill_kernel[grid](q, *caches, block_tables, cu_seqlens_q, context_lens, out, q.stride(0), q.stride(1),
-                          block_tables.stride(0), qk_scale, window, qg, H, D, BLOCK_N=max(BS, 16), BLOCK_M=BLOCK_M,
-                          num_warps=4, num_stages=2, **common)
-    return out
+                          block_tables.stride(0), scale * LOG2E, sliding_window or 0, H // KVH, H, D,
+                          BLOCK_N=max(BS, 16), BLOCK_M=BLOCK_M, num_warps=4, num_stages=2, KVH=KVH, BS=BS,
+                          BLOCK_D=next_pow2(D), UPCAST=INTERPRET, KV_INT8=k_cache.dtype == torch.int8)

@@ -21,6 +21,7 @@ class Context:
     context_lens: torch.Tensor | None = None  # int32 [B]: cached prefix + new tokens
     max_query_len: int = 0  # host-side copies, so kernels/refs need no device sync
     is_decode: bool = False  # every sequence has exactly one new token
+    decode_rows: int = 0  # leading sequences with one new token (a mixed step's decodes: the decode kernel)
 
     @property
     def paged(self) -> bool:
@@ -52,6 +53,14 @@ def use_context(ctx: Context):
         yield ctx
     finally:
         reset_context()
+
+
+def leading_decodes(cu: list[int]) -> int:
+    """How many leading sequences of cu_seqlens (a host list) have exactly one new token."""
+    n = 0
+    while n + 1 < len(cu) and cu[n + 1] - cu[n] == 1:
+        n += 1
+    return n
 
 
 def dense_context(seq_lens: list[int], device) -> Context:

@@ -112,7 +112,8 @@ class Attention(nn.Module):
                                        ctx.slot_mapping, *self._qk_norm_weights(), self.eps, self.k_scales,
                                        self.v_scales)
             o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
-                                        ctx.context_lens, self.scale, self.sliding_window, self.k_scales, self.v_scales)
+                                        ctx.context_lens, self.scale, self.sliding_window, self.k_scales, self.v_scales,
+                                        max_seqlen_q=ctx.max_query_len, decode_rows=ctx.decode_rows)
             return self.o_proj(o.reshape(T, -1))
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)

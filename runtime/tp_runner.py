@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from lmconvert.errors import UserError
-from lmconvert.runtime.context import Context
+from lmconvert.runtime.context import Context, leading_decodes
 from lmconvert.runtime.dist import Launch, close_group, init_group, rank_device, spawn_workers, torchrun_ranks
 from lmconvert.runtime.model_runner import ModelRunner
 from lmconvert.runtime.tp import ShardedSource, apply_tp, peer_buffers
 
 EXIT, STEP, DENSE = 0, 1, 2
-HEADER = 8  # [command, payload length, T, B, block-table width, logit rows, max query len, ids on the GPU]
+HEADER = 9  # [command, payload length, T, B, block-table width, logit rows, max query len, ids on the GPU,
+#              leading decode rows]
 
 
 class TPRunner(ModelRunner):
@@ -57,7 +58,7 @@ class TPRunner(ModelRunner):
         ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch, all_rows, input_ids is not None)
         payload = ids + positions + slots + cu + ctx_lens + [b for row in tables for b in row] + logit_rows
         header = [STEP, len(payload), len(ids), len(ctx_lens), len(tables[0]), len(logit_rows),
-                  max(b - a for a, b in zip(cu, cu[1:])), int(input_ids is not None)]
+                  max(b - a for a, b in zip(cu, cu[1:])), int(input_ids is not None), leading_decodes(cu)]
         data = self._send(header, payload).to(self.device, non_blocking=True)
         if input_ids is not None:
             dist.broadcast(input_ids, 0)
@@ -83,10 +84,10 @@ class TPRunner(ModelRunner):
 
     # ---- every rank ------------------------------------------------------------------------------
     def _unpack(self, header: list[int], data: torch.Tensor, logit_rows: list[int]):
-        _, _, T, B, W, L, max_q = header[:7]
+        _, _, T, B, W, L, max_q, _, decode_rows = header[:9]
         ids, positions, slots, cu, ctx_lens, tables, _ = data.split([T, T, T, B + 1, B, B * W, L])
         ctx = Context(cu_seqlens_q=cu.int(), slot_mapping=slots, block_tables=tables.view(B, W).int(),
-                      context_lens=ctx_lens.int(), max_query_len=max_q, is_decode=T == B)
+                      context_lens=ctx_lens.int(), max_query_len=max_q, is_decode=T == B, decode_rows=decode_rows)
         return ids, positions, ctx, logit_rows
 
     # ---- ranks 1.. -------------------------------------------------------------------------------

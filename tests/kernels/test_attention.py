@@ -184,3 +184,31 @@ def test_store_kv_int8_round_trip(dtype):
         written = codes.flatten(1).abs().sum(1).count_nonzero() + sz.flatten(1).abs().sum(1).count_nonzero()
         assert written <= 2 * 6  # the -1 slot wrote nothing
     assert tri[2].flatten(0, 1)[40].float().min() > 0  # scales of written rows are positive
+
+
+MIXED = [  # block_size, H, KVH, D, context lens, query lens (the leading one-query rows are decodes), window
+    (16, 8, 2, 32, [37, 90, 20, 64], [1, 1, 20, 5], None),
+    (8, 8, 1, 32, [29, 12, 40], [1, 12, 9], 16),  # GQA 8, short pages, a window
+]
+
+
+@pytest.mark.parametrize("case", MIXED)
+@pytest.mark.parametrize("int8", [False, True])
+def test_mixed_step_decode_rows_take_the_decode_kernel(case, int8):
+    """A mixed step with decode_rows: its leading decodes through the decode kernel, the rest through the
+    prefill kernel on the shifted cu_seqlens, into one output — the same attention as without the split."""
+    from lmconvert.runtime.context import leading_decodes
+
+    bs, H, KVH, D, ctxs, q_lens, window = case
+    batch = make_batch(bs, H, KVH, D, ctxs, q_lens, torch.float32)
+    scales = ()
+    if int8:
+        batch, scales, _ = quantized(batch)
+    cu = batch[4].tolist()
+    rows = leading_decodes(cu)
+    assert rows == q_lens.index(next(n for n in q_lens if n > 1))
+    ref = paged_attention_ref(*batch, 1 / math.sqrt(D), window, *scales)
+    kv = dict(k_scales=scales[0], v_scales=scales[1]) if int8 else {}
+    out = paged_attention_triton(*batch, 1 / math.sqrt(D), window, max_seqlen_q=max(q_lens), decode_rows=rows, **kv)
+    assert rel_err(out, ref) < 1e-5
+    assert leading_decodes([0, 1, 2, 3]) == 3 and leading_decodes([0, 4, 5]) == 0
