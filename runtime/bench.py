@@ -52,10 +52,12 @@ class BenchResult:
         return asdict(self)
 
 
-def run_bench(engine: LLMEngine, mode: str, num_prompts: int, input_len: int, output_len: int) -> BenchResult:
+def run_bench(engine: LLMEngine, mode: str, num_prompts: int, input_len: int, output_len: int,
+              seed: int = 0) -> BenchResult:
+    """seed: of the random prompts; runs on one engine with the same seed hit its prefix cache."""
     n = 1 if mode == "latency" else num_prompts
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    prompts = random_prompts(n, input_len, engine.config.vocab_size)
+    prompts = random_prompts(n, input_len, engine.config.vocab_size, seed=seed)
     engine.generate(random_prompts(min(n, 4), input_len, engine.config.vocab_size, seed=1),  # warm-up
                     SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     ids = [engine.add_request(p, params) for p in prompts]
