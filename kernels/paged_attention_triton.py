@@ -318,7 +318,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, **tuning)
         return out
     d = decode_rows
-    if d:
+    if d:  # one KV split: the kernel variant the big decode graphs already compiled (a new split count would
+        # compile mid-run), and the step's prefill part fills the GPU anyway
+        tuning["num_splits"] = num_splits or 1
         _decode(q[:d], caches, block_tables[:d], context_lens[:d], out[:d], scale, sliding_window, **tuning)
         q, block_tables, context_lens, cu_seqlens_q = q[d:], block_tables[d:], context_lens[d:], cu_seqlens_q[d:] - d
     _prefill(q, caches, block_tables, cu_seqlens_q, context_lens, out[d:], scale, sliding_window, max_seqlen_q)
