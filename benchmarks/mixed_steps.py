@@ -19,18 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtime_gpu import engine_for, free  # noqa: E402
 
-import lmconvert.runtime.model_runner as model_runner  # noqa: E402
+import lmconvert.runtime.context as context  # noqa: E402
 from lmconvert.runtime.bench import run_bench  # noqa: E402
 
-SPLIT = model_runner.leading_decodes
+SPLIT = context.leading_decodes  # what context.query_hints counts the decode rows with
 
 
 def measure(engine, split: bool, n: int, input_len: int, output_len: int, seed: int) -> dict:
-    model_runner.leading_decodes = SPLIT if split else (lambda cu: 0)
+    context.leading_decodes = SPLIT if split else (lambda cu: 0)
     try:
         r = run_bench(engine, "throughput", n, input_len, output_len, seed=seed).as_dict()  # new prompts: no prefix hits
     finally:
-        model_runner.leading_decodes = SPLIT
+        context.leading_decodes = SPLIT
     print(f"{n} x {input_len}/{output_len} kv {r['kv_cache']} decode rows {'split' if split else 'in prefill'}: "
           f"{r['output_tok_s']:.0f} out tok/s, ttft p50 {r['ttft_p50_ms']:.0f} ms, itl p50 {r['itl_p50_ms']:.1f} ms",
           flush=True)

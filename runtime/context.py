@@ -63,6 +63,12 @@ def leading_decodes(cu: list[int]) -> int:
     return n
 
 
+def query_hints(cu: list[int]) -> dict[str, int]:
+    """A step's host-side facts for the attention kernels (so they need no device sync), from its cu_seqlens
+    as a host list: the longest query and how many leading sequences decode."""
+    return {"max_query_len": max(b - a for a, b in zip(cu, cu[1:])), "decode_rows": leading_decodes(cu)}
+
+
 def dense_context(seq_lens: list[int], device) -> Context:
     """Context for running the model over whole sequences with no KV cache (eval, calibration)."""
     cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lmconvert.config import ModelConfig
-from lmconvert.runtime.context import Context, dense_context, leading_decodes, use_context
+from lmconvert.runtime.context import Context, dense_context, query_hints, use_context
 from lmconvert.runtime.cuda_graphs import DecodeGraphs
 from lmconvert.runtime.model import Transformer
 from lmconvert.runtime.sampling import Sampler
@@ -130,8 +130,7 @@ class ModelRunner:
 
         ctx = Context(cu_seqlens_q=dev(cu, torch.int32), slot_mapping=dev(slots, torch.int64),
                       block_tables=dev(tables, torch.int32), context_lens=dev(ctx_lens, torch.int32),
-                      max_query_len=max(b - a for a, b in zip(cu, cu[1:])), is_decode=len(ids) == len(ctx_lens),
-                      decode_rows=leading_decodes(cu))
+                      is_decode=len(ids) == len(ctx_lens), **query_hints(cu))
         ids = input_ids if input_ids is not None else dev(ids, torch.int64)
         return ids, dev(positions, torch.int64), ctx, logit_rows
 

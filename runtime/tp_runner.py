@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from lmconvert.errors import UserError
-from lmconvert.runtime.context import Context, leading_decodes
+from lmconvert.runtime.context import Context, query_hints
 from lmconvert.runtime.dist import Launch, close_group, init_group, rank_device, spawn_workers, torchrun_ranks
 from lmconvert.runtime.model_runner import ModelRunner
 from lmconvert.runtime.tp import ShardedSource, apply_tp, peer_buffers
@@ -57,8 +57,9 @@ class TPRunner(ModelRunner):
     def _prepare(self, batch, all_rows: bool = False, input_ids: torch.Tensor | None = None):
         ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch, all_rows, input_ids is not None)
         payload = ids + positions + slots + cu + ctx_lens + [b for row in tables for b in row] + logit_rows
+        hints = query_hints(cu)
         header = [STEP, len(payload), len(ids), len(ctx_lens), len(tables[0]), len(logit_rows),
-                  max(b - a for a, b in zip(cu, cu[1:])), int(input_ids is not None), leading_decodes(cu)]
+                  hints["max_query_len"], int(input_ids is not None), hints["decode_rows"]]
         data = self._send(header, payload).to(self.device, non_blocking=True)
         if input_ids is not None:
             dist.broadcast(input_ids, 0)
