@@ -16,7 +16,20 @@ from ._triton import dot_acc, tl, triton
 
 
 @triton.jit
-def _dequant(w, s, z, J: tl.constexpr, BITS: tl.constexpr, SAFE: tl.constexpr):
+def _lop3(src, mask, magic, ASM: tl.constexpr):
+    """(src & mask) | magic read as fp32, as one LOP3 with both constants in registers: written as two
+    plain ops, ptxas fuses them with one constant as an immediate and re-materializes the other before
+    every LOP3 (a MOV per weight, ~20% of the gemv's instructions). ASM off: the interpreter's path."""
+    if ASM:
+        f = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [src, mask, magic],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        f = ((src & mask) | magic).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
+def _dequant(w, s, z, J: tl.constexpr, BITS: tl.constexpr, SAFE: tl.constexpr, ASM: tl.constexpr):
     """Value J of the int32 word tile w [R, BN] as fp32 weights (q - z) * s; s, z are [1, BN] fp32."""
     # POS: where value J's lowest bit is moved to; A: the shift that moves it there
     if BITS == 8:  # fp16 scales: f * s must stay exact without an FMA, so at most 13 bits in f
@@ -51,8 +64,7 @@ def _dequant(w, s, z, J: tl.constexpr, BITS: tl.constexpr, SAFE: tl.constexpr):
     else:
         MAGIC_BITS = 0x43000000
         MAGIC = 128.0
-    MASK = ((1 << BITS) - 1) << POS
-    f = ((v & MASK) | MAGIC_BITS).to(tl.float32, bitcast=True)
+    f = _lop3(v, ((1 << BITS) - 1) << POS, MAGIC_BITS, ASM)
     if BITS == 8:
         return f * s - (MAGIC + 128.0) * s
     return f * s - (z + MAGIC) * s
@@ -99,7 +111,7 @@ def _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, w
 def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, G, N_BLOCKS,
                  BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr, G_BIG: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+                 BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr):
     """y[m-tile, n-tile] over K-blocks [pid_k*BPS, (pid_k+1)*BPS). BLOCK_M == 1: FMAs into an [R, BN]
     accumulator reduced once at the end (groups smaller than a block; else gemv_kernel); else tl.dot per
     sub-tile. PREFETCH: next block's words loaded by hand (else left to Triton's pipeliner)."""
@@ -133,7 +145,7 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
         for j in tl.static_range(P):
             if not G_BIG:
                 s, z = _group(s_ptr, z_ptr, k0 + j * R, G, N, offs_n, mask_n, BITS)
-            wj = _dequant(w, s, z, j, BITS, SAFE)
+            wj = _dequant(w, s, z, j, BITS, SAFE, ASM)
             k = k0 + j * R + offs_r
             if BLOCK_M == 1:
                 acc += tl.load(x_ptr + k).to(tl.float32)[:, None] * wj
@@ -146,58 +158,51 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
 
 
 @triton.jit
-def _code(w, wl8, wr8, w16, J: tl.constexpr, BITS: tl.constexpr):
-    """Value J as fp32 MAGIC_J + code (one LOP3), from the word tile w and its rotations by 8 / -8 / 16.
-    W4: codes land at bit 12 (MAGIC 2048, odd J) or 16 (128, even J); W8: at bit 8 (MAGIC 32768). The
-    rotations serve two values each (three funnel shifts per word) and keep MAGIC small: the gemv sums
-    MAGIC * x terms in fp32 and removes them once per block, so a smaller MAGIC loses fewer bits."""
-    if BITS == 8:
-        src = wl8 if J == 0 else w if J == 1 else wr8 if J == 2 else w16
-        return ((src & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True)
-    if J == 0 or J == 7:
-        src = w16
-    elif J == 1 or J == 2:
-        src = wl8
-    elif J == 3 or J == 4:
-        src = w
-    else:
-        src = wr8
-    if J % 2 == 1:
-        return ((src & 0xF000) | 0x45000000).to(tl.float32, bitcast=True)
-    return ((src & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)
+def _rotations(w):
+    """The word tile and its rotations by 8 / -8 / 16 (one funnel shift each)."""
+    return w, (w << 8) | (w >> 24), (w >> 8) | (w << 24), (w << 16) | (w >> 16)
 
 
 @triton.jit
-def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, G, N_BLOCKS,
-                BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, CHUNK: tl.constexpr):
-    """M = 1, a block never spans two groups (G % (P*R) == 0). Each step takes BB blocks as one [BB, R, BN]
-    word tile (BB x the bytes per load; the next step's tile is prefetched). Per block and element:
-    part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight), acc += s * part;
-    y = sum acc - sum_b s_b * (z_b * X_b + C_b), X_b = sum of x over the block, C_b = sum_j MAGIC_j *
-    X_bj: the zero point and MAGIC terms are removed per column once, from block sums of x computed
-    while the first words load."""
-    P: tl.constexpr = 32 // BITS
-    KB: tl.constexpr = P * R
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _code(words, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Value J as fp32 MAGIC_J + code (one LOP3), from the word tile and its rotations (`_rotations`).
+    W4: codes land at bit 12 (MAGIC 2048, odd J) or 16 (128, even J); W8: at bit 8 (MAGIC 32768). The
+    rotations serve two values each (three funnel shifts per word) and keep MAGIC small: the gemv sums
+    MAGIC * x terms in fp32 and removes them once per block, so a smaller MAGIC loses fewer bits."""
+    w, wl8, wr8, w16 = words
+    if BITS == 8:
+        src = wl8 if J == 0 else w if J == 1 else wr8 if J == 2 else w16
+        f = _lop3(src, 0xFF00, 0x47000000, ASM)
+    else:
+        if J == 0 or J == 7:
+            src = w16
+        elif J == 1 or J == 2:
+            src = wl8
+        elif J == 3 or J == 4:
+            src = w
+        else:
+            src = wr8
+        if J % 2 == 1:
+            f = _lop3(src, 0xF000, 0x45000000, ASM)
+        else:
+            f = _lop3(src, 0xF0000, 0x43000000, ASM)
+    return f
+
+
+@triton.jit
+def _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_n, BITS: tl.constexpr, R: tl.constexpr,
+                GB: tl.constexpr, CHUNK: tl.constexpr):
+    """sum_b s_b * (z_b * X_b + C_b) per column over blocks [b_begin, b_end), CHUNK blocks at a time."""
+    KB: tl.constexpr = 32 // BITS * R
     mask_n = offs_n < N
-    cols = offs_n[None, None, :]
-    offs_b = tl.arange(0, BB)[:, None, None]
-    offs_r = tl.arange(0, R)[None, :, None]
-    w_ptrs = qw_ptr + (offs_b * R + offs_r) * N + cols
-    b_begin = pid_k * BLOCKS_PER_SPLIT
-    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
-    w_next = tl.load(w_ptrs + b_begin * (R * N), mask=(b_begin + offs_b < b_end) & (cols < N), other=0)
-    # per-column correction, CHUNK blocks at a time: x [CHUNK, KB] -> X_b, C_b -> sum_b s_b (z_b X_b + C_b)
     offs_c, offs_kk = tl.arange(0, CHUNK), tl.arange(0, KB)
-    corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    corr = tl.zeros(offs_n.shape, dtype=tl.float32)
     for c in range(b_begin, b_end, CHUNK):
         blk = c + offs_c
         mask_b = blk < b_end
         xt = tl.load(x_ptr + blk[:, None] * KB + offs_kk[None, :], mask=mask_b[:, None], other=0.0).to(tl.float32)
         xsum = tl.sum(xt, axis=1)[:, None]
-        sz = (blk * KB // G)[:, None] * N + offs_n[None, :]
+        sz = (blk // GB)[:, None] * N + offs_n[None, :]
         mask_sz = mask_b[:, None] & mask_n[None, :]
         s = tl.load(s_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
         if BITS == 4:
@@ -207,29 +212,92 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
             corr += tl.sum(s * (z * xsum + cm), axis=0)
         else:  # MAGIC 32768 + the stored offset 128
             corr += tl.sum(s * xsum, axis=0) * 32896.0
-    acc = tl.zeros((BB, R, BLOCK_N), dtype=tl.float32)
-    for b0 in range(b_begin, b_end, BB):
-        # prefetch by hand (Triton pipelines only loads feeding tl.dot); masked off past the split's end
-        w = w_next.to(tl.uint32, bitcast=True)
-        w_next = tl.load(w_ptrs + (b0 + BB) * (R * N), mask=(b0 + BB + offs_b < b_end) & (cols < N), other=0)
-        blk = b0 + offs_b
-        mask_b = blk < b_end
-        s = tl.load(s_ptr + (blk * KB // G) * N + cols, mask=mask_b & (cols < N), other=0.0).to(tl.float32)
-        x_ptrs = x_ptr + blk * KB + offs_r
-        wl8, wr8, w16 = (w << 8) | (w >> 24), (w >> 8) | (w << 24), (w << 16) | (w >> 16)
-        part = _code(w, wl8, wr8, w16, 0, BITS) * tl.load(x_ptrs, mask=mask_b, other=0.0).to(tl.float32)
-        for j in tl.static_range(1, P):
-            xj = tl.load(x_ptrs + j * R, mask=mask_b, other=0.0).to(tl.float32)
-            part += _code(w, wl8, wr8, w16, j, BITS) * xj
-        acc += s * part
-    y = (tl.sum(tl.sum(acc, axis=1), axis=0) - corr)[None, :]
+    return corr
+
+
+@triton.jit
+def _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, blk, mask_b, offs_r, cols_a, cols_b, BITS: tl.constexpr,
+                R: tl.constexpr, GB: tl.constexpr, ASM: tl.constexpr):
+    """acc += s * sum_j (MAGIC_j + q_j) * x_j for the blocks blk of both column halves' word tiles."""
+    KB: tl.constexpr = 32 // BITS * R
+    wa = _rotations(wa.to(tl.uint32, bitcast=True))
+    wb = _rotations(wb.to(tl.uint32, bitcast=True))
+    group = (blk // GB) * N
+    s_a = tl.load(s_ptr + group + cols_a, mask=mask_b & (cols_a < N), other=0.0).to(tl.float32)
+    s_b = tl.load(s_ptr + group + cols_b, mask=mask_b & (cols_b < N), other=0.0).to(tl.float32)
+    x_ptrs = x_ptr + blk * KB + offs_r
+    xj = tl.load(x_ptrs, mask=mask_b, other=0.0).to(tl.float32)
+    part_a = _code(wa, 0, BITS, ASM) * xj
+    part_b = _code(wb, 0, BITS, ASM) * xj
+    for j in tl.static_range(1, 32 // BITS):
+        xj = tl.load(x_ptrs + j * R, mask=mask_b, other=0.0).to(tl.float32)
+        part_a += _code(wa, j, BITS, ASM) * xj
+        part_b += _code(wb, j, BITS, ASM) * xj
+    return acc_a + s_a * part_a, acc_b + s_b * part_b
+
+
+@triton.jit
+def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, N_BLOCKS,
+                BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, STAGES: tl.constexpr,
+                CHUNK: tl.constexpr, ASM: tl.constexpr):
+    """M = 1, a block never spans two groups: GB blocks a group (a constexpr: no division by a runtime G in
+    the loop). Each step takes BB blocks as two [BB, R, BN/2] word tiles, columns n0.. and n0 + BN/2..:
+    equal shapes get equal layouts, so each thread holds the same rows of both and one x load serves twice
+    the weights. STAGES 0: the next step's tiles are prefetched by hand into registers; else Triton's
+    pipeliner keeps STAGES - 1 steps in flight through shared memory (cp.async).
+    Per block and element: part = sum_j (MAGIC_j + q_j) * x_j (one LOP3 + one FMA per weight),
+    acc += s * part; y = sum acc - sum_b s_b * (z_b * X_b + C_b), X_b = sum of x over the block,
+    C_b = sum_j MAGIC_j * X_bj: the zero point and MAGIC terms are removed per column once, from block
+    sums of x computed while the first words load."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_a = pid_n * BLOCK_N + tl.arange(0, HALF)
+    offs_b = offs_a + HALF
+    cols_a, cols_b = offs_a[None, None, :], offs_b[None, None, :]
+    offs_bb = tl.arange(0, BB)[:, None, None]
+    offs_r = tl.arange(0, R)[None, :, None]
+    rows = qw_ptr + (offs_bb * R + offs_r) * N
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
+    acc_a = tl.zeros((BB, R, HALF), dtype=tl.float32)
+    acc_b = tl.zeros((BB, R, HALF), dtype=tl.float32)
+    if STAGES == 0:
+        live = b_begin + offs_bb < b_end
+        wa_next = tl.load(rows + cols_a + b_begin * (R * N), mask=live & (cols_a < N), other=0)
+        wb_next = tl.load(rows + cols_b + b_begin * (R * N), mask=live & (cols_b < N), other=0)
+    corr_a = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_a, BITS, R, GB, CHUNK)
+    corr_b = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_b, BITS, R, GB, CHUNK)
+    if STAGES == 0:
+        for b0 in range(b_begin, b_end, BB):
+            wa, wb = wa_next, wb_next
+            live = b0 + BB + offs_bb < b_end  # masked off past the split's end: no wasted re-load
+            words = rows + (b0 + BB) * (R * N)
+            wa_next = tl.load(words + cols_a, mask=live & (cols_a < N), other=0)
+            wb_next = tl.load(words + cols_b, mask=live & (cols_b < N), other=0)
+            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + offs_bb, b0 + offs_bb < b_end,
+                                       offs_r, cols_a, cols_b, BITS, R, GB, ASM)
+    else:
+        for b0 in tl.range(b_begin, b_end, BB, num_stages=STAGES):
+            live = b0 + offs_bb < b_end
+            words = rows + b0 * (R * N)
+            wa = tl.load(words + cols_a, mask=live & (cols_a < N), other=0)
+            wb = tl.load(words + cols_b, mask=live & (cols_b < N), other=0)
+            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + offs_bb, live, offs_r, cols_a,
+                                       cols_b, BITS, R, GB, ASM)
+    y_a = tl.sum(tl.sum(acc_a, axis=1), axis=0) - corr_a
+    y_b = tl.sum(tl.sum(acc_b, axis=1), axis=0) - corr_b
+    # both halves as one [1, BN] row for the shared epilogue (any order: columns travel with their values)
+    y = tl.reshape(tl.join(y_a, y_b), (1, BLOCK_N))
+    offs_n = tl.reshape(tl.join(offs_a, offs_b), (BLOCK_N,))
     offs_m = tl.arange(0, 1)
-    _finish(y, offs_m, offs_n, offs_m < 1, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
+    _finish(y, offs_m, offs_n, offs_m < 1, offs_n < N, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS,
+            ATOMIC)
 
 
 @triton.jit
 def dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, G, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr,
-                   G_BIG: tl.constexpr, BLOCK_N: tl.constexpr):
+                   G_BIG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """Prepared layout -> W [K, N] in out's dtype (rounded like the reference), for cuBLAS at large M."""
     P: tl.constexpr = 32 // BITS
     b, pid_n = tl.program_id(0), tl.program_id(1)
@@ -243,6 +311,6 @@ def dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, G, BITS: tl.constexpr, R: t
     for j in tl.static_range(P):
         if not G_BIG:
             s, z = _group(s_ptr, z_ptr, k0 + j * R, G, N, offs_n, mask_n, BITS)
-        wj = _dequant(w, s, z, j, BITS, SAFE)
+        wj = _dequant(w, s, z, j, BITS, SAFE, ASM)
         rows = (k0 + j * R + offs_r).to(tl.int64)
         tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], wj.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])

@@ -141,18 +141,21 @@ def block_m(M):
     return 1 if M == 1 else max(16, next_pow2(M))
 
 
-# ("gemv", BLOCK_N, BB blocks a step, blocks a program, num_warps). H200: BB = 1 with 8-16 words a thread won
-# 7 of 8 (shape, bits) keys, BB = 2 came within 1-8%; tiles of 32-64 words a thread in one step (every load
-# up front) spilled or starved occupancy: 1.5-100x slower. The unpacking, not bytes in flight, sets the pace.
-GEMV_CONFIGS = [("gemv", 32, 1, per, 2) for per in (2, 3, 4, 6)] + [("gemv", 64, 1, per, 4) for per in (3, 4, 6, 8)] \
-    + [("gemv", bn, bb, per, w) for bn, bb, w in ((64, 2, 4), (128, 2, 4), (64, 4, 4), (32, 4, 2)) for per in (8, 16)]
+# ("gemv", BLOCK_N, BB blocks a step, blocks a program, num_warps, stages): 8 or 16 words a thread a step;
+# stages 0: prefetch by hand, else Triton's cp.async pipeline. H100 (session 6): the hand prefetch won the
+# smaller Qwen3-8B shapes by 3-8%, the pipeline 4096->24576 by 5% and W8 12288->4096; BB 2 and 8 warps
+# never won. H200 (session 3): 32-64 words a thread in one step spilled or starved occupancy.
+GEMV_CONFIGS = [("gemv", bn, 1, per, w, 0) for bn, w, pers in ((32, 2, (4, 6)), (64, 2, (4, 8)), (64, 4, (4, 8)),
+                                                             (128, 4, (8, 16))) for per in pers] \
+    + [("gemv", bn, 1, per, w, st) for bn, w, per, st in ((32, 2, 4, 4), (64, 2, 4, 4), (64, 2, 8, 3), (64, 2, 16, 3),
+                                                          (128, 4, 8, 3), (128, 4, 16, 3))]
 
 
 def candidates(M, N, K, R, device, whole=False, bits=4):
     """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) /
     ("dequant", BLOCK_N). whole: no block spans two quant groups (G % (P*R) == 0), which gemv needs."""
     n_blocks = K // (32 // bits * R)
-    if M == 1 and whole:  # fused stays a candidate: it won W8 before the gemv's masked prefetch (now: 0 of 8)
+    if M == 1 and whole:  # fused stays a candidate: it won W8 before the gemv's masked prefetch (since: 0 of 8)
         return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
@@ -183,7 +186,8 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
     """(tuning key, candidate configs, run(cfg) -> y [M, N]) for a prepared qweight."""
     M, K = x2.shape
     n_blocks, R, N = qweight.shape
-    args = dict(BITS=bits, R=R, SAFE=scales.dtype != torch.bfloat16, G_BIG=G % (R * 32 // bits) == 0)
+    args = dict(BITS=bits, R=R, SAFE=scales.dtype != torch.bfloat16, G_BIG=G % (R * 32 // bits) == 0,
+                ASM=not INTERPRET)
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
 
@@ -199,8 +203,9 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         common = (x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt)
         if cfg[0] == "gemv":
-            gemv_kernel[grid](*common, N, G, n_blocks, per, BITS=bits, R=R, HAS_BIAS=bias is not None,
-                              ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2], CHUNK=8, num_warps=cfg[4])
+            gemv_kernel[grid](*common, N, n_blocks, per, BITS=bits, R=R, GB=G // (R * 32 // bits),
+                              HAS_BIAS=bias is not None, ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2],
+                              STAGES=cfg[5], CHUNK=8, ASM=args["ASM"], num_warps=cfg[4])
             return out
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,

@@ -46,7 +46,8 @@ def test_w4a16_matches_reference(M, G, dtype):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gemv_multi_block_steps_ragged_splits(bits):
-    """gemv: BB blocks a step, several steps a program, and a last split with masked blocks."""
+    """gemv: BB blocks a step, several steps a program, and a last split with masked blocks; hand prefetch
+    (stages 0) and Triton's pipeline."""
     x, w, bias = _case(1, 128, torch.bfloat16, K=640)  # 5 (W4) / 10 (W8) blocks of P*R k
     if bits == 4:
         qw, s, z = quantize_w4(w, 128, dtype=torch.bfloat16)
@@ -55,8 +56,8 @@ def test_gemv_multi_block_steps_ragged_splits(bits):
         (qw, s), z = quantize_w8(w, 128, dtype=torch.bfloat16), None
         packed, ref = ql._pack_w8(qw, 128), ql.w8a16_linear_ref(x, qw, s, 128, bias)
     _, _, run = ql.plan(x, packed, s, z, bias, 128, bits)
-    for bn, bb, per in ((32, 2, 4), (64, 4, 4), (32, 1, 3), (64, 4, 16)):
-        assert rel_err(run(("gemv", bn, bb, per, 4)), ref) < TOL[torch.bfloat16], (bn, bb, per)
+    for cfg in ((32, 2, 4, 0), (64, 4, 4, 0), (32, 1, 3, 0), (64, 4, 16, 0), (32, 1, 3, 3), (64, 2, 4, 4)):
+        assert rel_err(run(("gemv", *cfg[:3], 4, cfg[3])), ref) < TOL[torch.bfloat16], cfg
 
 
 @pytest.mark.parametrize("M", [1, 5])
