@@ -255,15 +255,15 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
     offs_a = pid_n * BLOCK_N + tl.arange(0, HALF)
     offs_b = offs_a + HALF
     cols_a, cols_b = offs_a[None, None, :], offs_b[None, None, :]
-    offs_bb = tl.arange(0, BB)[:, None, None]
+    step_blocks = tl.arange(0, BB)[:, None, None]  # the BB blocks of a step
     offs_r = tl.arange(0, R)[None, :, None]
-    rows = qw_ptr + (offs_bb * R + offs_r) * N
+    rows = qw_ptr + (step_blocks * R + offs_r) * N
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
     acc_a = tl.zeros((BB, R, HALF), dtype=tl.float32)
     acc_b = tl.zeros((BB, R, HALF), dtype=tl.float32)
     if STAGES == 0:
-        live = b_begin + offs_bb < b_end
+        live = b_begin + step_blocks < b_end
         wa_next = tl.load(rows + cols_a + b_begin * (R * N), mask=live & (cols_a < N), other=0)
         wb_next = tl.load(rows + cols_b + b_begin * (R * N), mask=live & (cols_b < N), other=0)
     corr_a = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_a, BITS, R, GB, CHUNK)
@@ -271,19 +271,19 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
     if STAGES == 0:
         for b0 in range(b_begin, b_end, BB):
             wa, wb = wa_next, wb_next
-            live = b0 + BB + offs_bb < b_end  # masked off past the split's end: no wasted re-load
+            live = b0 + BB + step_blocks < b_end  # masked off past the split's end: no wasted re-load
             words = rows + (b0 + BB) * (R * N)
             wa_next = tl.load(words + cols_a, mask=live & (cols_a < N), other=0)
             wb_next = tl.load(words + cols_b, mask=live & (cols_b < N), other=0)
-            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + offs_bb, b0 + offs_bb < b_end,
+            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + step_blocks, b0 + step_blocks < b_end,
                                        offs_r, cols_a, cols_b, BITS, R, GB, ASM)
     else:
         for b0 in tl.range(b_begin, b_end, BB, num_stages=STAGES):
-            live = b0 + offs_bb < b_end
+            live = b0 + step_blocks < b_end
             words = rows + b0 * (R * N)
             wa = tl.load(words + cols_a, mask=live & (cols_a < N), other=0)
             wb = tl.load(words + cols_b, mask=live & (cols_b < N), other=0)
-            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + offs_bb, live, offs_r, cols_a,
+            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + step_blocks, live, offs_r, cols_a,
                                        cols_b, BITS, R, GB, ASM)
     y_a = tl.sum(tl.sum(acc_a, axis=1), axis=0) - corr_a
     y_b = tl.sum(tl.sum(acc_b, axis=1), axis=0) - corr_b
