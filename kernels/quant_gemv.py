@@ -275,8 +275,9 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
             words = rows + (b0 + BB) * (R * N)
             wa_next = tl.load(words + cols_a, mask=live & (cols_a < N), other=0)
             wb_next = tl.load(words + cols_b, mask=live & (cols_b < N), other=0)
-            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, b0 + step_blocks, b0 + step_blocks < b_end,
-                                       offs_r, cols_a, cols_b, BITS, R, GB, ASM)
+            blk = b0 + step_blocks
+            acc_a, acc_b = _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, blk, blk < b_end, offs_r, cols_a, cols_b,
+                                       BITS, R, GB, ASM)
     else:
         for b0 in tl.range(b_begin, b_end, BB, num_stages=STAGES):
             live = b0 + step_blocks < b_end
