@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,6 +25,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def use_triton(x: torch.Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, looked up once (4 elsewhere: interpreter grids stay small)."""
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def next_pow2(n: int) -> int:

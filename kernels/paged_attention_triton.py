@@ -14,7 +14,7 @@ with int8 KV has its own kernel (_decode_int8_kernel) that reads the codes as in
 
 import torch
 
-from ._triton import INTERPRET, dot_acc, next_pow2, tl, triton
+from ._triton import INTERPRET, dot_acc, next_pow2, num_sms, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -271,9 +271,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, cu_ptr, ctx_ptr
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-def num_kv_splits(num_seqs, num_kv_heads, max_blocks, num_sms):
+def num_kv_splits(num_seqs, num_kv_heads, max_blocks, sms):
     """Split the KV walk only when (sequences x KV heads) cannot fill the SMs twice over; keep >= 4 blocks a split."""
-    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    want = -(-2 * sms // max(1, num_seqs * num_kv_heads))
     return max(1, min(next_pow2(want), max(1, max_blocks // 4), 64))
 
 
@@ -334,8 +334,8 @@ def _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, n
     k_cache = caches[0]
     _, BS, KVH, _ = k_cache.shape
     int8 = k_cache.dtype == torch.int8
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], sms))  # merge needs 2^n
+    # the merge kernel needs a power of two
+    splits = next_pow2(num_splits or num_kv_splits(S, KVH, block_tables.shape[1], num_sms(q.device)))
     part_o = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
     part_lse = torch.empty(S, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     args = (q, *caches, block_tables, context_lens, out, part_o, part_lse, q.stride(0), q.stride(1),

@@ -190,29 +190,41 @@ def _code(words, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_n, BITS: tl.constexpr, R: tl.constexpr,
+def _correction_term(s_ptr, z_ptr, N, group, mask_b, offs_n, xsum, cm, BITS: tl.constexpr):
+    """sum over a chunk's blocks of s_b * (z_b * X_b + C_b) for the columns offs_n."""
+    sz = group[:, None] * N + offs_n[None, :]
+    mask_sz = mask_b[:, None] & (offs_n < N)[None, :]
+    s = tl.load(s_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
+    if BITS == 4:
+        z = tl.load(z_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
+        term = tl.sum(s * (z * xsum + cm), axis=0)
+    else:  # MAGIC 32768 + the stored offset 128
+        term = tl.sum(s * xsum, axis=0) * 32896.0
+    return term
+
+
+@triton.jit
+def _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_a, offs_b, BITS: tl.constexpr, R: tl.constexpr,
                 GB: tl.constexpr, CHUNK: tl.constexpr):
-    """sum_b s_b * (z_b * X_b + C_b) per column over blocks [b_begin, b_end), CHUNK blocks at a time."""
+    """Both column halves' sum_b s_b * (z_b * X_b + C_b) over blocks [b_begin, b_end), CHUNK blocks at a
+    time; the block sums of x (X_b, C_b) are computed once for both."""
     KB: tl.constexpr = 32 // BITS * R
-    mask_n = offs_n < N
     offs_c, offs_kk = tl.arange(0, CHUNK), tl.arange(0, KB)
-    corr = tl.zeros(offs_n.shape, dtype=tl.float32)
+    corr_a = tl.zeros(offs_a.shape, dtype=tl.float32)
+    corr_b = tl.zeros(offs_b.shape, dtype=tl.float32)
     for c in range(b_begin, b_end, CHUNK):
         blk = c + offs_c
         mask_b = blk < b_end
         xt = tl.load(x_ptr + blk[:, None] * KB + offs_kk[None, :], mask=mask_b[:, None], other=0.0).to(tl.float32)
         xsum = tl.sum(xt, axis=1)[:, None]
-        sz = (blk // GB)[:, None] * N + offs_n[None, :]
-        mask_sz = mask_b[:, None] & mask_n[None, :]
-        s = tl.load(s_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
         if BITS == 4:
             magic = tl.where((offs_kk // R) % 2 == 1, 2048.0, 128.0)
             cm = tl.sum(xt * magic[None, :], axis=1)[:, None]
-            z = tl.load(z_ptr + sz, mask=mask_sz, other=0.0).to(tl.float32)
-            corr += tl.sum(s * (z * xsum + cm), axis=0)
-        else:  # MAGIC 32768 + the stored offset 128
-            corr += tl.sum(s * xsum, axis=0) * 32896.0
-    return corr
+        else:
+            cm = xsum  # unused: W8's MAGIC and offset are one constant
+        corr_a += _correction_term(s_ptr, z_ptr, N, blk // GB, mask_b, offs_a, xsum, cm, BITS)
+        corr_b += _correction_term(s_ptr, z_ptr, N, blk // GB, mask_b, offs_b, xsum, cm, BITS)
+    return corr_a, corr_b
 
 
 @triton.jit
@@ -266,8 +278,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
         live = b_begin + step_blocks < b_end
         wa_next = tl.load(rows + cols_a + b_begin * (R * N), mask=live & (cols_a < N), other=0)
         wb_next = tl.load(rows + cols_b + b_begin * (R * N), mask=live & (cols_b < N), other=0)
-    corr_a = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_a, BITS, R, GB, CHUNK)
-    corr_b = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_b, BITS, R, GB, CHUNK)
+    corr_a, corr_b = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_a, offs_b, BITS, R, GB, CHUNK)
     if STAGES == 0:
         for b0 in range(b_begin, b_end, BB):
             wa, wb = wa_next, wb_next

@@ -16,7 +16,7 @@ Designs (picked per shape bucket by the autotuner, cached):
 
 import torch
 
-from ._triton import INTERPRET, next_pow2, triton, use_triton
+from ._triton import INTERPRET, next_pow2, num_sms, triton, use_triton
 from .autotune import Autotuner
 from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel
 
@@ -124,10 +124,6 @@ def w8a16_linear_ref(x, qweight, scales, group_size, bias=None):
 
 # ---- launch --------------------------------------------------------------------------------------------
 
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _workspace(device, numel, tiles):
     ws, cnt = _workspaces.get(device, (None, None))
     if ws is None or ws.numel() < numel or cnt.numel() < tiles:  # grows during warm-up, never in a graph
@@ -177,7 +173,7 @@ def _split(cfg, M, N, n_blocks, device):
         per = min(n_blocks, cfg[3])
         return per, triton.cdiv(n_blocks, per)
     tiles = triton.cdiv(N, cfg[1]) * triton.cdiv(M, block_m(M))
-    split = max(1, min(n_blocks, round(cfg[2] * _num_sms(device) / tiles)))
+    split = max(1, min(n_blocks, round(cfg[2] * num_sms(device) / tiles)))
     per = triton.cdiv(n_blocks, split)
     return per, triton.cdiv(n_blocks, per)
 
