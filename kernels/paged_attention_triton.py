@@ -142,21 +142,43 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
 
 
 @triton.jit
-def _byte(words, j: tl.constexpr, like, UPCAST: tl.constexpr):
-    """Byte j (lowest address first) of each int32 word of int8 codes, sign-extended, in like's dtype (exact)."""
-    return _codes(((words << (24 - 8 * j)) >> 24).to(tl.int8), like, UPCAST)
+def _fp16_codes(words, ASM: tl.constexpr):
+    """The four int8 codes c of each int32 word (lowest address first) as fp16 1152 + c, exact: fp16 0x64XX is
+    1024 + XX, and XX = c + 128 is c with its sign bit flipped. ASM: for two words at a time a PRMT gathers
+    their byte j and one LOP3 flips the sign bits and puts 0x64 above them, giving the fp16 pair a dot operand
+    register holds (Triton's int8 -> bf16 took two shifts, a permute and a bf16x2 subtract a code, half
+    of the loop's instructions). ASM off: the interpreter's path."""
+    if ASM:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; "
+            "prmt.b32 t, $4, $5, 0x4400; lop3.b32 $0, t, $6, $8, 0x6A; "
+            "prmt.b32 t, $4, $5, 0x5511; lop3.b32 $1, t, $6, $8, 0x6A; "
+            "prmt.b32 t, $4, $5, 0x6622; lop3.b32 $2, t, $6, $8, 0x6A; "
+            "prmt.b32 t, $4, $5, 0x7733; lop3.b32 $3, t, $6, $8, 0x6A; }",  # 0x6A: (t & $6) ^ $8
+            "=r,=r,=r,=r,r,r,r,r,r,r", [words, 0x00FF00FF, 0x64806480],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        c0 = ((((words >> 0) & 0xFF) ^ 0x80) + 1024).to(tl.float16)
+        c1 = ((((words >> 8) & 0xFF) ^ 0x80) + 1024).to(tl.float16)
+        c2 = ((((words >> 16) & 0xFF) ^ 0x80) + 1024).to(tl.float16)
+        c3 = ((((words >> 24) & 0xFF) ^ 0x80) + 1024).to(tl.float16)
+    return c0, c1, c2, c3
 
 
 @triton.jit
 def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                         stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
                         KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_W: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+                        BLOCK_W: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr,
+                        DOT: tl.constexpr):
     """The decode kernel for int8 KV, reading codes as int32 words: byte j of the words of a key tile holds
     dims j, j+4, j+8, ..., so scores are four dots q[:, j::4] @ K[:, j::4]^T and P @ V fills four
     accumulators for those dims. Words reach the dot operands through shared memory 4 codes at a time
     (Triton stages a plain int8 tile and reads it back one byte per element, which made int8 KV as slow
-    as bf16 KV). Same walk, splits and int8 algebra as _decode_kernel (see _qk / _pv)."""
+    as bf16 KV). The dots run in DOT (fp16; fp32 for fp32 queries) on codes offset by 1152 (_fp16_codes),
+    so the scale/zero algebra of _qk / _pv carries the offset: K: q @ (c + 1152)^T * s + sum(q) * (z - 1152 s); V: (p s) @ (c + 1152) +
+    p @ z - 1152 * sum(p s), the last with p s as rounded for the dot so that the offset cancels exactly.
+    Same walk and splits as _decode_kernel."""
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     w = tl.arange(0, BLOCK_W)
@@ -165,10 +187,10 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     heads = kvh * QG + g
     q_at = q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + 4 * w[None, :]
     q_mask = row_ok[:, None] & w_ok[None, :]
-    q0 = tl.load(q_at, mask=q_mask, other=0.0)
-    q1 = tl.load(q_at + 1, mask=q_mask, other=0.0)
-    q2 = tl.load(q_at + 2, mask=q_mask, other=0.0)
-    q3 = tl.load(q_at + 3, mask=q_mask, other=0.0)
+    q0 = tl.load(q_at, mask=q_mask, other=0.0).to(DOT)
+    q1 = tl.load(q_at + 1, mask=q_mask, other=0.0).to(DOT)
+    q2 = tl.load(q_at + 2, mask=q_mask, other=0.0).to(DOT)
+    q3 = tl.load(q_at + 3, mask=q_mask, other=0.0).to(DOT)
     q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
     ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
@@ -183,23 +205,25 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     for b in range(lo, hi, BLOCK_N // BS):
         pos, row, page_ok = _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS, KVH, kvh)
         kw = tl.load(k_words + row[:, None] * W + w[None, :], mask=w_ok[None, :], other=0)
-        dots = dot_acc(q0, tl.trans(_byte(kw, 0, q0, UPCAST)), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST)
-        dots = dot_acc(q1, tl.trans(_byte(kw, 1, q0, UPCAST)), dots, UPCAST)
-        dots = dot_acc(q2, tl.trans(_byte(kw, 2, q0, UPCAST)), dots, UPCAST)
-        dots = dot_acc(q3, tl.trans(_byte(kw, 3, q0, UPCAST)), dots, UPCAST)
+        k0, k1, k2, k3 = _fp16_codes(kw, ASM)
+        dots = dot_acc(q0, tl.trans(k0.to(DOT)), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST)
+        dots = dot_acc(q1, tl.trans(k1.to(DOT)), dots, UPCAST)
+        dots = dot_acc(q2, tl.trans(k2.to(DOT)), dots, UPCAST)
+        dots = dot_acc(q3, tl.trans(k3.to(DOT)), dots, UPCAST)
         k_scale, k_zero = _scale_zero(ks_ptr, row, row, False)
-        scores = (dots * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
+        scores = (dots * k_scale[None, :] + q_sum[:, None] * (k_zero - 1152.0 * k_scale)[None, :]) * qk_scale
         live = (pos < ctx) & (pos >= start) & page_ok
         scores = tl.where(live[None, :], scores, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
+        v0, v1, v2, v3 = _fp16_codes(vw, ASM)
         v_scale, v_zero = _scale_zero(vs_ptr, row, live, True)
-        ps = (p * v_scale[None, :]).to(q0.dtype)
-        pz = tl.sum(p * v_zero[None, :], axis=1)[:, None]
-        acc0 = dot_acc(ps, _byte(vw, 0, q0, UPCAST), acc0 * alpha[:, None] + pz, UPCAST)
-        acc1 = dot_acc(ps, _byte(vw, 1, q0, UPCAST), acc1 * alpha[:, None] + pz, UPCAST)
-        acc2 = dot_acc(ps, _byte(vw, 2, q0, UPCAST), acc2 * alpha[:, None] + pz, UPCAST)
-        acc3 = dot_acc(ps, _byte(vw, 3, q0, UPCAST), acc3 * alpha[:, None] + pz, UPCAST)
+        ps = (p * v_scale[None, :]).to(DOT)
+        pz = tl.sum(p * v_zero[None, :] - 1152.0 * ps.to(tl.float32), axis=1)[:, None]
+        acc0 = dot_acc(ps, v0.to(DOT), acc0 * alpha[:, None] + pz, UPCAST)
+        acc1 = dot_acc(ps, v1.to(DOT), acc1 * alpha[:, None] + pz, UPCAST)
+        acc2 = dot_acc(ps, v2.to(DOT), acc2 * alpha[:, None] + pz, UPCAST)
+        acc3 = dot_acc(ps, v3.to(DOT), acc3 * alpha[:, None] + pz, UPCAST)
         m_i = m_new
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
@@ -345,7 +369,9 @@ def _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, n
                  BLOCK_G=max(16, next_pow2(H // KVH)), NUM_SPLITS=splits, UPCAST=INTERPRET)
     launch = decode_launch(int8, words, warps, stages)
     if words:
-        _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)), **launch)
+        _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)),
+                                               ASM=not INTERPRET, DOT=tl.float32 if q.dtype == torch.float32
+                                               else tl.float16, **launch)
     else:
         _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
     if splits > 1:
