@@ -166,6 +166,15 @@ def _fp16_codes(words, ASM: tl.constexpr):
 
 
 @triton.jit
+def _split_scale_zero(pair, live):
+    """fp32 (scale, zero) from the int32 word holding a cache row's fp16 pair (scale in the low half); 0 where
+    live is false (stale slots can hold NaN)."""
+    s = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return tl.where(live, s, 0.0), tl.where(live, z, 0.0)
+
+
+@triton.jit
 def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                         stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
                         KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -201,23 +210,35 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     acc3 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
     k_words = k_ptr.to(tl.pointer_type(tl.int32))
     v_words = v_ptr.to(tl.pointer_type(tl.int32))
+    ks_pairs = ks_ptr.to(tl.pointer_type(tl.int32))
+    vs_pairs = vs_ptr.to(tl.pointer_type(tl.int32))
     offs = tl.arange(0, BLOCK_N)
-    for b in range(lo, hi, BLOCK_N // BS):
-        pos, row, page_ok = _key_rows(bt_ptr, s, stride_bt, b, hi, offs, BS, KVH, kvh)
+    STEP: tl.constexpr = BLOCK_N // BS
+    # the next tile's cache rows and (scale, zero) pairs are loaded at the top of a step: Triton pipelines only
+    # the word loads, and the chain block table -> rows -> scales would otherwise stall every step
+    _, row, _ = _key_rows(bt_ptr, s, stride_bt, lo, hi, offs, BS, KVH, kvh)
+    k_pairs = tl.load(ks_pairs + row)
+    v_pairs = tl.load(vs_pairs + row)
+    for b in range(lo, hi, STEP):
+        pos = b * BS + offs
+        page_ok = pos // BS < hi
+        _, next_row, _ = _key_rows(bt_ptr, s, stride_bt, b + STEP, hi, offs, BS, KVH, kvh)  # past hi: block 0
+        next_k_pairs = tl.load(ks_pairs + next_row)
+        next_v_pairs = tl.load(vs_pairs + next_row)
         kw = tl.load(k_words + row[:, None] * W + w[None, :], mask=w_ok[None, :], other=0)
         k0, k1, k2, k3 = _fp16_codes(kw, ASM)
         dots = dot_acc(q0, tl.trans(k0.to(DOT)), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST)
         dots = dot_acc(q1, tl.trans(k1.to(DOT)), dots, UPCAST)
         dots = dot_acc(q2, tl.trans(k2.to(DOT)), dots, UPCAST)
         dots = dot_acc(q3, tl.trans(k3.to(DOT)), dots, UPCAST)
-        k_scale, k_zero = _scale_zero(ks_ptr, row, row, False)
-        scores = (dots * k_scale[None, :] + q_sum[:, None] * (k_zero - 1152.0 * k_scale)[None, :]) * qk_scale
         live = (pos < ctx) & (pos >= start) & page_ok
+        k_scale, k_zero = _split_scale_zero(k_pairs, live)
+        scores = (dots * k_scale[None, :] + q_sum[:, None] * (k_zero - 1152.0 * k_scale)[None, :]) * qk_scale
         scores = tl.where(live[None, :], scores, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
         v0, v1, v2, v3 = _fp16_codes(vw, ASM)
-        v_scale, v_zero = _scale_zero(vs_ptr, row, live, True)
+        v_scale, v_zero = _split_scale_zero(v_pairs, live)
         ps = (p * v_scale[None, :]).to(DOT)
         pz = tl.sum(p * v_zero[None, :] - 1152.0 * ps.to(tl.float32), axis=1)[:, None]
         acc0 = dot_acc(ps, v0.to(DOT), acc0 * alpha[:, None] + pz, UPCAST)
@@ -225,6 +246,7 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
         acc2 = dot_acc(ps, v2.to(DOT), acc2 * alpha[:, None] + pz, UPCAST)
         acc3 = dot_acc(ps, v3.to(DOT), acc3 * alpha[:, None] + pz, UPCAST)
         m_i = m_new
+        row, k_pairs, v_pairs = next_row, next_k_pairs, next_v_pairs
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
         dst = out_ptr + (s.to(tl.int64) * H + heads[:, None]) * D + 4 * w[None, :]
@@ -309,10 +331,11 @@ def decode_tile(block_size: int, kv_int8: bool = False, words: bool = True) -> i
 
 def decode_launch(kv_int8: bool, words: bool = True, warps=None, stages=None) -> dict:
     """Launch options of the decode kernel, from sweeps on an H100 (64 x 4096 tokens, block 16, 32q / 8kv heads):
-    int8 word kernel 4 warps, 2 stages, 64 keys: 272 us (bf16 KV: 358 us; 24 combinations tried, 1.0-1.3x);
-    int8 byte-tile kernel 8 warps, 2 stages, 128 keys: 344 us."""
-    int8_bytes = kv_int8 and not words
-    options = {"num_warps": warps or (8 if int8_bytes else 4)}
+    int8 word kernel 2 warps, 3 stages, 64 keys: 196 us (bf16 KV: 340-350 us; 18 combinations of 32-128 keys,
+    2-8 warps, 2-3 stages: 0.7-1.76x); int8 byte-tile kernel 8 warps, 2 stages, 128 keys: 344 us."""
+    if kv_int8 and words:
+        return {"num_warps": warps or 2, "num_stages": stages or 3}
+    options = {"num_warps": warps or (8 if kv_int8 else 4)}
     if stages or kv_int8:
         options["num_stages"] = stages or 2
     return options
