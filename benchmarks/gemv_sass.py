@@ -22,13 +22,13 @@ from lmconvert.kernels.quant_gemv import gemv_kernel
 
 POINTERS = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16",
                 ws_ptr="*fp32", ws_bits_ptr="*i32", cnt_ptr="*i32")
-CONSTEXPRS = ("BITS", "R", "GB", "HAS_BIAS", "ATOMIC", "BLOCK_N", "BB", "STAGES", "CHUNK", "ASM")
+CONSTEXPRS = ("BITS", "R", "GB", "HAS_BIAS", "ATOMIC", "BLOCK_N", "BB", "STAGES", "CHUNK", "ASM", "DEFER", "PDL")
 
 
 def compile_gemv(bits, block_n, bb, warps, stages, asm=True):
     signature = dict(POINTERS, N="i32", N_BLOCKS="i32", BLOCKS_PER_SPLIT="i32", **{c: "constexpr" for c in CONSTEXPRS})
     constexprs = dict(BITS=bits, R=16, GB=1, HAS_BIAS=False, ATOMIC=True, BLOCK_N=block_n, BB=bb, STAGES=stages,
-                      CHUNK=8, ASM=asm)
+                      CHUNK=8, ASM=asm, DEFER=True, PDL=True)
     src = ASTSource(fn=gemv_kernel, signature=signature, constexprs=constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in range(len(POINTERS) + 2)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))

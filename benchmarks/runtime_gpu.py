@@ -95,6 +95,22 @@ def kv_int8_logits_errors() -> dict:
     return errors
 
 
+def quant_decode_logits_errors(preset: str = "qwen3-0.6b", n: int = 64) -> dict:
+    """Relative error of W4 / W8 decode-path logits (M = 1: split-K GEMVs whose sums the next RMSNorm or
+    SiLU-mul finishes, CUDA graphs, PDL) vs the same engine's cache-free pass (M = n: dequant + cuBLAS),
+    random bf16 weights; both round to bf16, so ~1e-2 is agreement and a wrong or stale sum shows as ~1."""
+    errors = {}
+    for name, quant in (("w4g128", {"bits": 4, "group_size": 128}), ("w8", W8)):
+        engine = engine_for(preset, quant, max_batch_size=4, session_len=512)
+        ids = torch.randint(3, 30000, (n,)).tolist()
+        ref = engine.runner.logits(ids)
+        decoded = torch.cat([out for _, out in engine.score([ids], chunk=1)])
+        errors[name] = ((decoded - ref).norm() / ref.norm()).item()
+        del engine
+        free()
+    return errors
+
+
 def kv_int8_throughput(preset: str, n: int, input_len: int, out_len: int) -> dict:
     rows = {}
     for kv_int8 in (False, True):
@@ -217,6 +233,8 @@ def main():
     if "correctness" not in skip:
         results["correctness"] = check_correctness()
         print("correctness", results["correctness"], flush=True)
+        results["quant_decode_logits_rel_err"] = quant_decode_logits_errors()
+        print("quant decode logits", results["quant_decode_logits_rel_err"], flush=True)
     if "latency" not in skip:
         for name, quant in (("bf16", None), ("w8", W8), ("w4g128", {"bits": 4, "group_size": 128}), ("w8a8", W8A8)):
             engine = engine_for(args.preset, quant, 8, 1024)

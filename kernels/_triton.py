@@ -12,10 +12,15 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
+    try:  # programmatic dependent launch (Triton >= 3.3)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:
+        gdc_launch_dependents = gdc_wait = None
 except ImportError:  # CPU-only installs (macOS, aarch64): kernels are defined but never launched
     from types import SimpleNamespace
 
     HAVE_TRITON = False
+    gdc_launch_dependents = gdc_wait = None
     triton = SimpleNamespace(jit=lambda fn=None, **_: fn, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=None)
 
@@ -36,6 +41,29 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch options of a kernel that starts with pdl_wait: programmatic dependent launch on sm_90+ (off with
+    LMCONVERT_PDL=0). The kernel is then launched while the previous one in the stream is still running, so
+    its launch and whatever it does before pdl_wait (a GEMV prefetching its weights) hide behind that kernel."""
+    on = gdc_wait is not None and device.type == "cuda" and os.environ.get("LMCONVERT_PDL", "1") != "0" \
+        and _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return {"PDL": True, "launch_pdl": True} if on and not INTERPRET else {"PDL": False}
+
+
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Under PDL: wait until the previous kernel has finished and its writes are visible, then let the next
+    kernel launch. Nothing before this may read what earlier kernels wrote or write anything they may read."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def next_pow2(n: int) -> int:

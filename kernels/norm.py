@@ -7,7 +7,8 @@ Works over the last dim of any shape, so Qwen3's per-head q/k norm is rms_norm o
 
 import torch
 
-from ._triton import tl, triton, next_pow2, use_triton
+from ._triton import next_pow2, pdl_args, pdl_wait, tl, triton, use_triton
+from .pending import PendingSum, load_pending
 
 
 def rms_norm_ref(x, weight, eps, residual=None):
@@ -22,11 +23,12 @@ def rms_norm_ref(x, weight, eps, residual=None):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PENDING: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+    x = load_pending(x_ptr + row * D + cols, mask, out_ptr, PENDING)
     if HAS_RES:
         r = tl.load(res_ptr + row * D + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded to the model dtype, as HF
@@ -39,18 +41,21 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
 
 
 def rms_norm_triton(x, weight, eps, residual=None):
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()
-    out = torch.empty_like(x2)
+    pending = isinstance(x, PendingSum)  # a split-K linear's sums: read, rounded and zeroed by the kernel
+    src = x.sums if pending else x
+    D = src.shape[-1]
+    x2 = src.reshape(-1, D).contiguous()  # (the workspace view is contiguous: zeroes land in the workspace)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=src.device)
     res2 = residual.reshape(-1, D).contiguous() if residual is not None else x2
-    res_out = torch.empty_like(x2) if residual is not None else out
+    res_out = torch.empty_like(out) if residual is not None else out
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, res_out, D, eps,
-                                         HAS_RES=residual is not None, BLOCK=next_pow2(D), num_warps=4)
-    out = out.view(x.shape)
-    return out if residual is None else (out, res_out.view(x.shape))
+                                         HAS_RES=residual is not None, BLOCK=next_pow2(D), PENDING=pending,
+                                         num_warps=4, **pdl_args(src.device))
+    out = out.view(src.shape)
+    return out if residual is None else (out, res_out.view(src.shape))
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """x [..., D] -> out, or (out, x + residual) when residual is given."""
-    return (rms_norm_triton if use_triton(x) else rms_norm_ref)(x, weight, eps, residual)
+    """x [..., D] (or a PendingSum) -> out, or (out, x + residual) when residual is given."""
+    return (rms_norm_triton if isinstance(x, PendingSum) or use_triton(x) else rms_norm_ref)(x, weight, eps, residual)

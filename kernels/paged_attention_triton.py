@@ -14,7 +14,7 @@ with int8 KV has its own kernel (_decode_int8_kernel) that reads the codes as in
 
 import torch
 
-from ._triton import INTERPRET, dot_acc, next_pow2, num_sms, tl, triton
+from ._triton import INTERPRET, dot_acc, next_pow2, num_sms, pdl_args, pdl_wait, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -108,7 +108,9 @@ def _softmax_step(scores, m_i, l_i):
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
                    KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr):
+                   BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -166,6 +168,15 @@ def _fp16_codes(words, ASM: tl.constexpr):
 
 
 @triton.jit
+def _dot_operand(x, FP32: tl.constexpr):
+    if FP32:
+        out = x.to(tl.float32)
+    else:
+        out = x.to(tl.float16)
+    return out
+
+
+@triton.jit
 def _split_scale_zero(pair, live):
     """fp32 (scale, zero) from the int32 word holding a cache row's fp16 pair (scale in the low half); 0 where
     live is false (stale slots can hold NaN)."""
@@ -179,15 +190,16 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
                         stride_qt, stride_qh, stride_bt, qk_scale, WINDOW, QG, H, D,
                         KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_W: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr,
-                        DOT: tl.constexpr):
+                        FP32_DOT: tl.constexpr, PDL: tl.constexpr):
     """The decode kernel for int8 KV, reading codes as int32 words: byte j of the words of a key tile holds
     dims j, j+4, j+8, ..., so scores are four dots q[:, j::4] @ K[:, j::4]^T and P @ V fills four
     accumulators for those dims. Words reach the dot operands through shared memory 4 codes at a time
     (Triton stages a plain int8 tile and reads it back one byte per element, which made int8 KV as slow
-    as bf16 KV). The dots run in DOT (fp16; fp32 for fp32 queries) on codes offset by 1152 (_fp16_codes),
+    as bf16 KV). The dots run in fp16 (fp32 for fp32 queries: FP32_DOT) on codes offset by 1152 (_fp16_codes),
     so the scale/zero algebra of _qk / _pv carries the offset: K: q @ (c + 1152)^T * s + sum(q) * (z - 1152 s); V: (p s) @ (c + 1152) +
     p @ z - 1152 * sum(p s), the last with p s as rounded for the dot so that the offset cancels exactly.
     Same walk and splits as _decode_kernel."""
+    pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     w = tl.arange(0, BLOCK_W)
@@ -196,10 +208,10 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     heads = kvh * QG + g
     q_at = q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + 4 * w[None, :]
     q_mask = row_ok[:, None] & w_ok[None, :]
-    q0 = tl.load(q_at, mask=q_mask, other=0.0).to(DOT)
-    q1 = tl.load(q_at + 1, mask=q_mask, other=0.0).to(DOT)
-    q2 = tl.load(q_at + 2, mask=q_mask, other=0.0).to(DOT)
-    q3 = tl.load(q_at + 3, mask=q_mask, other=0.0).to(DOT)
+    q0 = _dot_operand(tl.load(q_at, mask=q_mask, other=0.0), FP32_DOT)
+    q1 = _dot_operand(tl.load(q_at + 1, mask=q_mask, other=0.0), FP32_DOT)
+    q2 = _dot_operand(tl.load(q_at + 2, mask=q_mask, other=0.0), FP32_DOT)
+    q3 = _dot_operand(tl.load(q_at + 3, mask=q_mask, other=0.0), FP32_DOT)
     q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
     ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
@@ -227,10 +239,10 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
         next_v_pairs = tl.load(vs_pairs + next_row)
         kw = tl.load(k_words + row[:, None] * W + w[None, :], mask=w_ok[None, :], other=0)
         k0, k1, k2, k3 = _fp16_codes(kw, ASM)
-        dots = dot_acc(q0, tl.trans(k0.to(DOT)), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST)
-        dots = dot_acc(q1, tl.trans(k1.to(DOT)), dots, UPCAST)
-        dots = dot_acc(q2, tl.trans(k2.to(DOT)), dots, UPCAST)
-        dots = dot_acc(q3, tl.trans(k3.to(DOT)), dots, UPCAST)
+        dots = dot_acc(q0, tl.trans(_dot_operand(k0, FP32_DOT)), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST)
+        dots = dot_acc(q1, tl.trans(_dot_operand(k1, FP32_DOT)), dots, UPCAST)
+        dots = dot_acc(q2, tl.trans(_dot_operand(k2, FP32_DOT)), dots, UPCAST)
+        dots = dot_acc(q3, tl.trans(_dot_operand(k3, FP32_DOT)), dots, UPCAST)
         live = (pos < ctx) & (pos >= start) & page_ok
         k_scale, k_zero = _split_scale_zero(k_pairs, live)
         scores = (dots * k_scale[None, :] + q_sum[:, None] * (k_zero - 1152.0 * k_scale)[None, :]) * qk_scale
@@ -239,12 +251,12 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
         vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
         v0, v1, v2, v3 = _fp16_codes(vw, ASM)
         v_scale, v_zero = _split_scale_zero(v_pairs, live)
-        ps = (p * v_scale[None, :]).to(DOT)
+        ps = _dot_operand((p * v_scale[None, :]), FP32_DOT)
         pz = tl.sum(p * v_zero[None, :] - 1152.0 * ps.to(tl.float32), axis=1)[:, None]
-        acc0 = dot_acc(ps, v0.to(DOT), acc0 * alpha[:, None] + pz, UPCAST)
-        acc1 = dot_acc(ps, v1.to(DOT), acc1 * alpha[:, None] + pz, UPCAST)
-        acc2 = dot_acc(ps, v2.to(DOT), acc2 * alpha[:, None] + pz, UPCAST)
-        acc3 = dot_acc(ps, v3.to(DOT), acc3 * alpha[:, None] + pz, UPCAST)
+        acc0 = dot_acc(ps, _dot_operand(v0, FP32_DOT), acc0 * alpha[:, None] + pz, UPCAST)
+        acc1 = dot_acc(ps, _dot_operand(v1, FP32_DOT), acc1 * alpha[:, None] + pz, UPCAST)
+        acc2 = dot_acc(ps, _dot_operand(v2, FP32_DOT), acc2 * alpha[:, None] + pz, UPCAST)
+        acc3 = dot_acc(ps, _dot_operand(v3, FP32_DOT), acc3 * alpha[:, None] + pz, UPCAST)
         m_i = m_new
         row, k_pairs, v_pairs = next_row, next_k_pairs, next_v_pairs
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -262,7 +274,9 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, D, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, D, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # s * H + head
     sp = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
@@ -390,15 +404,15 @@ def _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, n
     words = int8 and D % 4 == 0 and words
     shape = dict(KVH=KVH, BS=BS, BLOCK_N=keys or decode_tile(BS, int8, words),
                  BLOCK_G=max(16, next_pow2(H // KVH)), NUM_SPLITS=splits, UPCAST=INTERPRET)
-    launch = decode_launch(int8, words, warps, stages)
+    launch = dict(decode_launch(int8, words, warps, stages), **pdl_args(q.device))
     if words:
         _decode_int8_kernel[(S, KVH, splits)](*args, **shape, BLOCK_W=max(16, next_pow2(D // 4)),
-                                               ASM=not INTERPRET, DOT=tl.float32 if q.dtype == torch.float32
-                                               else tl.float16, **launch)
+                                               ASM=not INTERPRET, FP32_DOT=q.dtype == torch.float32, **launch)
     else:
         _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
     if splits > 1:
-        _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4)
+        _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4,
+                            **pdl_args(q.device))
 
 
 def _prefill(q, caches, block_tables, cu_seqlens_q, context_lens, out, scale, sliding_window, max_seqlen_q):

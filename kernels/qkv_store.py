@@ -9,7 +9,7 @@ after the rotation), so the reference is just their composition.
 
 import torch
 
-from ._triton import tl, triton, use_triton
+from ._triton import pdl_args, pdl_wait, tl, triton, use_triton
 from .kv_cache import MIN_SCALE, STEP, _store_row, int8_codes, int8_scale_zero, store_kv_ref
 from .norm import rms_norm_ref
 from .rope import apply_rope_ref
@@ -49,8 +49,9 @@ def _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF: tl.constexpr):
 @triton.jit
 def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
                            slot_ptr, stride_t, H, KVH, eps, HALF: tl.constexpr, QK_NORM: tl.constexpr,
-                           KV_INT8: tl.constexpr, STEP: tl.constexpr, MIN_SCALE: tl.constexpr):
+                           KV_INT8: tl.constexpr, STEP: tl.constexpr, MIN_SCALE: tl.constexpr, PDL: tl.constexpr):
     """Program (token t, head h): h < H rotates q head h; else KV head h - H: k normed, rotated, stored; v stored."""
+    pdl_wait(PDL)
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = tl.arange(0, HALF)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -110,7 +111,8 @@ def rope_and_store_triton(qkv, num_heads, positions, cos_sin_cache, k_cache, v_c
         _rope_and_store_kernel[(T, num_heads + KVH)](
             qkv, positions, cos_sin_cache, q_norm if norm else qkv, k_norm if norm else qkv, q, k_cache, v_cache,
             k_scales if int8 else k_cache, v_scales if int8 else v_cache, slot_mapping, qkv.stride(0), num_heads,
-            KVH, eps, HALF=D // 2, QK_NORM=norm, KV_INT8=int8, STEP=STEP, MIN_SCALE=MIN_SCALE, num_warps=1)
+            KVH, eps, HALF=D // 2, QK_NORM=norm, KV_INT8=int8, STEP=STEP, MIN_SCALE=MIN_SCALE, num_warps=1,
+            **pdl_args(qkv.device))
     return q
 
 

@@ -12,7 +12,7 @@ sits inside the mantissa), and W = fma(s, that, -(2^(23-p) + zero) * s) is exact
 representable in fp32 and the bias term is too (bf16 scales; fp16 scales use p in {12, 16} only).
 """
 
-from ._triton import dot_acc, tl, triton
+from ._triton import dot_acc, pdl_wait, tl, triton
 
 
 @triton.jit
@@ -83,14 +83,21 @@ def _group(s_ptr, z_ptr, k, G, N, offs_n, mask_n, BITS: tl.constexpr):
 
 @triton.jit
 def _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr,
-            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DEFER: tl.constexpr):
     """Write the [BM, BN] fp32 tile acc (+ bias) to y. ATOMIC: split-K in one launch: partials go into the
     fp32 workspace by atomic add, the last program of a tile (per-tile counter) reads and zeroes the
-    workspace, resets the counter and writes y, so the launch leaves both clean (graph safe)."""
+    workspace, resets the counter and writes y, so the launch leaves both clean (graph safe). DEFER (with
+    ATOMIC): stop after the adds, the bias riding in split 0's partials; the consumer finishes (pending.py)."""
     offs = offs_m[:, None] * N + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     write = True
-    if ATOMIC:
+    if DEFER:
+        if HAS_BIAS:
+            if tl.program_id(1) == 0:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        write = False
+    elif ATOMIC:
         tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()  # every thread's adds precede the counter's release (as cooperative grid sync)
         tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
@@ -111,11 +118,13 @@ def _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, w
 def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, G, N_BLOCKS,
                  BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr, G_BIG: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr):
+                 BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, DEFER: tl.constexpr,
+                 PDL: tl.constexpr):
     """y[m-tile, n-tile] over K-blocks [pid_k*BPS, (pid_k+1)*BPS). BLOCK_M == 1: FMAs into an [R, BN]
     accumulator reduced once at the end (groups smaller than a block; else gemv_kernel); else tl.dot per
     sub-tile. PREFETCH: next block's words loaded by hand (else left to Triton's pipeliner)."""
     P: tl.constexpr = 32 // BITS
+    pdl_wait(PDL)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
@@ -154,7 +163,8 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
                 acc = dot_acc(xj, wj.to(xj.dtype), acc, UPCAST)
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=0)[None, :]
-    _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC)
+    _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC,
+            DEFER)
 
 
 @triton.jit
@@ -252,7 +262,7 @@ def _accumulate(acc_a, acc_b, wa, wb, x_ptr, s_ptr, N, blk, mask_b, offs_r, cols
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, N_BLOCKS,
                 BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BB: tl.constexpr, STAGES: tl.constexpr,
-                CHUNK: tl.constexpr, ASM: tl.constexpr):
+                CHUNK: tl.constexpr, ASM: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr):
     """M = 1, a block never spans two groups: GB blocks a group (a constexpr: no division by a runtime G in
     the loop). Each step takes BB blocks as two [BB, R, BN/2] word tiles, columns n0.. and n0 + BN/2..:
     equal shapes get equal layouts, so each thread holds the same rows of both and one x load serves twice
@@ -278,6 +288,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
         live = b_begin + step_blocks < b_end
         wa_next = tl.load(rows + cols_a + b_begin * (R * N), mask=live & (cols_a < N), other=0)
         wb_next = tl.load(rows + cols_b + b_begin * (R * N), mask=live & (cols_b < N), other=0)
+    pdl_wait(PDL)  # the first words (never written) may load while the previous kernel finishes; x may not
     corr_a, corr_b = _correction(x_ptr, s_ptr, z_ptr, N, b_begin, b_end, offs_a, offs_b, BITS, R, GB, CHUNK)
     if STAGES == 0:
         for b0 in range(b_begin, b_end, BB):
@@ -304,7 +315,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_
     offs_n = tl.reshape(tl.join(offs_a, offs_b), (BLOCK_N,))
     offs_m = tl.arange(0, 1)
     _finish(y, offs_m, offs_n, offs_m < 1, offs_n < N, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS,
-            ATOMIC)
+            ATOMIC, DEFER)
 
 
 @triton.jit

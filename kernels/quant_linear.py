@@ -16,8 +16,9 @@ Designs (picked per shape bucket by the autotuner, cached):
 
 import torch
 
-from ._triton import INTERPRET, next_pow2, num_sms, triton, use_triton
+from ._triton import INTERPRET, next_pow2, num_sms, pdl_args, triton, use_triton
 from .autotune import Autotuner
+from .pending import PendingSum
 from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel
 
 FUSED_MAX_M = 64  # above: dequant + cuBLAS only
@@ -187,7 +188,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
 
-    def run(cfg):
+    def run(cfg, defer=False):
         if cfg[0] == "dequant":
             w = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
             dequant_kernel[(n_blocks, triton.cdiv(N, cfg[1]))](qweight, scales, z, w, N, G, **args, BLOCK_N=cfg[1])
@@ -198,23 +199,26 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
         ws, cnt = _workspace(x2.device, M * N, grid[0] * grid[2]) if split > 1 else (scales, scales)
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         common = (x2, qweight, scales, z, b, out, ws, ws.view(torch.int32) if split > 1 else ws, cnt)
+        defer = defer and split > 1
+        result = PendingSum(ws[:M * N].view(M, N), x2.dtype) if defer else out
         if cfg[0] == "gemv":
             gemv_kernel[grid](*common, N, n_blocks, per, BITS=bits, R=R, GB=G // (R * 32 // bits),
                               HAS_BIAS=bias is not None, ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2],
-                              STAGES=cfg[5], CHUNK=8, ASM=args["ASM"], num_warps=cfg[4])
-            return out
+                              STAGES=cfg[5], CHUNK=8, ASM=args["ASM"], DEFER=defer, num_warps=cfg[4],
+                              **pdl_args(x2.device))
+            return result
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
                            ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_N=bn, PREFETCH=prefetch,
-                           num_warps=warps, num_stages=stages)
-        return out
+                           DEFER=defer, num_warps=warps, num_stages=stages, **pdl_args(x2.device))
+        return result
 
     bucket = block_m(M) if M <= FUSED_MAX_M else "large"
     key = (bucket, N, K, G, bits, x2.dtype, str(x2.device))
     return key, candidates(M, N, K, R, x2.device, whole=args["G_BIG"], bits=bits), run
 
 
-def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits):
+def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=False):
     qweight = _pack_w4(qweight, group_size) if bits == 4 else _pack_w8(qweight, group_size)
     N, K = qweight.shape[2], x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()
@@ -222,24 +226,31 @@ def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits):
         return x.new_empty(*x.shape[:-1], N)
     zeros = zeros.contiguous() if zeros is not None else None
     key, cands, run = plan(x2, qweight.contiguous(), scales.contiguous(), zeros, bias, group_size, bits)
-    return run(_tuner.pick(key, cands, run)).view(*x.shape[:-1], N)
+    y = run(_tuner.pick(key, cands, run), defer)  # tuned with the epilogue in (the workspace stays clean)
+    if isinstance(y, PendingSum):
+        return PendingSum(y.sums.view(*x.shape[:-1], N), y.dtype)
+    return y.view(*x.shape[:-1], N)
 
 
-def w4a16_linear_triton(x, qweight, scales, zeros, group_size, bias=None):
-    return _linear_triton(x, qweight, scales, zeros, group_size, bias, 4)
+def w4a16_linear_triton(x, qweight, scales, zeros, group_size, bias=None, defer=False):
+    return _linear_triton(x, qweight, scales, zeros, group_size, bias, 4, defer)
 
 
-def w8a16_linear_triton(x, qweight, scales, group_size, bias=None):
-    return _linear_triton(x, qweight, scales, None, group_size, bias, 8)
+def w8a16_linear_triton(x, qweight, scales, group_size, bias=None, defer=False):
+    return _linear_triton(x, qweight, scales, None, group_size, bias, 8, defer)
 
 
-def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None):
-    """x [..., K] @ W4 [K, N] -> [..., N] in x's dtype. qweight: engine or prepare_w4 layout."""
-    fn = w4a16_linear_triton if use_triton(x) else w4a16_linear_ref
-    return fn(x, qweight, scales, zeros, group_size, bias)
+def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, defer=False):
+    """x [..., K] @ W4 [K, N] -> [..., N] in x's dtype. qweight: engine or prepare_w4 layout. defer: a split-K
+    launch may return a PendingSum for the next kernel to finish (pending.py; CUDA only)."""
+    if use_triton(x):
+        return w4a16_linear_triton(x, qweight, scales, zeros, group_size, bias, defer)
+    return w4a16_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
 
-def w8a16_linear(x, qweight, scales, group_size, bias=None):
-    """x [..., K] @ W8 [K, N] -> [..., N] in x's dtype. qweight: engine or prepare_w8 layout."""
-    fn = w8a16_linear_triton if use_triton(x) else w8a16_linear_ref
-    return fn(x, qweight, scales, group_size, bias)
+def w8a16_linear(x, qweight, scales, group_size, bias=None, defer=False):
+    """x [..., K] @ W8 [K, N] -> [..., N] in x's dtype. qweight: engine or prepare_w8 layout. defer: as
+    w4a16_linear."""
+    if use_triton(x):
+        return w8a16_linear_triton(x, qweight, scales, group_size, bias, defer)
+    return w8a16_linear_ref(x, qweight, scales, group_size, bias)

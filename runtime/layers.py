@@ -43,15 +43,17 @@ class Linear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0] if self.weight is not None else self.scales.shape[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer: bool = False):
+        """defer: the caller's next kernel takes a kernels.PendingSum (RMSNorm, SiLU-mul), which a split-K
+        W4/W8 GEMV returns instead of finishing its sums itself (kernels/pending.py)."""
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)
         if self.bits == 4:
-            return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+            return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias, defer)
         if self.int8_act:
             return kernels.w8a8_linear(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
-            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias)
+            return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias, defer)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -114,7 +116,7 @@ class Attention(nn.Module):
             o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
                                         ctx.context_lens, self.scale, self.sliding_window, self.k_scales, self.v_scales,
                                         max_seqlen_q=ctx.max_query_len, decode_rows=ctx.decode_rows)
-            return self.o_proj(o.reshape(T, -1))
+            return self.o_proj(o.reshape(T, -1), defer=True)  # the layer's next RMSNorm finishes it
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
@@ -133,4 +135,5 @@ class MLP(nn.Module):
         self.down_proj = Linear(quant)
 
     def forward(self, x):
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        # each output goes to a kernel that finishes split-K sums: SiLU-mul, the next RMSNorm
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x, defer=True)), defer=True)

@@ -194,6 +194,7 @@ class ReducingRMSNorm(nn.Module):
         self.norm, self.group, self.bufs = norm, group, bufs
 
     def forward(self, x, residual):
+        x = kernels.take(x)  # a deferred split-K output (kernels/pending.py) becomes a tensor to reduce
         if self.bufs is not None and self.bufs.fits(x):
             return all_reduce_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.bufs)
         dist.all_reduce(x, group=self.group)
