@@ -2,7 +2,8 @@
 
     python benchmarks/runtime_gpu.py [--preset qwen3-8b] [--quick] [--json FILE]
 
-1. correctness: tiny random checkpoints, runtime on CUDA (Triton paths) vs transformers on CUDA;
+1. correctness: tiny random checkpoints, runtime on CUDA (Triton paths) vs transformers on CUDA, and W4 / W8
+   decode-path logits (split-K sums finished by the next kernel, PDL) vs the cache-free pass;
 2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, W8A8, and transformers bf16;
 3. throughput: 256 requests of 512 in / 256 out (bf16 and W8A8), and transformers at batch 16;
 4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0), Triton kernels

@@ -9,7 +9,8 @@ prefill (any query count): one program per (query tile, sequence, head), walking
 from the window start to the tile's last query position. Softmax is online, in fp32, base 2.
 int8 KV (KV_INT8, see kv_cache.py): both kernels read codes and per-(slot, head) fp16 (scale, zero) and
 dequantize in registers, folded into the two dots (_qk, _pv), so KV bytes read are about halved. Decode
-with int8 KV has its own kernel (_decode_int8_kernel) that reads the codes as int32 words.
+with int8 KV has its own kernel (_decode_int8_kernel) that reads the codes as int32 words and turns them
+into fp16 MMA operands with one PRMT + LOP3 per pair of codes (_fp16_codes).
 """
 
 import torch
@@ -195,10 +196,11 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     dims j, j+4, j+8, ..., so scores are four dots q[:, j::4] @ K[:, j::4]^T and P @ V fills four
     accumulators for those dims. Words reach the dot operands through shared memory 4 codes at a time
     (Triton stages a plain int8 tile and reads it back one byte per element, which made int8 KV as slow
-    as bf16 KV). The dots run in fp16 (fp32 for fp32 queries: FP32_DOT) on codes offset by 1152 (_fp16_codes),
-    so the scale/zero algebra of _qk / _pv carries the offset: K: q @ (c + 1152)^T * s + sum(q) * (z - 1152 s); V: (p s) @ (c + 1152) +
-    p @ z - 1152 * sum(p s), the last with p s as rounded for the dot so that the offset cancels exactly.
-    Same walk and splits as _decode_kernel."""
+    as bf16 KV). The dots run in fp16 (fp32 for fp32 queries: FP32_DOT) on codes offset by 1152
+    (_fp16_codes), so the scale/zero algebra of _qk / _pv carries the offset:
+    K: q @ (c + 1152)^T * s + sum(q) * (z - 1152 s);
+    V: (p s) @ (c + 1152) + p @ z - 1152 * sum(p s), the last with p s as rounded for the dot, so that the
+    offset cancels exactly. Same walk and splits as _decode_kernel."""
     pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
