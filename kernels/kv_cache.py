@@ -66,7 +66,13 @@ def int8_codes(x, scale, zero):
 def _store_row(src_ptr, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr, STEP: tl.constexpr,
                MIN_SCALE: tl.constexpr):
     """One (token, KV head) row of D values into cache row `row` (= slot * KVH + head)."""
-    x = tl.load(src_ptr + d, mask=mask)
+    store_values(tl.load(src_ptr + d, mask=mask), dst_ptr, sz_ptr, row, d, mask, D, KV_INT8, STEP, MIN_SCALE)
+
+
+@triton.jit
+def store_values(x, dst_ptr, sz_ptr, row, d, mask, D, KV_INT8: tl.constexpr, STEP: tl.constexpr,
+                 MIN_SCALE: tl.constexpr):
+    """The loaded row x (D values at d) into cache row `row`, quantized for int8 caches."""
     if KV_INT8:
         x = x.to(tl.float32)
         lo = tl.min(tl.where(mask, x, float("inf")), axis=0)

@@ -4,8 +4,9 @@ A split-K GEMV adds each program's partial sums into a zeroed fp32 workspace. Fi
 (the last program of a column tile, found by a counter, reads the sums back, writes the output and zeroes
 the workspace) is a chain of dependent L2 round trips that costs 2-3 us a call at batch 1 (docs/kernels.md).
 With defer=True the linear stops after its atomic adds and returns a PendingSum instead; the kernel that
-reads the output anyway (RMSNorm, SiLU-mul) loads the sums through load_pending, which rounds them to the
-model dtype as the GEMV's epilogue would have and zeroes them, so the workspace is clean for the next GEMV.
+reads the output anyway (RMSNorm, SiLU-mul, RoPE + KV store) loads the sums through load_pending, which
+rounds them to the model dtype as the GEMV's epilogue would have and zeroes them, so the workspace is clean
+for the next GEMV.
 Anything else takes take(x) first. Only the linear's next consumer may read it: the workspace is shared.
 """
 

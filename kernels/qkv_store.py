@@ -10,7 +10,8 @@ after the rotation), so the reference is just their composition.
 import torch
 
 from ._triton import pdl_args, pdl_wait, tl, triton, use_triton
-from .kv_cache import MIN_SCALE, STEP, _store_row, int8_codes, int8_scale_zero, store_kv_ref
+from .kv_cache import MIN_SCALE, STEP, int8_codes, int8_scale_zero, store_kv_ref, store_values
+from .pending import PendingSum, load_pending
 from .norm import rms_norm_ref
 from .rope import apply_rope_ref
 
@@ -33,12 +34,17 @@ def rope_and_store_ref(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cach
 
 
 @triton.jit
-def _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF: tl.constexpr):
+def _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF: tl.constexpr, PENDING: tl.constexpr):
     """RMSNorm of the head at src, given as its two halves, rounded as norm.rms_norm_ref (dtype, then times
-    weight). The sum of squares runs over the whole row, in the order the RMSNorm kernel sums it."""
-    xf = tl.load(src + tl.arange(0, 2 * HALF)).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / (2 * HALF) + eps)
+    weight). The sum of squares runs over the whole row, in the order the RMSNorm kernel sums it (PENDING:
+    the row at src is zeroes by now, so it is summed from the halves, in another order)."""
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    if PENDING:
+        sum_sq = tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)
+    else:
+        xf = tl.load(src + tl.arange(0, 2 * HALF)).to(tl.float32)
+        sum_sq = tl.sum(xf * xf, axis=0)
+    rstd = 1.0 / tl.sqrt(sum_sq / (2 * HALF) + eps)
     w1 = tl.load(w_ptr + cols).to(tl.float32)
     w2 = tl.load(w_ptr + HALF + cols).to(tl.float32)
     n1 = ((f1 * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype)
@@ -49,8 +55,10 @@ def _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF: tl.constexpr):
 @triton.jit
 def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
                            slot_ptr, stride_t, H, KVH, eps, HALF: tl.constexpr, QK_NORM: tl.constexpr,
-                           KV_INT8: tl.constexpr, STEP: tl.constexpr, MIN_SCALE: tl.constexpr, PDL: tl.constexpr):
-    """Program (token t, head h): h < H rotates q head h; else KV head h - H: k normed, rotated, stored; v stored."""
+                           KV_INT8: tl.constexpr, STEP: tl.constexpr, MIN_SCALE: tl.constexpr, PENDING: tl.constexpr,
+                           PDL: tl.constexpr):
+    """Program (token t, head h): h < H rotates q head h; else KV head h - H: k normed, rotated, stored; v stored.
+    PENDING: qkv is a split-K linear's fp32 sums (pending.py), each read once here, rounded and zeroed."""
     pdl_wait(PDL)
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = tl.arange(0, HALF)
@@ -65,10 +73,10 @@ def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, k
     else:
         src = qkv_ptr + t * stride_t + (H + kvh) * 2 * HALF
         w_ptr = kw_ptr
-    x1 = tl.load(src + cols)
-    x2 = tl.load(src + HALF + cols)
+    x1 = load_pending(src + cols, cols < HALF, q_ptr, PENDING)
+    x2 = load_pending(src + HALF + cols, cols < HALF, q_ptr, PENDING)
     if QK_NORM:
-        x1, x2 = _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF)
+        x1, x2 = _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF, PENDING)
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     r1 = (f1 * cos - f2 * sin).to(x1.dtype)
     r2 = (f2 * cos + f1 * sin).to(x1.dtype)
@@ -77,8 +85,10 @@ def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, k
         tl.store(dst + cols, r1)
         tl.store(dst + HALF + cols, r2)
     else:
+        d = tl.arange(0, 2 * HALF)
+        v = load_pending(qkv_ptr + t * stride_t + (H + KVH + kvh) * 2 * HALF + d, d < 2 * HALF, q_ptr, PENDING)
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        if slot >= 0:
+        if slot >= 0:  # (padding rows of a graph batch store nothing, but their sums were read and zeroed)
             row = slot * KVH + kvh
             dst = kc_ptr + row * 2 * HALF
             if KV_INT8:
@@ -93,34 +103,35 @@ def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, k
             else:
                 tl.store(dst + cols, r1.to(kc_ptr.dtype.element_ty))
                 tl.store(dst + HALF + cols, r2.to(kc_ptr.dtype.element_ty))
-            d = tl.arange(0, 2 * HALF)
-            v_src = qkv_ptr + t * stride_t + (H + KVH + kvh) * 2 * HALF
-            _store_row(v_src, vc_ptr, vs_ptr, row, d, d < 2 * HALF, 2 * HALF, KV_INT8, STEP, MIN_SCALE)
+            store_values(v, vc_ptr, vs_ptr, row, d, d < 2 * HALF, 2 * HALF, KV_INT8, STEP, MIN_SCALE)
 
 
 def rope_and_store_triton(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                           q_norm=None, k_norm=None, eps=1e-6, k_scales=None, v_scales=None):
-    T = qkv.shape[0]
+    pending = isinstance(qkv, PendingSum)  # a split-K linear's sums: read, rounded and zeroed by the kernel
+    src = qkv.sums if pending else qkv
+    T = src.shape[0]
     _, _, KVH, D = k_cache.shape
-    assert qkv.stride(-1) == 1 and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
+    assert src.stride(-1) == 1 and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
     assert D & (D - 1) == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
     int8 = k_cache.dtype == torch.int8
-    q = torch.empty(T, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(T, num_heads, D, dtype=qkv.dtype, device=src.device)
     if T:
         norm = q_norm is not None
         _rope_and_store_kernel[(T, num_heads + KVH)](
-            qkv, positions, cos_sin_cache, q_norm if norm else qkv, k_norm if norm else qkv, q, k_cache, v_cache,
-            k_scales if int8 else k_cache, v_scales if int8 else v_cache, slot_mapping, qkv.stride(0), num_heads,
-            KVH, eps, HALF=D // 2, QK_NORM=norm, KV_INT8=int8, STEP=STEP, MIN_SCALE=MIN_SCALE, num_warps=1,
-            **pdl_args(qkv.device))
+            src, positions, cos_sin_cache, q_norm if norm else q, k_norm if norm else q, q, k_cache, v_cache,
+            k_scales if int8 else k_cache, v_scales if int8 else v_cache, slot_mapping, src.stride(0), num_heads,
+            KVH, eps, HALF=D // 2, QK_NORM=norm, KV_INT8=int8, STEP=STEP, MIN_SCALE=MIN_SCALE, PENDING=pending,
+            num_warps=1, **pdl_args(src.device))
     return q
 
 
 def rope_and_store(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                    q_norm=None, k_norm=None, eps=1e-6, k_scales=None, v_scales=None):
-    """qkv [T, (H + 2 KVH) * D] (q ‖ k ‖ v heads), positions [T], caches [num_blocks, block_size, KVH, D]
-    (+ fp16 (scale, zero) pools for int8 caches), slot_mapping [T] (-1: not stored); q_norm / k_norm: the
-    per-head RMSNorm weights [D] (Qwen3) or None. Stores k (normed, rotated) and v; returns q [T, H, D]."""
-    fn = rope_and_store_triton if use_triton(qkv) else rope_and_store_ref
+    """qkv [T, (H + 2 KVH) * D] (q ‖ k ‖ v heads; or a PendingSum), positions [T], caches [num_blocks,
+    block_size, KVH, D] (+ fp16 (scale, zero) pools for int8 caches), slot_mapping [T] (-1: not stored);
+    q_norm / k_norm: the per-head RMSNorm weights [D] (Qwen3) or None. Stores k (normed, rotated) and v;
+    returns q [T, H, D]."""
+    fn = rope_and_store_triton if isinstance(qkv, PendingSum) or use_triton(qkv) else rope_and_store_ref
     return fn(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps,
               k_scales, v_scales)

@@ -107,8 +107,8 @@ class Attention(nn.Module):
 
     def forward(self, positions, x, rope_cache):
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
         ctx = get_context()
+        qkv = self.qkv_proj(x, defer=ctx.paged)  # paged: the fused RoPE + KV store finishes split-K sums
         if ctx.paged:  # one fused launch: q/k norm, RoPE, K/V into the cache
             q = kernels.rope_and_store(qkv, self.num_heads, positions, rope_cache, self.k_cache, self.v_cache,
                                        ctx.slot_mapping, *self._qk_norm_weights(), self.eps, self.k_scales,

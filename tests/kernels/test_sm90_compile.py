@@ -121,11 +121,13 @@ def _gpu_launches():
                 torch.full((2,), 100, dtype=torch.int32), D**-0.5, sliding_window=64, max_seqlen_q=100, **kv)
             kv_cache.store_kv_triton(torch.randn(5, KVH, D, dtype=dt), torch.randn(5, KVH, D, dtype=dt), cache, cache,
                                      torch.arange(5, dtype=torch.int64), scales, scales)
+            width = (H + 2 * KVH) * D
+            qkvs = (torch.randn(5, width, dtype=dt), pending.PendingSum(torch.zeros(5, width), dt))
             for norm_w in (None, torch.ones(D, dtype=dt)):  # llama-like, Qwen3's q/k norm
-                qkv_store.rope_and_store_triton(torch.randn(5, (H + 2 * KVH) * D, dtype=dt), H, torch.arange(5),
-                                                rope.build_rope_cache(D, 64, 1e6), cache, cache,
-                                                torch.arange(5, dtype=torch.int64), norm_w, norm_w, 1e-6, scales,
-                                                scales)
+                for qkv in qkvs:  # a tensor, a split-K linear's pending sums
+                    qkv_store.rope_and_store_triton(qkv, H, torch.arange(5), rope.build_rope_cache(D, 64, 1e6), cache,
+                                                    cache, torch.arange(5, dtype=torch.int64), norm_w, norm_w, 1e-6,
+                                                    scales, scales)
     x = torch.randn(5, 4096, dtype=dt)
     for src in (x, pending.PendingSum(torch.zeros(5, 4096), dt)):
         norm.rms_norm_triton(src, torch.ones(4096, dtype=dt), 1e-6)
