@@ -232,7 +232,7 @@ def bench_linears(copy_bw, quick, decode=False):
                 rows.append(dict(kernel="w8a16", M=M, K=K, N=N, us=t_w8 * 1e3, cublas_us=t_bf * 1e3,
                                  speedup=t_bf / t_w8, gbps=w8_bytes / t_w8 / 1e6,
                                  pct_copy=100 * w8_bytes / t_w8 / 1e6 / copy_bw))
-            if decode:  # as the runtime runs o_proj / gate_up / down: the next kernel finishes the split-K sums
+            if decode:  # as the runtime runs its linears: the next kernel finishes the split-K sums
                 for name, fn, ws_set, nbytes in (("w4a16 deferred", ql.w4a16_linear_triton, w4s, w4_bytes),
                                                   ("w8a16 deferred", ql.w8a16_linear_triton, w8s, w8_bytes)):
                     t = bench(lambda i: fn(x, *ws_set[i], 128, defer=True), len(ws_set))
