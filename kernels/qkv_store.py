@@ -37,7 +37,7 @@ def rope_and_store_ref(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cach
 def _norm_halves(src, x1, x2, w_ptr, cols, eps, HALF: tl.constexpr, PENDING: tl.constexpr):
     """RMSNorm of the head at src, given as its two halves, rounded as norm.rms_norm_ref (dtype, then times
     weight). The sum of squares runs over the whole row, in the order the RMSNorm kernel sums it (PENDING:
-    the row at src is zeroes by now, so it is summed from the halves, in another order)."""
+    the row at src is zeroed by now, so it is summed from the halves, in another order)."""
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     if PENDING:
         sum_sq = tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)
