@@ -28,33 +28,38 @@ except ImportError:  # CPU-only installs (macOS, aarch64): kernels are defined b
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    return HAVE_TRITON and x.is_cuda
+def use_triton(x) -> bool:
+    """CUDA tensors, and inputs only a Triton kernel can take (pending.PendingSum)."""
+    return HAVE_TRITON and (getattr(x, "triton_only", False) or x.is_cuda)
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, looked up once (4 elsewhere: interpreter grids stay small)."""
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-
-
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return _cuda_properties(_index(device)).multi_processor_count if device.type == "cuda" else 4
 
 
 def pdl_args(device: torch.device) -> dict:
     """Launch options of a kernel that starts with pdl_wait: programmatic dependent launch on sm_90+ (off with
     LMCONVERT_PDL=0). The kernel is then launched while the previous one in the stream is still running, so
-    its launch and whatever it does before pdl_wait (a GEMV prefetching its weights) hide behind that kernel."""
-    on = gdc_wait is not None and device.type == "cuda" and os.environ.get("LMCONVERT_PDL", "1") != "0" \
-        and _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
-    return {"PDL": True, "launch_pdl": True} if on and not INTERPRET else {"PDL": False}
+    its launch and whatever it does before pdl_wait (a GEMV loading its first weight tiles) hide behind that
+    kernel. Decided once per device (the environment is read then): every launch asks."""
+    return _pdl_args(_index(device)) if device.type == "cuda" else {"PDL": False}
 
 
 @functools.cache
-def _cuda_capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _pdl_args(index: int) -> dict:
+    on = gdc_wait is not None and not INTERPRET and os.environ.get("LMCONVERT_PDL", "1") != "0" \
+        and _cuda_properties(index).major >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 @triton.jit

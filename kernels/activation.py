@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import pdl_args, pdl_wait, tl, triton, use_triton
-from .pending import PendingSum, load_pending
+from .pending import load_pending, unwrap
 
 
 def silu_mul_ref(x):
@@ -25,8 +25,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr, PENDING: tl.constex
 
 
 def silu_mul_triton(x):
-    pending = isinstance(x, PendingSum)  # a split-K linear's sums: read, rounded and zeroed by the kernel
-    src = x.sums if pending else x
+    src, pending = unwrap(x)  # pending: a split-K linear's sums, read, rounded and zeroed by the kernel
     I = src.shape[-1] // 2
     x2 = src.reshape(-1, 2 * I).contiguous()
     out = torch.empty(x2.shape[0], I, dtype=x.dtype, device=src.device)
@@ -39,4 +38,4 @@ def silu_mul_triton(x):
 
 def silu_mul(x):
     """x [..., 2I] (or a PendingSum) -> [..., I]."""
-    return (silu_mul_triton if isinstance(x, PendingSum) or use_triton(x) else silu_mul_ref)(x)
+    return (silu_mul_triton if use_triton(x) else silu_mul_ref)(x)

@@ -8,7 +8,7 @@ Works over the last dim of any shape, so Qwen3's per-head q/k norm is rms_norm o
 import torch
 
 from ._triton import next_pow2, pdl_args, pdl_wait, tl, triton, use_triton
-from .pending import PendingSum, load_pending
+from .pending import load_pending, unwrap
 
 
 def rms_norm_ref(x, weight, eps, residual=None):
@@ -41,8 +41,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
 
 
 def rms_norm_triton(x, weight, eps, residual=None):
-    pending = isinstance(x, PendingSum)  # a split-K linear's sums: read, rounded and zeroed by the kernel
-    src = x.sums if pending else x
+    src, pending = unwrap(x)  # pending: a split-K linear's sums, read, rounded and zeroed by the kernel
     D = src.shape[-1]
     x2 = src.reshape(-1, D).contiguous()  # (the workspace view is contiguous: zeroes land in the workspace)
     out = torch.empty(x2.shape, dtype=x.dtype, device=src.device)
@@ -58,4 +57,4 @@ def rms_norm_triton(x, weight, eps, residual=None):
 
 def rms_norm(x, weight, eps, residual=None):
     """x [..., D] (or a PendingSum) -> out, or (out, x + residual) when residual is given."""
-    return (rms_norm_triton if isinstance(x, PendingSum) or use_triton(x) else rms_norm_ref)(x, weight, eps, residual)
+    return (rms_norm_triton if use_triton(x) else rms_norm_ref)(x, weight, eps, residual)

@@ -28,6 +28,14 @@ class PendingSum:
     def shape(self) -> torch.Size:
         return self.sums.shape
 
+    # only Triton kernels make and take one (on CPU tensors too, under the interpreter): see use_triton
+    triton_only = True
+
+
+def unwrap(x) -> tuple[torch.Tensor, bool]:
+    """(the tensor a consumer kernel reads, whether it holds pending sums to round and zero)."""
+    return (x.sums, True) if isinstance(x, PendingSum) else (x, False)
+
 
 @triton.jit
 def load_pending(ptrs, mask, like_ptr, PENDING: tl.constexpr):

@@ -11,7 +11,7 @@ import torch
 
 from ._triton import pdl_args, pdl_wait, tl, triton, use_triton
 from .kv_cache import MIN_SCALE, STEP, int8_codes, int8_scale_zero, store_kv_ref, store_values
-from .pending import PendingSum, load_pending
+from .pending import load_pending, unwrap
 from .norm import rms_norm_ref
 from .rope import apply_rope_ref
 
@@ -108,8 +108,7 @@ def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, k
 
 def rope_and_store_triton(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                           q_norm=None, k_norm=None, eps=1e-6, k_scales=None, v_scales=None):
-    pending = isinstance(qkv, PendingSum)  # a split-K linear's sums: read, rounded and zeroed by the kernel
-    src = qkv.sums if pending else qkv
+    src, pending = unwrap(qkv)  # pending: a split-K linear's sums, read, rounded and zeroed by the kernel
     T = src.shape[0]
     _, _, KVH, D = k_cache.shape
     assert src.stride(-1) == 1 and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
@@ -132,6 +131,6 @@ def rope_and_store(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cache, s
     block_size, KVH, D] (+ fp16 (scale, zero) pools for int8 caches), slot_mapping [T] (-1: not stored);
     q_norm / k_norm: the per-head RMSNorm weights [D] (Qwen3) or None. Stores k (normed, rotated) and v;
     returns q [T, H, D]."""
-    fn = rope_and_store_triton if isinstance(qkv, PendingSum) or use_triton(qkv) else rope_and_store_ref
+    fn = rope_and_store_triton if use_triton(qkv) else rope_and_store_ref
     return fn(qkv, num_heads, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps,
               k_scales, v_scales)
