@@ -71,13 +71,18 @@ def _dequant(w, s, z, J: tl.constexpr, BITS: tl.constexpr, SAFE: tl.constexpr, A
 
 
 @triton.jit
-def _group(s_ptr, z_ptr, k, G, N, offs_n, mask_n, BITS: tl.constexpr):
+def _group(s_ptr, z_ptr, k, G, N, offs_n, mask_n, BITS: tl.constexpr, COLUMN: tl.constexpr = False):
+    """Scales and zeros (W8: scales twice) of the group holding row k, fp32, as [1, BN] rows or [BN, 1] columns."""
     g = k // G
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if BITS == 4:
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
         z = s
+    if COLUMN:
+        s, z = s[:, None], z[:, None]
+    else:
+        s, z = s[None, :], z[None, :]
     return s, z
 
 
@@ -165,6 +170,81 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
         acc = tl.sum(acc, axis=0)[None, :]
     _finish(acc, offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, HAS_BIAS, ATOMIC,
             DEFER)
+
+
+@triton.jit
+def _q_minus_z(w, zneg, B: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr):
+    """(q - z) exactly, in the activation dtype, for the low nibble of byte B of every word of w [BN, R] (pass
+    w >> 4 for the high nibbles): tl.dot's A operand with no fp32 step. pack=2 gives each asm two elements
+    (Triton pairs k, k + 1 of the operand layout): one PRMT gathers byte B of both words into the two
+    halves, one LOP3 keeps the low nibbles under the magic exponent (bf16 0x4300 = 128: its mantissa has 7
+    bits, so a high nibble would reach the exponent; fp16 0x6400 = 1024), one x2 FMA adds zneg = -(MAGIC + z).
+    Three instructions per two weights, against an LOP3 + FMA + half a convert per weight in _dequant."""
+    sel = tl.full(w.shape, B | ((4 + B) << 8), tl.int32)  # byte B of the first word -> byte 0, of the second -> 2
+    if ASM:
+        if FP16:
+            y = tl.inline_asm_elementwise(
+                "{.reg .b32 t, one; prmt.b32 t, $1, $2, $4; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; "
+                "mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, t, one, $3;}", "=r,r,r,r,r,r", [w, zneg, sel],
+                dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            y = tl.inline_asm_elementwise(
+                "{.reg .b32 t, one; prmt.b32 t, $1, $2, $4; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
+                "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, t, one, $3;}", "=r,r,r,r,r,r", [w, zneg, sel],
+                dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        magic = 1024.0 if FP16 else 128.0
+        y = (((w >> (8 * B)) & 0xF).to(tl.float32) + magic + zneg.to(tl.float32)).to(zneg.dtype)
+    return y
+
+
+@triton.jit
+def swapped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, G, N_BLOCKS,
+                   BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr, G_BIG: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, ASM: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr):
+    """y^T [BN, BM] = W^T x^T, M <= 16 (BM 16, rows masked): the weights are tl.dot's first operand, which
+    Triton keeps in registers (wgmma with A from registers on sm_90, mma.sync before): the word tile goes
+    global -> shared (cp.async, pipelined because it feeds a dot) -> registers in the operand's layout, is
+    dequantized there and never round-trips through shared memory; x^T is the shared-memory operand.
+    W4 with whole groups per block: the exact (q - z) operands of _q_minus_z, the block's fp32 partial
+    scaled once per column; else _dequant's (q - z) * s rounded to the activation dtype, as fused_kernel."""
+    P: tl.constexpr = 32 // BITS
+    EXACT: tl.constexpr = BITS == 4 and G_BIG and R == 16
+    FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    pdl_wait(PDL)
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    w_ptrs = qw_ptr + offs_r[None, :] * N + offs_n[:, None]  # [BN, R] words: W^T's k runs along the rows r
+    x_cols = x_ptr + offs_m[None, :] * K
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
+    for b in range(b_begin, b_end):
+        w = tl.load(w_ptrs + b * (R * N), mask=mask_n[:, None], other=0)
+        k0 = b * (P * R)
+        if G_BIG:
+            s, z = _group(s_ptr, z_ptr, k0, G, N, offs_n, mask_n, BITS, COLUMN=True)
+        if EXACT:
+            zneg = tl.broadcast_to((-(1024.0 if FP16 else 128.0) - z).to(x_ptr.dtype.element_ty), (BLOCK_N, R))
+            w_hi = w >> 4
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(P):
+            xj = tl.load(x_cols + (k0 + j * R + offs_r)[:, None], mask=mask_m[None, :], other=0.0)  # [R, BM]
+            if EXACT:
+                a = _q_minus_z(w if j % 2 == 0 else w_hi, zneg, j // 2, FP16, ASM)
+                part = dot_acc(a, xj, part, UPCAST)
+            else:
+                if not G_BIG:
+                    s, z = _group(s_ptr, z_ptr, k0 + j * R, G, N, offs_n, mask_n, BITS, COLUMN=True)
+                acc = dot_acc(_dequant(w, s, z, j, BITS, SAFE, ASM).to(xj.dtype), xj, acc, UPCAST)
+        if EXACT:
+            acc += part * s
+    _finish(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr,
+            HAS_BIAS, ATOMIC, DEFER)
 
 
 @triton.jit

@@ -9,8 +9,9 @@ tensor is never mistaken for an engine one); the kernels repack an unprepared qw
 Designs (picked per shape bucket by the autotuner, cached):
 - gemv (M = 1, blocks inside one quant group): FMAs on [BB, R, BN] word tiles, zero point and MAGIC
   removed once per column; fused (M <= 64): the same with a dequant per value, or tl.dot on 16..64-row
-  tiles. Both split K with in-kernel atomic reduction into a persistent fp32 workspace (see _finish), so
-  the grid fills the GPU.
+  tiles; swapped (M <= 16, R = 16): y^T = W^T x^T on tensor cores with the dequantized weights as the
+  register operand (x padded to 16 rows). All split K with in-kernel atomic reduction into a persistent
+  fp32 workspace (see _finish), so the grid fills the GPU.
 - dequant (M > 16): dequantize W to the activation dtype in one pass, then cuBLAS.
 """
 
@@ -19,7 +20,7 @@ import torch
 from ._triton import INTERPRET, next_pow2, num_sms, pdl_args, triton, use_triton
 from .autotune import Autotuner
 from .pending import PendingSum
-from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel
+from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel, swapped_kernel
 
 FUSED_MAX_M = 64  # above: dequant + cuBLAS only
 _tuner = Autotuner()
@@ -134,8 +135,9 @@ def _workspace(device, numel, tiles):
     return ws, cnt
 
 
-def block_m(M):
-    return 1 if M == 1 else max(16, next_pow2(M))
+def block_m(M, design="fused"):
+    """Rows of x a program takes: the gemv one, tl.dot at least 16 (swapped: always 16, M <= 16)."""
+    return 1 if M == 1 and design != "swapped" else max(16, next_pow2(M))
 
 
 # ("gemv", BLOCK_N, BB blocks a step, blocks a program, num_warps, stages): 8 or 16 words a thread a step;
@@ -148,18 +150,27 @@ GEMV_CONFIGS = [("gemv", bn, 1, per, w, 0) for bn, w, pers in ((32, 2, (4, 6)), 
                                                           (128, 4, 8, 3), (128, 4, 16, 3))]
 
 
+# ("swapped", BLOCK_N, programs per SM, num_warps, num_stages): the best of a 24-point sweep per Qwen3-8B
+# shape on an H100 (session 8); 4 warps run wgmma, 2 mma.sync
+SWAPPED_CONFIGS = {1: [("swapped", 64, 8, 4, 2), ("swapped", 64, 8, 4, 3)],
+                   16: [("swapped", 64, 8, 4, 2), ("swapped", 64, 8, 2, 2), ("swapped", 64, 8, 2, 3),
+                        ("swapped", 64, 4, 4, 3), ("swapped", 128, 8, 4, 2)]}
+
+
 def candidates(M, N, K, R, device, whole=False, bits=4):
-    """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) /
+    """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) / SWAPPED_CONFIGS /
     ("dequant", BLOCK_N). whole: no block spans two quant groups (G % (P*R) == 0), which gemv needs."""
     n_blocks = K // (32 // bits * R)
+    swapped = SWAPPED_CONFIGS[1 if M == 1 else 16] if M <= 16 and R >= 16 else []
     if M == 1 and whole:  # fused stays a candidate: it won W8 before the gemv's masked prefetch (since: 0 of 8)
-        return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
+        return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)] \
+            + swapped
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
-        fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
+        fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)] + swapped
     elif M <= 16 and R >= 16:  # H200: Triton's pipeliner beat the hand prefetch, BN 64 beat 128
         fused = [("fused", bn, per_sm, 4, st, False) for bn, per_sm in ((32, 8), (32, 16), (64, 4), (64, 8))
-                 for st in (2, 3)]
+                 for st in (2, 3)] + swapped
     elif M <= FUSED_MAX_M and R >= 16:
         fused = [("fused", bn, per_sm, 4, 2, True) for bn in (64, 128) for per_sm in (4, 8)]
     if M <= 16 and fused:
@@ -194,7 +205,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
             dequant_kernel[(n_blocks, triton.cdiv(N, cfg[1]))](qweight, scales, z, w, N, G, **args, BLOCK_N=cfg[1])
             return x2 @ w if bias is None else torch.addmm(bias.to(x2.dtype), x2, w)
         per, split = _split(cfg, M, N, n_blocks, x2.device)
-        bm = 1 if cfg[0] == "gemv" else block_m(M)
+        bm = 1 if cfg[0] == "gemv" else block_m(M, cfg[0])
         grid = (triton.cdiv(N, cfg[1]), split, triton.cdiv(M, bm))
         ws, cnt = _workspace(x2.device, M * N, grid[0] * grid[2]) if split > 1 else (scales, scales)
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
@@ -206,6 +217,11 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
                               HAS_BIAS=bias is not None, ATOMIC=split > 1, BLOCK_N=cfg[1], BB=cfg[2],
                               STAGES=cfg[5], CHUNK=8, ASM=args["ASM"], DEFER=defer, num_warps=cfg[4],
                               **pdl_args(x2.device))
+            return result
+        if cfg[0] == "swapped":
+            swapped_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
+                                 ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_N=cfg[1], DEFER=defer,
+                                 num_warps=cfg[3], num_stages=cfg[4], **pdl_args(x2.device))
             return result
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,

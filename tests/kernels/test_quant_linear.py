@@ -115,8 +115,9 @@ def test_public_functions_take_reference_on_cpu():
 def test_regime_selection_and_candidates():
     assert [ql.select_regime(m) for m in (1, 16, 17, 64, 65)] == ["decode", "decode", "mid", "mid", "prefill"]
     cpu = torch.device("cpu")
-    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused"}  # groups < block
-    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, whole=True)} == {"gemv", "fused"}
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused", "swapped"}  # groups < block
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, whole=True)} == {"gemv", "fused", "swapped"}
+    assert {c[0] for c in ql.candidates(16, 4096, 4096, 16, cpu)} == {"fused", "swapped"}
     assert {c[0] for c in ql.candidates(33, 4096, 4096, 16, cpu)} == {"fused", "dequant"}
     assert {c[0] for c in ql.candidates(16, 4096, 4096, 8, cpu)} == {"dequant"}  # R < 16: no tl.dot
     assert {c[0] for c in ql.candidates(2048, 4096, 4096, 16, cpu)} == {"dequant"}

@@ -64,6 +64,8 @@ def _describe(fn, args, kwargs) -> dict:
         constexprs["UPCAST"] = False
     if "PDL" in constexprs:  # off on CPU tensors; on for sm_90 GPUs
         constexprs["PDL"] = True
+    if "ASM" in constexprs:  # the interpreter takes the plain-op twin of each inline PTX block
+        constexprs["ASM"] = True
     return {"module": raw.__module__, "name": raw.__name__, "signature": signature, "constexprs": constexprs,
             "aligned": aligned, "options": options}
 
@@ -174,7 +176,7 @@ def test_every_gpu_launch_compiles_for_sm90(recorded, tmp_path):
     _gpu_launches()
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     names = {launch["name"] for launch in unique}
-    assert {"gemv_kernel", "fused_kernel", "dequant_kernel", "int8_gemm_kernel", "quantize_rows_kernel",
+    assert {"gemv_kernel", "fused_kernel", "swapped_kernel", "dequant_kernel", "int8_gemm_kernel", "quantize_rows_kernel",
             "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_rope_and_store_kernel",
             "_all_reduce_rms_norm_kernel", "_take_kernel", "_silu_mul_kernel", "_rms_norm_kernel"} <= names, names
     path = tmp_path / "launches.json"
