@@ -184,8 +184,9 @@ def check_correctness(linears_only=False, decode=False, attention_only=False):
     return out
 
 
-def tune_rotated(x, sets, bits):
-    """Pick the config on rotated weight copies (HBM-bound, as timed below), not on one copy in L2."""
+def tune_rotated(x, sets, bits, defer=False):
+    """Pick the config on rotated weight copies (HBM-bound, as timed below), not on one copy in L2; in the
+    mode it will run in (as quant_linear.pick: deferred runs leave sums behind, cleared after)."""
     plans = [ql.plan(x, w[0], w[1], w[2] if bits == 4 else None, None, 128, bits) for w in sets]
     key, cands, _ = plans[0]
     times = {}
@@ -193,13 +194,15 @@ def tune_rotated(x, sets, bits):
         try:
             def run_all(cfg=cfg):
                 for p in plans:
-                    p[2](cfg)
+                    p[2](cfg, defer)
             run_all()
             times[cfg] = do_bench_cudagraph(run_all, rep=30, return_mode="median") / len(plans)
         except Exception as exc:  # noqa: BLE001
             print("tune skip", cfg, repr(exc)[:120])
-    ql._tuner.chosen[key] = min(times, key=times.get)
-    ql._tuner.times[key] = times
+    if defer:
+        ql._workspaces[x.device][0].zero_()
+    ql._tuner.chosen[(*key, defer)] = min(times, key=times.get)
+    ql._tuner.times[(*key, defer)] = times
 
 
 def bench_linears(copy_bw, quick, decode=False):
@@ -219,8 +222,9 @@ def bench_linears(copy_bw, quick, decode=False):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_bf = bench(lambda i: x @ wbs[i], len(wbs))
             if decode:
-                tune_rotated(x, w4s, 4)
-                tune_rotated(x, w8s, 8)
+                for defer in (False, True):
+                    tune_rotated(x, w4s, 4, defer)
+                    tune_rotated(x, w8s, 8, defer)
             t_w4 = bench(lambda i: ql.w4a16_linear_triton(x, *w4s[i], 128), len(w4s))
             w4_bytes = qw.nbytes + 2 * s.nbytes + x.nbytes + M * N * 2
             row = dict(kernel="w4a16", M=M, K=K, N=N, us=t_w4 * 1e3, cublas_us=t_bf * 1e3, speedup=t_bf / t_w4,
@@ -443,7 +447,7 @@ def main():
               f"{kv_mb} {vs_bf16}")
     for key, times in {**ql._tuner.times, **il._tuner.times}.items():  # every candidate's time, to trim the lists
         best = min(times.values())
-        print("tune", key[:5], " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))
+        print("tune", key[:5], "deferred" if key[-1] is True else "", " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

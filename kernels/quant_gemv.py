@@ -72,7 +72,7 @@ def _dequant(w, s, z, J: tl.constexpr, BITS: tl.constexpr, SAFE: tl.constexpr, A
 
 @triton.jit
 def _group(s_ptr, z_ptr, k, G, N, offs_n, mask_n, BITS: tl.constexpr, COLUMN: tl.constexpr = False):
-    """Scales and zeros (W8: scales twice) of the group holding row k, fp32, as [1, BN] rows or [BN, 1] columns."""
+    """Scales and zeros (W8: scales twice) of group k // G, fp32, as [1, BN] rows or [BN, 1] columns."""
     g = k // G
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if BITS == 4:
@@ -199,20 +199,17 @@ def _q_minus_z(w, zneg, B: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def swapped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, G, N_BLOCKS,
-                   BLOCKS_PER_SPLIT, BITS: tl.constexpr, R: tl.constexpr, SAFE: tl.constexpr, G_BIG: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, ASM: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr):
-    """y^T [BN, BM] = W^T x^T, M <= 16 (BM 16, rows masked): the weights are tl.dot's first operand, which
-    Triton keeps in registers (wgmma with A from registers on sm_90, mma.sync before): the word tile goes
-    global -> shared (cp.async, pipelined because it feeds a dot) -> registers in the operand's layout, is
-    dequantized there and never round-trips through shared memory; x^T is the shared-memory operand.
-    W4 with whole groups per block: the exact (q - z) operands of _q_minus_z, the block's fp32 partial
-    scaled once per column; else _dequant's (q - z) * s rounded to the activation dtype, as fused_kernel."""
-    P: tl.constexpr = 32 // BITS
-    EXACT: tl.constexpr = BITS == 4 and G_BIG and R == 16
-    FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+def swapped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, M, N, K, N_BLOCKS,
+                   BLOCKS_PER_SPLIT, GB: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+                   DEFER: tl.constexpr, PDL: tl.constexpr):
+    """W4, 2 <= M <= 16, every 128-k block inside one group (GB blocks a group): y^T [BN, BM] = W^T x^T, the
+    weights as tl.dot's first operand, which Triton keeps in registers (mma.sync; wgmma with A from registers
+    at 4 warps): the word tile goes global -> shared (cp.async, pipelined since it feeds a dot) -> registers
+    in the operand's layout and never round-trips through shared memory again, x^T is the shared operand.
+    Per block: part = sum_j (q_j - z)^T x_j^T with exact (q - z) operands (_q_minus_z), acc += s * part."""
     pdl_wait(PDL)
+    FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
@@ -225,24 +222,14 @@ def swapped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bi
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, N_BLOCKS)
     for b in range(b_begin, b_end):
         w = tl.load(w_ptrs + b * (R * N), mask=mask_n[:, None], other=0)
-        k0 = b * (P * R)
-        if G_BIG:
-            s, z = _group(s_ptr, z_ptr, k0, G, N, offs_n, mask_n, BITS, COLUMN=True)
-        if EXACT:
-            zneg = tl.broadcast_to((-(1024.0 if FP16 else 128.0) - z).to(x_ptr.dtype.element_ty), (BLOCK_N, R))
-            w_hi = w >> 4
-            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for j in tl.static_range(P):
-            xj = tl.load(x_cols + (k0 + j * R + offs_r)[:, None], mask=mask_m[None, :], other=0.0)  # [R, BM]
-            if EXACT:
-                a = _q_minus_z(w if j % 2 == 0 else w_hi, zneg, j // 2, FP16, ASM)
-                part = dot_acc(a, xj, part, UPCAST)
-            else:
-                if not G_BIG:
-                    s, z = _group(s_ptr, z_ptr, k0 + j * R, G, N, offs_n, mask_n, BITS, COLUMN=True)
-                acc = dot_acc(_dequant(w, s, z, j, BITS, SAFE, ASM).to(xj.dtype), xj, acc, UPCAST)
-        if EXACT:
-            acc += part * s
+        s, z = _group(s_ptr, z_ptr, b, GB, N, offs_n, mask_n, 4, COLUMN=True)
+        zneg = tl.broadcast_to((-(1024.0 if FP16 else 128.0) - z).to(x_ptr.dtype.element_ty), (BLOCK_N, R))
+        w_hi = w >> 4
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_cols + (b * 8 * R + j * R + offs_r)[:, None], mask=mask_m[None, :], other=0.0)  # [R, BM]
+            part = dot_acc(_q_minus_z(w if j % 2 == 0 else w_hi, zneg, j // 2, FP16, ASM), xj, part, UPCAST)
+        acc += part * s
     _finish(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, N, bias_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr,
             HAS_BIAS, ATOMIC, DEFER)
 

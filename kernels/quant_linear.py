@@ -9,8 +9,8 @@ tensor is never mistaken for an engine one); the kernels repack an unprepared qw
 Designs (picked per shape bucket by the autotuner, cached):
 - gemv (M = 1, blocks inside one quant group): FMAs on [BB, R, BN] word tiles, zero point and MAGIC
   removed once per column; fused (M <= 64): the same with a dequant per value, or tl.dot on 16..64-row
-  tiles; swapped (M <= 16, R = 16): y^T = W^T x^T on tensor cores with the dequantized weights as the
-  register operand (x padded to 16 rows). All split K with in-kernel atomic reduction into a persistent
+  tiles; swapped (W4, 2 <= M <= 16, whole groups a block): y^T = W^T x^T on tensor cores with exact
+  (q - z) weights as the register operand. All split K with in-kernel atomic reduction into a persistent
   fp32 workspace (see _finish), so the grid fills the GPU.
 - dequant (M > 16): dequantize W to the activation dtype in one pass, then cuBLAS.
 """
@@ -135,9 +135,8 @@ def _workspace(device, numel, tiles):
     return ws, cnt
 
 
-def block_m(M, design="fused"):
-    """Rows of x a program takes: the gemv one, tl.dot at least 16 (swapped: always 16, M <= 16)."""
-    return 1 if M == 1 and design != "swapped" else max(16, next_pow2(M))
+def block_m(M):
+    return 1 if M == 1 else max(16, next_pow2(M))
 
 
 # ("gemv", BLOCK_N, BB blocks a step, blocks a program, num_warps, stages): 8 or 16 words a thread a step;
@@ -150,27 +149,25 @@ GEMV_CONFIGS = [("gemv", bn, 1, per, w, 0) for bn, w, pers in ((32, 2, (4, 6)), 
                                                           (128, 4, 8, 3), (128, 4, 16, 3))]
 
 
-# ("swapped", BLOCK_N, programs per SM, num_warps, num_stages): the best of a 24-point sweep per Qwen3-8B
-# shape on an H100 (session 8); 4 warps run wgmma, 2 mma.sync
-SWAPPED_CONFIGS = {1: [("swapped", 64, 8, 4, 2), ("swapped", 64, 8, 4, 3)],
-                   16: [("swapped", 64, 8, 4, 2), ("swapped", 64, 8, 2, 2), ("swapped", 64, 8, 2, 3),
-                        ("swapped", 64, 4, 4, 3), ("swapped", 128, 8, 4, 2)]}
+# ("swapped", BLOCK_N, programs per SM, num_warps, num_stages): H100 (session 8), tuned as the runtime runs
+# (deferred): won W4 M = 16 at 4096 -> 6144 / 4096 and 12288 -> 4096 by 15-20% over fused (2 warps:
+# mma.sync; 4 warps, wgmma, waits on every dot and never won), lost 4096 -> 24576, every W8 shape (fused's
+# fp32 dequant is cheap there) and M = 1 (gemv).
+SWAPPED_CONFIGS = [("swapped", 64, 8, 2, 2), ("swapped", 64, 8, 2, 3)]
 
 
 def candidates(M, N, K, R, device, whole=False, bits=4):
     """GEMV_CONFIGS / ("fused", BLOCK_N, programs per SM, num_warps, num_stages, prefetch) / SWAPPED_CONFIGS /
     ("dequant", BLOCK_N). whole: no block spans two quant groups (G % (P*R) == 0), which gemv needs."""
     n_blocks = K // (32 // bits * R)
-    swapped = SWAPPED_CONFIGS[1 if M == 1 else 16] if M <= 16 and R >= 16 else []
     if M == 1 and whole:  # fused stays a candidate: it won W8 before the gemv's masked prefetch (since: 0 of 8)
-        return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)] \
-            + swapped
+        return [c for c in GEMV_CONFIGS if c[2] <= c[3] <= n_blocks] + [("fused", 128, p, 4, 1, True) for p in (4, 8)]
     fused, dq = [], [("dequant", 256), ("dequant", 128)]
     if M == 1:
-        fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)] + swapped
+        fused = [("fused", bn, per_sm, 4, 1, True) for bn in (128, 256) for per_sm in (2, 4, 8)]
     elif M <= 16 and R >= 16:  # H200: Triton's pipeliner beat the hand prefetch, BN 64 beat 128
         fused = [("fused", bn, per_sm, 4, st, False) for bn, per_sm in ((32, 8), (32, 16), (64, 4), (64, 8))
-                 for st in (2, 3)] + swapped
+                 for st in (2, 3)] + (SWAPPED_CONFIGS if bits == 4 and whole and R == 16 else [])
     elif M <= FUSED_MAX_M and R >= 16:
         fused = [("fused", bn, per_sm, 4, 2, True) for bn in (64, 128) for per_sm in (4, 8)]
     if M <= 16 and fused:
@@ -205,7 +202,7 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
             dequant_kernel[(n_blocks, triton.cdiv(N, cfg[1]))](qweight, scales, z, w, N, G, **args, BLOCK_N=cfg[1])
             return x2 @ w if bias is None else torch.addmm(bias.to(x2.dtype), x2, w)
         per, split = _split(cfg, M, N, n_blocks, x2.device)
-        bm = 1 if cfg[0] == "gemv" else block_m(M, cfg[0])
+        bm = 1 if cfg[0] == "gemv" else block_m(M)
         grid = (triton.cdiv(N, cfg[1]), split, triton.cdiv(M, bm))
         ws, cnt = _workspace(x2.device, M * N, grid[0] * grid[2]) if split > 1 else (scales, scales)
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
@@ -219,9 +216,9 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
                               **pdl_args(x2.device))
             return result
         if cfg[0] == "swapped":
-            swapped_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
-                                 ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_N=cfg[1], DEFER=defer,
-                                 num_warps=cfg[3], num_stages=cfg[4], **pdl_args(x2.device))
+            swapped_kernel[grid](*common, M, N, K, n_blocks, per, GB=G // (R * 8), R=R, HAS_BIAS=bias is not None,
+                                 ATOMIC=split > 1, UPCAST=INTERPRET, BLOCK_M=bm, BLOCK_N=cfg[1], ASM=args["ASM"],
+                                 DEFER=defer, num_warps=cfg[3], num_stages=cfg[4], **pdl_args(x2.device))
             return result
         _, bn, _, warps, stages, prefetch = cfg
         fused_kernel[grid](*common, M, N, K, G, n_blocks, per, **args, HAS_BIAS=bias is not None,
@@ -234,6 +231,18 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
     return key, candidates(M, N, K, R, x2.device, whole=args["G_BIG"], bits=bits), run
 
 
+def pick(key, cands, run, defer, device):
+    """The tuned config for key in the mode the caller runs: deferred launches are timed deferred (split-K
+    ends at the atomic adds, as when the next kernel finishes the sums), then the sums the timing runs left
+    in the workspace are cleared; else with the epilogue in, which leaves it clean."""
+    key = (*key, defer)
+    tuning = key not in _tuner.chosen
+    cfg = _tuner.pick(key, cands, lambda c: run(c, defer))
+    if tuning and defer and device in _workspaces:
+        _workspaces[device][0].zero_()
+    return cfg
+
+
 def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=False):
     qweight = _pack_w4(qweight, group_size) if bits == 4 else _pack_w8(qweight, group_size)
     N, K = qweight.shape[2], x.shape[-1]
@@ -242,7 +251,7 @@ def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=Fals
         return x.new_empty(*x.shape[:-1], N)
     zeros = zeros.contiguous() if zeros is not None else None
     key, cands, run = plan(x2, qweight.contiguous(), scales.contiguous(), zeros, bias, group_size, bits)
-    y = run(_tuner.pick(key, cands, run), defer)  # tuned with the epilogue in (the workspace stays clean)
+    y = run(pick(key, cands, run, defer, x2.device), defer)
     if isinstance(y, PendingSum):
         return PendingSum(y.sums.view(*x.shape[:-1], N), y.dtype)
     return y.view(*x.shape[:-1], N)

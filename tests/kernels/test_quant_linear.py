@@ -7,7 +7,7 @@ dequantized weight to the activation dtype but accumulate in a different order; 
 import pytest
 import torch
 
-from lmconvert.kernels import quant_linear as ql
+from lmconvert.kernels import pending, quant_linear as ql
 from lmconvert.kernels.autotune import Autotuner
 from lmconvert.quant.primitives import dequantize_w4, dequantize_w8, quantize_w4, quantize_w8
 
@@ -42,6 +42,22 @@ def test_w4a16_matches_reference(M, G, dtype):
     assert rel_err(ref, exact) < 1e-2
     for cfg, out in _each_config(x, qw, s, z, G, bias, 4).items():
         assert rel_err(out, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.parametrize("G", [128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swapped_w4_whole_groups(G, dtype):
+    """swapped (W4, M <= 16): exact (q - z) operands scaled once a block, two blocks a group at G = 256, rows
+    past M masked, K split over programs; the deferred sums finished by the next kernel (here take)."""
+    x, w, bias = _case(5, G, dtype, K=768)
+    qw, s, z = quantize_w4(w, G, dtype=dtype)
+    ref = ql.w4a16_linear_ref(x, qw, s, z, G, bias)
+    _, cands, run = ql.plan(x, ql._pack_w4(qw, G), s, z, bias, G, 4)
+    swapped = [c for c in cands if c[0] == "swapped"]
+    assert swapped and ql._split(swapped[0], 5, 96, 6, x.device)[1] > 1
+    for cfg in swapped:
+        assert rel_err(run(cfg), ref) < TOL[dtype], cfg
+        assert rel_err(pending.take(run(cfg, defer=True)), ref) < TOL[dtype], cfg
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -115,9 +131,11 @@ def test_public_functions_take_reference_on_cpu():
 def test_regime_selection_and_candidates():
     assert [ql.select_regime(m) for m in (1, 16, 17, 64, 65)] == ["decode", "decode", "mid", "mid", "prefill"]
     cpu = torch.device("cpu")
-    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused", "swapped"}  # groups < block
-    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, whole=True)} == {"gemv", "fused", "swapped"}
-    assert {c[0] for c in ql.candidates(16, 4096, 4096, 16, cpu)} == {"fused", "swapped"}
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu)} == {"fused"}  # groups < block
+    assert {c[0] for c in ql.candidates(1, 4096, 4096, 16, cpu, whole=True)} == {"gemv", "fused"}
+    assert {c[0] for c in ql.candidates(16, 4096, 4096, 16, cpu, whole=True)} == {"fused", "swapped"}
+    assert {c[0] for c in ql.candidates(16, 4096, 4096, 16, cpu, whole=True, bits=8)} == {"fused"}
+    assert {c[0] for c in ql.candidates(16, 4096, 4096, 16, cpu)} == {"fused"}  # swapped: W4, whole groups
     assert {c[0] for c in ql.candidates(33, 4096, 4096, 16, cpu)} == {"fused", "dequant"}
     assert {c[0] for c in ql.candidates(16, 4096, 4096, 8, cpu)} == {"dequant"}  # R < 16: no tl.dot
     assert {c[0] for c in ql.candidates(2048, 4096, 4096, 16, cpu)} == {"dequant"}
@@ -133,5 +151,7 @@ def test_autotuner_caches_choice_per_key():
     assert tuner.pick("k2", ["b"], calls.append) == "b"
     ql._tuner.chosen.clear()
     x, w, _ = _case(1, 32, torch.bfloat16)
-    ql.w4a16_linear_triton(x, *quantize_w4(w, 32, dtype=torch.bfloat16), 32)
-    assert [k[:2] for k in ql._tuner.chosen] == [(1, 96)]
+    q = quantize_w4(w, 32, dtype=torch.bfloat16)
+    ql.w4a16_linear_triton(x, *q, 32)
+    pending.take(ql.w4a16_linear_triton(x, *q, 32, defer=True))
+    assert [(k[:2], k[-1]) for k in ql._tuner.chosen] == [((1, 96), False), ((1, 96), True)]  # a pick per mode
