@@ -447,7 +447,8 @@ def main():
               f"{kv_mb} {vs_bf16}")
     for key, times in {**ql._tuner.times, **il._tuner.times}.items():  # every candidate's time, to trim the lists
         best = min(times.values())
-        print("tune", key[:5], "deferred" if key[-1] is True else "", " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))
+        mode = "deferred" if key[-1] is True else ""
+        print("tune", key[:5], mode, " ".join(f"{c}:{t * 1e3:.1f}{'*' if t == best else ''}" for c, t in times.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -176,10 +176,11 @@ def fused_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ws_bits
 def _q_minus_z(w, zneg, B: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr):
     """(q - z) exactly, in the activation dtype, for the low nibble of byte B of every word of w [BN, R] (pass
     w >> 4 for the high nibbles): tl.dot's A operand with no fp32 step. pack=2 gives each asm two elements
-    (Triton pairs k, k + 1 of the operand layout): one PRMT gathers byte B of both words into the two
-    halves, one LOP3 keeps the low nibbles under the magic exponent (bf16 0x4300 = 128: its mantissa has 7
-    bits, so a high nibble would reach the exponent; fp16 0x6400 = 1024), one x2 FMA adds zneg = -(MAGIC + z).
-    Three instructions per two weights, against an LOP3 + FMA + half a convert per weight in _dequant."""
+    (in the operand layout the k, k + 1 pair of one register; the asm is elementwise, so any pairing would
+    be right): one PRMT gathers byte B of both words into the two halves, one LOP3 keeps the low nibbles
+    under the magic exponent (bf16 0x4300 = 128: its mantissa has 7 bits, so a high nibble would reach the
+    exponent; fp16 0x6400 = 1024), one x2 FMA adds zneg = -(MAGIC + z). Three instructions per two weights,
+    against an LOP3 + FMA + half a convert per weight in _dequant."""
     sel = tl.full(w.shape, B | ((4 + B) << 8), tl.int32)  # byte B of the first word -> byte 0, of the second -> 2
     if ASM:
         if FP16:

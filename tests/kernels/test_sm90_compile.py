@@ -176,8 +176,9 @@ def test_every_gpu_launch_compiles_for_sm90(recorded, tmp_path):
     _gpu_launches()
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     names = {launch["name"] for launch in unique}
-    assert {"gemv_kernel", "fused_kernel", "swapped_kernel", "dequant_kernel", "int8_gemm_kernel", "quantize_rows_kernel",
-            "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel", "_rope_and_store_kernel",
+    assert {"gemv_kernel", "fused_kernel", "swapped_kernel", "dequant_kernel", "int8_gemm_kernel",
+            "quantize_rows_kernel", "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel",
+            "_rope_and_store_kernel",
             "_all_reduce_rms_norm_kernel", "_take_kernel", "_silu_mul_kernel", "_rms_norm_kernel"} <= names, names
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique))
