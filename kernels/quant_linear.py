@@ -149,9 +149,9 @@ GEMV_CONFIGS = [("gemv", bn, 1, per, w, 0) for bn, w, pers in ((32, 2, (4, 6)), 
                                                           (128, 4, 8, 3), (128, 4, 16, 3))]
 
 
-# ("swapped", BLOCK_N, programs per SM, num_warps, num_stages): H100 (session 8), tuned as the runtime runs
-# (deferred), best of 68 configs per Qwen3-8B shape: W4 M = 16 13-26% faster than fused's best (tl.dot with
-# the dequantized tile as the shared-memory operand), at 2 warps (mma.sync); at 4 warps Triton uses wgmma,
+# ("swapped", BLOCK_N, programs per SM, num_warps, num_stages): H100 (session 8), timed as the runtime runs
+# (deferred), the best of a 50-config sweep per Qwen3-8B shape: W4 M = 16 13-26% faster than fused's best
+# (tl.dot with the dequantized tile as the shared-memory operand), at 2 warps (mma.sync); at 4 warps wgmma,
 # waits on every dot and never won. Not offered: W8 (a swapped W8 with fused's dequant lost every shape by
 # 2-5%) and M = 1 (the gemv won every shape by 25-40%).
 SWAPPED_CONFIGS = [("swapped", 64, 8, 2, 2), ("swapped", 128, 4, 2, 3), ("swapped", 128, 8, 2, 3)]
