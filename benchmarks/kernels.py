@@ -23,6 +23,7 @@ from lmconvert.kernels import activation, kv_cache, norm, paged_attention_ref, p
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)]  # Qwen3-8B K -> N
+SWAPPED_SWEEP = ((32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4))  # --wide: (BN, warps)
 L2_BYTES = 50 << 20
 
 
@@ -410,6 +411,10 @@ def main():
             fused = [f for f in c if f[0] == "fused"]
             extra = [(*f[:3], w, st, f[5]) for f in fused for w, st in ((4, 1), (4, 3), (8, 2)) if M == 1]
             extra += [("fused", 256, p, 8, 2, True) for p in (2, 4) if fused and M > 1]
+            if any(f[0] == "swapped" for f in c):  # the session-8 sweep of the swapped design
+                sweep = [("swapped", bn, per, w, st) for bn, w in SWAPPED_SWEEP for per in (2, 4, 8, 16)
+                         for st in (2, 3, 4)]
+                extra += [cfg for cfg in sweep if cfg not in c]
             return c + extra + [("dequant", 256)] * any(f[0] == "dequant" for f in c)
         ql.candidates = wide
     torch.manual_seed(0)
