@@ -187,7 +187,7 @@ def check_correctness(linears_only=False, decode=False, attention_only=False):
 
 def tune_rotated(x, sets, bits, defer=False):
     """Pick the config on rotated weight copies (HBM-bound, as timed below), not on one copy in L2; in the
-    mode it will run in (as quant_linear.pick: deferred runs leave sums behind, cleared after)."""
+    mode it will run in (as quant_linear does: deferred runs leave sums behind, cleared after)."""
     plans = [ql.plan(x, w[0], w[1], w[2] if bits == 4 else None, None, 128, bits) for w in sets]
     key, cands, _ = plans[0]
     times = {}
@@ -201,7 +201,7 @@ def tune_rotated(x, sets, bits, defer=False):
         except Exception as exc:  # noqa: BLE001
             print("tune skip", cfg, repr(exc)[:120])
     if defer:
-        ql._workspaces[x.device][0].zero_()
+        ql.clear_workspace(x.device)
     ql._tuner.chosen[(*key, defer)] = min(times, key=times.get)
     ql._tuner.times[(*key, defer)] = times
 
@@ -241,7 +241,7 @@ def bench_linears(copy_bw, quick, decode=False):
                 for name, fn, ws_set, nbytes in (("w4a16 deferred", ql.w4a16_linear_triton, w4s, w4_bytes),
                                                   ("w8a16 deferred", ql.w8a16_linear_triton, w8s, w8_bytes)):
                     t = bench(lambda i: fn(x, *ws_set[i], 128, defer=True), len(ws_set))
-                    ql._workspaces[x.device][0].zero_()  # nothing consumed the sums: clean up for the next launches
+                    ql.clear_workspace(x.device)  # nothing consumed the sums: clean up for the next launches
                     rows.append(dict(kernel=name, M=M, K=K, N=N, us=t * 1e3, cublas_us=t_bf * 1e3, speedup=t_bf / t,
                                      gbps=nbytes / t / 1e6, pct_copy=100 * nbytes / t / 1e6 / copy_bw))
             for r in rows[-4 if decode else -2:]:  # as they come: a run cut short still reports

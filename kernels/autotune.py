@@ -18,8 +18,9 @@ class Autotuner:
     times: dict = field(default_factory=dict)  # key -> {config: ms} as measured (for benchmark logs)
     timing: bool = True  # False: take the first candidate (quick correctness runs)
 
-    def pick(self, key, candidates, launch):
-        """launch(config) runs the kernel; returns the cached or newly timed best config for key."""
+    def pick(self, key, candidates, launch, after_timing=None):
+        """launch(config) runs the kernel; returns the cached or newly timed best config for key.
+        after_timing(): called once the candidates have been timed (to undo what the timing runs left)."""
         if key in self.chosen:
             return self.chosen[key]
         best = candidates[0]
@@ -34,6 +35,8 @@ class Autotuner:
                     continue
             best = min(times, key=times.get)
             self.times[key] = times
+            if after_timing is not None:
+                after_timing()
         self.chosen[key] = best
         return best
 

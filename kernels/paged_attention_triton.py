@@ -43,16 +43,23 @@ def _codes(x, like, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _scale_pair(pair):
+    """fp32 (scale, zero) from the int32 word holding a cache row's fp16 pair (scale in the low half)."""
+    s = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _scale_zero(sz_ptr, row, live, MASKED: tl.constexpr):
-    """fp32 (scale, zero) of int8 cache rows (slot * KVH + head) from their fp16 pair in the scale pool; MASKED:
+    """fp32 (scale, zero) of int8 cache rows (slot * KVH + head), their fp16 pair read as one int32; MASKED:
     rows where live is false read 0 (stale slots past the context)."""
+    pairs = sz_ptr.to(tl.pointer_type(tl.int32)) + row
     if MASKED:
-        s = tl.load(sz_ptr + row * 2, mask=live, other=0)
-        z = tl.load(sz_ptr + row * 2 + 1, mask=live, other=0)
+        pair = tl.load(pairs, mask=live, other=0)
     else:
-        s = tl.load(sz_ptr + row * 2)
-        z = tl.load(sz_ptr + row * 2 + 1)
-    return s.to(tl.float32), z.to(tl.float32)
+        pair = tl.load(pairs)
+    return _scale_pair(pair)
 
 
 @triton.jit
@@ -178,11 +185,9 @@ def _dot_operand(x, FP32: tl.constexpr):
 
 
 @triton.jit
-def _split_scale_zero(pair, live):
-    """fp32 (scale, zero) from the int32 word holding a cache row's fp16 pair (scale in the low half); 0 where
-    live is false (stale slots can hold NaN)."""
-    s = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    z = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _live_scale_pair(pair, live):
+    """_scale_pair, 0 where live is false (the pair was loaded unmasked, ahead of time: stale slots can hold NaN)."""
+    s, z = _scale_pair(pair)
     return tl.where(live, s, 0.0), tl.where(live, z, 0.0)
 
 
@@ -246,13 +251,13 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
         dots = dot_acc(q2, tl.trans(_dot_operand(k2, FP32_DOT)), dots, UPCAST)
         dots = dot_acc(q3, tl.trans(_dot_operand(k3, FP32_DOT)), dots, UPCAST)
         live = (pos < ctx) & (pos >= start) & page_ok
-        k_scale, k_zero = _split_scale_zero(k_pairs, live)
+        k_scale, k_zero = _live_scale_pair(k_pairs, live)
         scores = (dots * k_scale[None, :] + q_sum[:, None] * (k_zero - 1152.0 * k_scale)[None, :]) * qk_scale
         scores = tl.where(live[None, :], scores, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(scores, m_i, l_i)
         vw = tl.load(v_words + row[:, None] * W + w[None, :], mask=live[:, None] & w_ok[None, :], other=0)
         v0, v1, v2, v3 = _fp16_codes(vw, ASM)
-        v_scale, v_zero = _split_scale_zero(v_pairs, live)
+        v_scale, v_zero = _live_scale_pair(v_pairs, live)
         ps = _dot_operand((p * v_scale[None, :]), FP32_DOT)
         pz = tl.sum(p * v_zero[None, :] - 1152.0 * ps.to(tl.float32), axis=1)[:, None]
         acc0 = dot_acc(ps, _dot_operand(v0, FP32_DOT), acc0 * alpha[:, None] + pz, UPCAST)

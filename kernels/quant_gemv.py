@@ -181,8 +181,8 @@ def _q_minus_z(w, zneg, B: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr):
     under the magic exponent (bf16 0x4300 = 128: its mantissa has 7 bits, so a high nibble would reach the
     exponent; fp16 0x6400 = 1024), one x2 FMA adds zneg = -(MAGIC + z). Three instructions per two weights,
     against an LOP3 + FMA + half a convert per weight in _dequant."""
-    sel = tl.full(w.shape, B | ((4 + B) << 8), tl.int32)  # byte B of the first word -> byte 0, of the second -> 2
     if ASM:
+        sel = tl.full(w.shape, B | ((4 + B) << 8), tl.int32)  # byte B of the first word -> byte 0, of the second -> 2
         if FP16:
             y = tl.inline_asm_elementwise(
                 "{.reg .b32 t, one; prmt.b32 t, $1, $2, $4; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; "

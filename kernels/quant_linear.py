@@ -232,16 +232,10 @@ def plan(x2, qweight, scales, zeros, bias, G, bits):
     return key, candidates(M, N, K, R, x2.device, whole=args["G_BIG"], bits=bits), run
 
 
-def pick(key, cands, run, defer, device):
-    """The tuned config for key in the mode the caller runs: deferred launches are timed deferred (split-K
-    ends at the atomic adds, as when the next kernel finishes the sums), then the sums the timing runs left
-    in the workspace are cleared; else with the epilogue in, which leaves it clean."""
-    key = (*key, defer)
-    tuning = key not in _tuner.chosen
-    cfg = _tuner.pick(key, cands, lambda c: run(c, defer))
-    if tuning and defer and device in _workspaces:
+def clear_workspace(device):
+    """Zero the split-K workspace of device: after deferred launches whose sums nobody takes (tuning, timing)."""
+    if device in _workspaces:
         _workspaces[device][0].zero_()
-    return cfg
 
 
 def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=False):
@@ -252,7 +246,10 @@ def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=Fals
         return x.new_empty(*x.shape[:-1], N)
     zeros = zeros.contiguous() if zeros is not None else None
     key, cands, run = plan(x2, qweight.contiguous(), scales.contiguous(), zeros, bias, group_size, bits)
-    y = run(pick(key, cands, run, defer, x2.device), defer)
+    # tuned in the mode it runs: deferred timing runs end at their atomic adds, as in use, and leave sums behind
+    cfg = _tuner.pick((*key, defer), cands, lambda c: run(c, defer),
+                      after_timing=(lambda: clear_workspace(x2.device)) if defer else None)
+    y = run(cfg, defer)
     if isinstance(y, PendingSum):
         return PendingSum(y.sums.view(*x.shape[:-1], N), y.dtype)
     return y.view(*x.shape[:-1], N)

@@ -178,8 +178,8 @@ def test_every_gpu_launch_compiles_for_sm90(recorded, tmp_path):
     names = {launch["name"] for launch in unique}
     assert {"gemv_kernel", "fused_kernel", "swapped_kernel", "dequant_kernel", "int8_gemm_kernel",
             "quantize_rows_kernel", "_decode_kernel", "_merge_kernel", "_prefill_kernel", "_store_kv_kernel",
-            "_rope_and_store_kernel",
-            "_all_reduce_rms_norm_kernel", "_take_kernel", "_silu_mul_kernel", "_rms_norm_kernel"} <= names, names
+            "_rope_and_store_kernel", "_all_reduce_rms_norm_kernel", "_take_kernel", "_silu_mul_kernel",
+            "_rms_norm_kernel"} <= names, names
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
