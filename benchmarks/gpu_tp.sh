@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on a 4-GPU host (GPUS=2: a 2-GPU host, phases below the first block): tensor-parallel scaling
 # at three sizes, sizes side by side on disjoint GPUs.
-#   OUT=/some/dir [GPUS=2] bash benchmarks/gpu_tp.sh   (about 9.5 minutes; each run has its own time limit)
+#   OUT=/some/dir [GPUS=2] bash benchmarks/gpu_tp.sh   (7-9.5 minutes; each run has its own time limit)
 # Phase 1: Qwen3-8B bf16 tp=1 (GPU 0) | tp=2 (GPUs 1,2) | Qwen2.5-72B W4 tp=1 (GPU 3)
 # Phase 2: Qwen3-32B bf16 tp=2 (GPUs 0,1) | Qwen2.5-72B W4 tp=2 (GPUs 2,3)
 # Phase 3: Qwen3-32B bf16 tp=4;  phase 4: Qwen2.5-72B W4 tp=4.  Then one scaling report per model.
@@ -36,7 +36,7 @@ if [ "${GPUS:-4}" = 2 ]; then  # a 2-GPU host: tp=1 vs tp=2 for each size that f
 else
   run 8b_tp1 0 ${LIMIT_PHASE1:-165} --preset qwen3-8b --tp 1 &
   run 8b_tp2 1,2 ${LIMIT_PHASE1:-165} --preset qwen3-8b --tp 2 &
-  run 72b_w4_tp1 3 ${LIMIT_PHASE1:-165} --preset qwen2.5-72b-awq --quant w4 --tp 1 &
+  run 72b_w4_tp1 3 ${LIMIT_72B_TP1:-240} --preset qwen2.5-72b-awq --quant w4 --tp 1 &  # 165 s was too short (session 9)
   settle
   run 32b_tp2 0,1 ${LIMIT_PHASE2:-165} --preset qwen3-32b --tp 2 &
   run 72b_w4_tp2 2,3 ${LIMIT_PHASE2:-165} --preset qwen2.5-72b-awq --quant w4 --tp 2 &

@@ -69,6 +69,8 @@ def measure_engine(args, engine: LLMEngine, tp: int, load_s: float) -> dict:
     result = {"tp": tp, "load_s": round(load_s, 1), "greedy": out.token_ids,
               "logits": engine.logits(prompt[:16])[:, :LOGIT_COLUMNS].float().cpu().tolist(),
               "latency": run_bench(engine, "latency", 1, args.input_len, args.output_len).as_dict()}
+    # printed now: a throughput run cut short by its time limit must not take the latency figure with it
+    print(f"tp={tp}: latency {json.dumps(result['latency'])}", flush=True)
     if args.device.startswith("cuda"):  # where rank 0's decode step goes, all-reduce included
         from runtime_gpu import decode_step_profile
 
@@ -128,6 +130,7 @@ def scaling_report(head: dict, runs: list[dict]) -> dict:
         row = {"tp": run["tp"], "vs_tp": base["tp"], "greedy_equal": run["greedy"] == base["greedy"],
                "max_logit_diff": diff,
                "decode_speedup": run["latency"]["decode_tok_s"] / base["latency"]["decode_tok_s"]}
+        row["decode_efficiency"] = row["decode_speedup"] * base["tp"] / run["tp"]
         if "throughput" in run and "throughput" in base:
             row["throughput_speedup"] = run["throughput"]["output_tok_s"] / base["throughput"]["output_tok_s"]
             row["throughput_efficiency"] = row["throughput_speedup"] * base["tp"] / run["tp"]
