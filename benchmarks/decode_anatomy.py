@@ -64,12 +64,18 @@ def anatomy(preset: str, quant) -> dict:
     replay = engine.runner.graphs.graphs[1].replay
     replay_ms = _timed(replay, 200)
     kernel_ms, kernels, kinds, names = graph_kernels(replay)
+    from lmconvert.kernels import quant_linear
+
+    # what the runtime's tuner chose for batch-1 steps: (N, K, group, bits, deferred) -> config
+    chosen = {f"{k[2]}->{k[1]} g{k[3]} w{k[4]}{' deferred' if k[-1] is True else ''}": list(cfg)
+              for k, cfg in quant_linear._tuner.chosen.items() if k[0] == 1 and k[4] == (quant or {}).get("bits")}
     del engine
     free()
     return {"step_ms": round(step_ms, 4), "tok_s": round(1e3 / step_ms, 1), "replay_ms": round(replay_ms, 4),
             "plain_step_ms": round(plain_ms, 4), "plain_tok_s": round(1e3 / plain_ms, 1),
             "kernel_ms": round(kernel_ms, 4), "kernels": kernels, "host_ms": round(step_ms - replay_ms, 4),
-            "gaps_ms": round(replay_ms - kernel_ms, 4), "kernel_ms_by_kind": kinds, "kernels_us_count_name": names}
+            "gaps_ms": round(replay_ms - kernel_ms, 4), "kernel_ms_by_kind": kinds, "kernels_us_count_name": names,
+            "linear_configs": chosen}
 
 
 def _decode_ms(engine, overlap: bool) -> float:

@@ -23,6 +23,9 @@ from lmconvert.kernels import activation, kv_cache, norm, paged_attention_ref, p
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)]  # Qwen3-8B K -> N
+# --gemv-sweep: (BN, BB, warps, stages) at 1-4 blocks a program (session 9: what found 1-warp, 2-3 block programs)
+GEMV_SWEEP = ((32, 1, 1, 0), (64, 1, 1, 0), (128, 1, 2, 0), (32, 2, 1, 0), (64, 2, 2, 0), (64, 1, 1, 2), (64, 1, 1, 3),
+              (16, 1, 1, 0))
 SWAPPED_SWEEP = ((32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4))  # --wide: (BN, warps)
 L2_BYTES = 50 << 20
 
@@ -388,6 +391,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--linears", action="store_true", help="only the quantized linears")
     ap.add_argument("--wide", action="store_true", help="tune over a wider candidate list (to trim the default)")
+    ap.add_argument("--gemv-sweep", action="store_true",
+                    help="M = 1: also tune the gemv over GEMV_SWEEP (short programs: 1-4 blocks)")
     ap.add_argument("--decode", action="store_true", help="linears at M = 1 and 16 only")
     ap.add_argument("--attention", action="store_true", help="only paged attention and store_kv (bf16 and int8 KV)")
     ap.add_argument("--attention-sweep", action="store_true", help="with --attention: sweep the int8-KV decode launch")
@@ -417,6 +422,14 @@ def main():
                 extra += [cfg for cfg in sweep if cfg not in c]
             return c + extra + [("dequant", 256)] * any(f[0] == "dequant" for f in c)
         ql.candidates = wide
+    if args.gemv_sweep:
+        listed = ql.candidates
+
+        def gemv_sweep(M, N, K, R, device, whole=False, bits=4):
+            c = listed(M, N, K, R, device, whole, bits)
+            extra = [("gemv", bn, bb, per, w, st) for bn, bb, w, st in GEMV_SWEEP for per in (1, 2, 3, 4) if bb <= per]
+            return c + [cfg for cfg in extra if cfg not in c] if any(f[0] == "gemv" for f in c) else c
+        ql.candidates = gemv_sweep
     torch.manual_seed(0)
     errs = {} if args.w8a8 else check_correctness(args.linears, args.decode, args.attention)
     with_w8a8 = args.w8a8 or not (args.decode or args.attention)

@@ -53,6 +53,11 @@ def _pdl_args(index: int) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size (0 off CUDA)."""
+    return _cuda_properties(_index(device)).L2_cache_size if device.type == "cuda" else 0
+
+
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 

@@ -155,3 +155,15 @@ def test_autotuner_caches_choice_per_key():
     ql.w4a16_linear_triton(x, *q, 32)
     pending.take(ql.w4a16_linear_triton(x, *q, 32, defer=True))
     assert [(k[:2], k[-1]) for k in ql._tuner.chosen] == [((1, 96), False), ((1, 96), True)]  # a pick per mode
+
+
+def test_cold_copies_cover_twice_the_l2(monkeypatch):
+    """The tuner times candidates over enough weight copies to stream them from DRAM, as decode does."""
+    qw, s, z = torch.ones(64, 32, dtype=torch.int32), torch.ones(2, 32), torch.zeros(2, 32)  # 8192 + 2 x 256 B
+    assert len(ql.cold_copies((qw, s, z))) == 1  # no L2 off CUDA: timed on the weights themselves
+    monkeypatch.setattr(ql, "l2_bytes", lambda device: 40_000)
+    copies = ql.cold_copies((qw, s, z))
+    assert len(copies) == 10 and copies[0][0] is qw  # ceil(2 * 40000 / 8704)
+    assert all(torch.equal(c[0], qw) and c[0].data_ptr() != qw.data_ptr() for c in copies[1:])
+    monkeypatch.setattr(ql, "l2_bytes", lambda device: 50 << 20)
+    assert len(ql.cold_copies((qw, s))) == 16  # capped
