@@ -15,10 +15,12 @@ Designs (picked per shape bucket by the autotuner, cached):
 - dequant (M > 16): dequantize W to the activation dtype in one pass, then cuBLAS.
 """
 
+import functools
+
 import torch
 
-from ._triton import INTERPRET, l2_bytes, next_pow2, num_sms, pdl_args, triton, use_triton
-from .autotune import Autotuner
+from ._triton import INTERPRET, next_pow2, num_sms, pdl_args, triton, use_triton
+from .autotune import Autotuner, cold_launcher
 from .pending import PendingSum
 from .quant_gemv import dequant_kernel, fused_kernel, gemv_kernel, swapped_kernel
 
@@ -238,17 +240,6 @@ def clear_workspace(device):
         _workspaces[device][0].zero_()
 
 
-def cold_copies(weights):
-    """The weight tensors plus enough copies that timing runs over all of them stream the weights from DRAM,
-    as a decode step does (a model's layers are far larger than L2), not from L2, where one small matrix
-    stays between back-to-back launches and rewards other configs (H100, session 9: the runtime's tuner,
-    timing one L2-resident copy, kept W4 decode at session 8's speed while the rotated kernels.py timings
-    of the same candidates were 6-17% faster)."""
-    nbytes = sum(t.nbytes for t in weights)
-    copies = min(16, max(1, -(-2 * l2_bytes(weights[0].device) // nbytes)))
-    return [weights] + [tuple(t.clone() for t in weights) for _ in range(copies - 1)]
-
-
 def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=False):
     qweight = _pack_w4(qweight, group_size) if bits == 4 else _pack_w8(qweight, group_size)
     N, K = qweight.shape[2], x.shape[-1]
@@ -261,16 +252,9 @@ def _linear_triton(x, qweight, scales, zeros, group_size, bias, bits, defer=Fals
         return plan(x2, w[0], w[1], w[2] if len(w) > 2 else None, bias, group_size, bits)
 
     key, cands, run = plan_for(weights)
-    timed = []  # launchers over cold copies of the weights, made only if this key is timed
-
-    def launch_cold(cfg):
-        if not timed:
-            timed.extend(plan_for(w)[2] for w in cold_copies(weights))
-        for run_copy in timed:
-            run_copy(cfg, defer)
-
+    launch = cold_launcher(weights, lambda w: functools.partial(plan_for(w)[2], defer=defer))
     # tuned in the mode it runs: deferred timing runs end at their atomic adds, as in use, and leave sums behind
-    cfg = _tuner.pick((*key, defer), cands, launch_cold,
+    cfg = _tuner.pick((*key, defer), cands, launch,
                       after_timing=(lambda: clear_workspace(x2.device)) if defer else None)
     y = run(cfg, defer)
     if isinstance(y, PendingSum):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lmconvert.kernels import pending, quant_linear as ql
-from lmconvert.kernels.autotune import Autotuner
+from lmconvert.kernels import autotune
+from lmconvert.kernels.autotune import Autotuner, cold_copies
 from lmconvert.quant.primitives import dequantize_w4, dequantize_w8, quantize_w4, quantize_w8
 
 from kernel_testing import rel_err
@@ -160,10 +161,15 @@ def test_autotuner_caches_choice_per_key():
 def test_cold_copies_cover_twice_the_l2(monkeypatch):
     """The tuner times candidates over enough weight copies to stream them from DRAM, as decode does."""
     qw, s, z = torch.ones(64, 32, dtype=torch.int32), torch.ones(2, 32), torch.zeros(2, 32)  # 8192 + 2 x 256 B
-    assert len(ql.cold_copies((qw, s, z))) == 1  # no L2 off CUDA: timed on the weights themselves
-    monkeypatch.setattr(ql, "l2_bytes", lambda device: 40_000)
-    copies = ql.cold_copies((qw, s, z))
+    assert len(cold_copies((qw, s, z))) == 1  # no L2 off CUDA: timed on the weights themselves
+    monkeypatch.setattr(autotune, "l2_bytes", lambda device: 40_000)
+    copies = cold_copies((qw, s, z))
     assert len(copies) == 10 and copies[0][0] is qw  # ceil(2 * 40000 / 8704)
     assert all(torch.equal(c[0], qw) and c[0].data_ptr() != qw.data_ptr() for c in copies[1:])
-    monkeypatch.setattr(ql, "l2_bytes", lambda device: 50 << 20)
-    assert len(ql.cold_copies((qw, s))) == 16  # capped
+    monkeypatch.setattr(autotune, "l2_bytes", lambda device: 50 << 20)
+    assert len(cold_copies((qw, s))) == 16  # capped
+    launched = []
+    launch = autotune.cold_launcher((qw, s), lambda w: lambda cfg: launched.append((cfg, w[0].data_ptr())))
+    assert launched == []  # nothing copied before the tuner times
+    launch("cfg")
+    assert len(launched) == 16 and len({ptr for _, ptr in launched}) == 16 and launched[0][1] == qw.data_ptr()
