@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtime_gpu import W8, W8A8, cuda_kernels, engine_for, free  # noqa: E402
 
+from lmconvert.kernels import quant_linear  # noqa: E402
 from lmconvert.runtime import SamplingParams  # noqa: E402
 
 CONFIGS = {"bf16": None, "w8": W8, "w4g128": {"bits": 4, "group_size": 128}, "w8a8": W8A8}
@@ -64,8 +65,6 @@ def anatomy(preset: str, quant) -> dict:
     replay = engine.runner.graphs.graphs[1].replay
     replay_ms = _timed(replay, 200)
     kernel_ms, kernels, kinds, names = graph_kernels(replay)
-    from lmconvert.kernels import quant_linear
-
     # what the runtime's tuner chose for batch-1 steps: (N, K, group, bits, deferred) -> config
     chosen = {f"{k[2]}->{k[1]} g{k[3]} w{k[4]}{' deferred' if k[-1] is True else ''}": list(cfg)
               for k, cfg in quant_linear._tuner.chosen.items() if k[0] == 1 and k[4] == (quant or {}).get("bits")}

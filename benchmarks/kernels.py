@@ -23,7 +23,8 @@ from lmconvert.kernels import activation, kv_cache, norm, paged_attention_ref, p
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)]  # Qwen3-8B K -> N
-# --gemv-sweep: (BN, BB, warps, stages) at 1-4 blocks a program (session 9: what found 1-warp, 2-3 block programs)
+# --gemv-sweep: (BN, BB, warps, stages) at 1-4 blocks a program (session 9: the sweep that found the 1-warp,
+# 2-4 block programs now in quant_linear.GEMV_CONFIGS)
 GEMV_SWEEP = ((32, 1, 1, 0), (64, 1, 1, 0), (128, 1, 2, 0), (32, 2, 1, 0), (64, 2, 2, 0), (64, 1, 1, 2), (64, 1, 1, 3),
               (16, 1, 1, 0))
 SWAPPED_SWEEP = ((32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4))  # --wide: (BN, warps)
