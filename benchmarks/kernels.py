@@ -189,25 +189,15 @@ def check_correctness(linears_only=False, decode=False, attention_only=False):
     return out
 
 
-def tune_rotated(x, sets, bits, defer=False):
-    """Pick the config on rotated weight copies (HBM-bound, as timed below), not on one copy in L2; in the
-    mode it will run in (as quant_linear does: deferred runs leave sums behind, cleared after)."""
-    plans = [ql.plan(x, w[0], w[1], w[2] if bits == 4 else None, None, 128, bits) for w in sets]
-    key, cands, _ = plans[0]
-    times = {}
-    for cfg in cands:
-        try:
-            def run_all(cfg=cfg):
-                for p in plans:
-                    p[2](cfg, defer)
-            run_all()
-            times[cfg] = do_bench_cudagraph(run_all, rep=30, return_mode="median") / len(plans)
-        except Exception as exc:  # noqa: BLE001
-            print("tune skip", cfg, repr(exc)[:120])
+def tune(x, weights, bits, defer=False):
+    """Pick the config as the runtime does: the linears' tuner, timing over cold copies of the weights in the
+    mode the call runs in. An earlier pick for the same key (check_linears) is dropped first, so this one is
+    timed with the candidate list in force (--wide, --gemv-sweep)."""
+    key = ql.plan(x, weights[0], weights[1], weights[2] if bits == 4 else None, None, 128, bits)[0]
+    ql._tuner.chosen.pop((*key, defer), None)
+    (ql.w4a16_linear_triton if bits == 4 else ql.w8a16_linear_triton)(x, *weights, 128, defer=defer)
     if defer:
-        ql.clear_workspace(x.device)
-    ql._tuner.chosen[(*key, defer)] = min(times, key=times.get)
-    ql._tuner.times[(*key, defer)] = times
+        ql.clear_workspace(x.device)  # this call's own sums: nothing takes them
 
 
 def bench_linears(copy_bw, quick, decode=False):
@@ -228,8 +218,8 @@ def bench_linears(copy_bw, quick, decode=False):
             t_bf = bench(lambda i: x @ wbs[i], len(wbs))
             if decode:
                 for defer in (False, True):
-                    tune_rotated(x, w4s, 4, defer)
-                    tune_rotated(x, w8s, 8, defer)
+                    tune(x, w4s[0], 4, defer)
+                    tune(x, w8s[0], 8, defer)
             t_w4 = bench(lambda i: ql.w4a16_linear_triton(x, *w4s[i], 128), len(w4s))
             w4_bytes = qw.nbytes + 2 * s.nbytes + x.nbytes + M * N * 2
             row = dict(kernel="w4a16", M=M, K=K, N=N, us=t_w4 * 1e3, cublas_us=t_bf * 1e3, speedup=t_bf / t_w4,

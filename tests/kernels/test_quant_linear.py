@@ -12,7 +12,7 @@ from lmconvert.kernels import autotune
 from lmconvert.kernels.autotune import Autotuner, cold_copies
 from lmconvert.quant.primitives import dequantize_w4, dequantize_w8, quantize_w4, quantize_w8
 
-from kernel_testing import rel_err
+from kernel_testing import LaunchingTuner, rel_err
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
@@ -173,3 +173,25 @@ def test_cold_copies_cover_twice_the_l2(monkeypatch):
     assert launched == []  # nothing copied before the tuner times
     launch("cfg")
     assert len(launched) == 16 and len({ptr for _, ptr in launched}) == 16 and launched[0][1] == qw.data_ptr()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tuning_launches_over_cold_copies_and_leaves_the_workspace_clean(monkeypatch, bits):
+    """The timing path (CUDA-only) under the interpreter: every candidate runs on every cold copy, deferred
+    timing runs leave their sums in the shared workspace and after_timing must clear them, or the real call's
+    sums would carry them."""
+    x, w, bias = _case(1, 128, torch.bfloat16, K=1024)  # 8 / 16 blocks: the picked config splits K
+    if bits == 4:
+        qw, s, z = quantize_w4(w, 128, dtype=torch.bfloat16)
+        weights, ref = (qw, s, z), ql.w4a16_linear_ref(x, qw, s, z, 128, bias)
+    else:
+        (qw, s), z = quantize_w8(w, 128, dtype=torch.bfloat16), None
+        weights, ref = (qw, s), ql.w8a16_linear_ref(x, qw, s, 128, bias)
+    packed = (ql._pack_w4 if bits == 4 else ql._pack_w8)(qw, 128)
+    monkeypatch.setattr(autotune, "l2_bytes", lambda device: sum(t.nbytes for t in (packed, *weights[1:])))
+    monkeypatch.setattr(ql, "_tuner", LaunchingTuner())
+    fn = ql.w4a16_linear_triton if bits == 4 else ql.w8a16_linear_triton
+    out = fn(x, packed, *weights[1:], 128, bias, defer=True)
+    assert isinstance(out, pending.PendingSum)  # the sums come from the workspace the timing runs used
+    assert ql._tuner.launched > 1  # all the candidates, each over 2 copies (2 x L2 / bytes)
+    assert rel_err(pending.take(out), ref) < TOL[torch.bfloat16]

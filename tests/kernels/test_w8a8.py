@@ -10,10 +10,10 @@ half a step, the GEMM matches fp64 products of the dequantized operands to 1e-6 
 import pytest
 import torch
 
-from lmconvert.kernels import int8_linear as wl
+from lmconvert.kernels import autotune, int8_linear as wl
 from lmconvert.quant.primitives import quantize_w8
 
-from kernel_testing import rel_err
+from kernel_testing import LaunchingTuner, rel_err
 
 
 def _weights(N, K, dtype):
@@ -86,3 +86,16 @@ def test_w8a8_linear_leading_dims_and_empty():
     assert wl.w8a8_linear_triton(x[:0], b, w_scale).shape == (0, 3, 32)
     # close to the fp product: int8 on both sides costs ~1% here
     assert rel_err(wl.w8a8_linear_ref(x.float(), b, w_scale), x.float() @ (b.float() * w_scale.float())) < 2e-2
+
+
+def test_int8_gemm_tuning_launches_over_cold_copies(monkeypatch):
+    """The CUDA-only timing path under the interpreter: candidates run over copies of the weights (strides
+    kept: the k-contiguous layout), then the pick runs on the weights themselves."""
+    a, a_scale = wl.quantize_per_token_ref(torch.randn(3, 96))
+    b, w_scale = _weights(64, 96, torch.bfloat16)
+    b_kmajor = b.t().contiguous().t()
+    monkeypatch.setattr(autotune, "l2_bytes", lambda device: b.nbytes + w_scale.nbytes)
+    monkeypatch.setattr(wl, "_tuner", LaunchingTuner())
+    out = wl.int8_gemm_triton(a, a_scale, b_kmajor, w_scale, None, torch.bfloat16)
+    assert wl._tuner.launched > 1
+    assert_same(out, wl.int8_gemm_ref(a, a_scale, b, w_scale, None, torch.bfloat16))
