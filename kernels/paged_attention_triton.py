@@ -91,13 +91,23 @@ def _pv(p, acc, q, v_ptr, vs_ptr, row, d, d_ok, live, D, UPCAST: tl.constexpr, K
 
 
 @triton.jit
-def _decode_pages(ctx_ptr, s, split, WINDOW, BS: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Sequence s's context length, its first visible position (sliding window: keys at positions
-    > p - window, p = ctx - 1) and the pages [lo, hi) that KV split `split` walks."""
-    ctx = tl.load(ctx_ptr + s)
+def _split_walk(ctx, WINDOW, BS: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr):
+    """A sequence's first visible position (sliding window: keys at positions > p - window, p = ctx - 1), its
+    first and last page, and the pages a KV split walks: the walk over NUM_SPLITS splits, but at least
+    MIN_PAGES pages a split. A decode graph fixes NUM_SPLITS for its longest context; a short one then
+    takes fewer, longer splits (H100, batch 1 x 768 tokens: 64 splits of 1 page 9.3 us, 8 splits 6.3 us)."""
     start = tl.maximum(ctx - WINDOW, 0) if WINDOW > 0 else 0
     first, last = start // BS, tl.cdiv(ctx, BS)
-    per_split = tl.cdiv(last - first, NUM_SPLITS)
+    per_split = tl.maximum(tl.cdiv(last - first, NUM_SPLITS), MIN_PAGES)
+    return start, first, last, per_split
+
+
+@triton.jit
+def _decode_pages(ctx_ptr, s, split, WINDOW, BS: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr):
+    """Sequence s's context length, its first visible position and the pages [lo, hi) that KV split `split`
+    walks (empty for the splits past a short context's last: the merge skips them)."""
+    ctx = tl.load(ctx_ptr + s)
+    start, first, last, per_split = _split_walk(ctx, WINDOW, BS, NUM_SPLITS, MIN_PAGES)
     lo = first + split * per_split
     return ctx, start, lo, tl.minimum(lo + per_split, last)
 
@@ -127,7 +137,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
     q = tl.load(q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_sum = tl.sum(q.to(tl.float32), axis=1)  # int8 KV's zero-point term
-    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS)
+    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -220,7 +230,7 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     q2 = _dot_operand(tl.load(q_at + 2, mask=q_mask, other=0.0), FP32_DOT)
     q3 = _dot_operand(tl.load(q_at + 3, mask=q_mask, other=0.0), FP32_DOT)
     q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
-    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS)
+    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc0 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
@@ -281,15 +291,18 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, D, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PDL: tl.constexpr):
+def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, ctx_ptr, WINDOW, H, D, BS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  MIN_PAGES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # s * H + head
+    _, first, last, per_split = _split_walk(tl.load(ctx_ptr + row // H), WINDOW, BS, NUM_SPLITS, MIN_PAGES)
     sp = tl.arange(0, NUM_SPLITS)
+    live = sp < tl.cdiv(last - first, per_split)  # the splits that walked any page
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + sp)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + sp, mask=live, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))
-    o = tl.load(part_o_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+    o = tl.load(part_o_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=live[:, None] & (d < D)[None, :],
+                other=0.0)
     o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
@@ -418,8 +431,9 @@ def _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, n
     else:
         _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
     if splits > 1:
-        _merge_kernel[(S * H,)](part_o, part_lse, out, D, NUM_SPLITS=splits, BLOCK_D=next_pow2(D), num_warps=4,
-                            **pdl_args(q.device))
+        _merge_kernel[(S * H,)](part_o, part_lse, out, context_lens, sliding_window or 0, H, D, BS=BS, NUM_SPLITS=splits,
+                                MIN_PAGES=shape["BLOCK_N"] // BS, BLOCK_D=next_pow2(D), num_warps=4,
+                                **pdl_args(q.device))
 
 
 def _prefill(q, caches, block_tables, cu_seqlens_q, context_lens, out, scale, sliding_window, max_seqlen_q):

@@ -128,6 +128,15 @@ def test_split_kv_decode_matches_unsplit(splits):
     assert rel_err(paged_attention_triton(*batch, 0.2, 40, num_splits=splits), ref) < 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 200])
+def test_split_count_of_the_graph_over_short_and_long_contexts(window):
+    # a decode graph's split count is fixed for its longest context: 16 splits of >= 4 pages (64 keys) give
+    # the 600-token sequence 10 splits and the short ones one or two; the rest stay empty and are skipped
+    batch = make_batch(16, 8, 2, 32, [600, 9, 70], [1, 1, 1], torch.float32)
+    ref = paged_attention_ref(*batch, 0.2, window)
+    assert rel_err(paged_attention_triton(*batch, 0.2, window, num_splits=16), ref) < 1e-5
+
+
 def test_num_kv_splits():
     assert num_kv_splits(64, 8, 256, 132) == 1  # 512 programs already fill 132 SMs
     assert num_kv_splits(1, 8, 256, 132) == 64  # one long sequence: split up to the cap
