@@ -105,7 +105,7 @@ def _split_walk(ctx, WINDOW, BS: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_PAG
 @triton.jit
 def _decode_pages(ctx_ptr, s, split, WINDOW, BS: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr):
     """Sequence s's context length, its first visible position and the pages [lo, hi) that KV split `split`
-    walks (empty for the splits past a short context's last: the merge skips them)."""
+    walks (empty for the splits past a short context's last page, which return at once)."""
     ctx = tl.load(ctx_ptr + s)
     start, first, last, per_split = _split_walk(ctx, WINDOW, BS, NUM_SPLITS, MIN_PAGES)
     lo = first + split * per_split
@@ -130,6 +130,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
                    PDL: tl.constexpr):
     pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
+    if lo >= hi:  # a split past a short context's last page: the merge skips it
+        return
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     row_ok, d_ok = g < QG, d < D
@@ -137,7 +140,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
     q = tl.load(q_ptr + s.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_sum = tl.sum(q.to(tl.float32), axis=1)  # int8 KV's zero-point term
-    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -218,6 +220,9 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     offset cancels exactly. Same walk and splits as _decode_kernel."""
     pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
+    if lo >= hi:  # a split past a short context's last page: the merge skips it
+        return
     g = tl.arange(0, BLOCK_G)
     w = tl.arange(0, BLOCK_W)
     W = D // 4
@@ -230,7 +235,6 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     q2 = _dot_operand(tl.load(q_at + 2, mask=q_mask, other=0.0), FP32_DOT)
     q3 = _dot_operand(tl.load(q_at + 3, mask=q_mask, other=0.0), FP32_DOT)
     q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
-    ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
     m_i = tl.full((BLOCK_G,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc0 = tl.zeros((BLOCK_G, BLOCK_W), tl.float32)
