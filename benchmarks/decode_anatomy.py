@@ -1,6 +1,7 @@
 """Where one batch-1 decode step's wall time goes: host work, launch gaps inside the CUDA graph, kernels.
 
-    python benchmarks/decode_anatomy.py [--preset qwen3-8b] [--configs bf16,w8,w4g128] [--json FILE]
+    python benchmarks/decode_anatomy.py [--preset qwen3-8b] [--configs bf16,w8,w4g128] [--session-len 2048]
+                                        [--json FILE]
 
 Per config (random weights, 512-token prompt, then steady decode):
 - step_ms: wall time of engine.step() (scheduling, input copies, graph replay, sampling, the token sync),
@@ -22,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runtime_gpu import W8, W8A8, cuda_kernels, engine_for, free  # noqa: E402
+from runtime_gpu import W4, W4_HEAD, W8, W8_HEAD, W8A8, cuda_kernels, engine_for, free  # noqa: E402
 
 from lmconvert.kernels import quant_linear  # noqa: E402
 from lmconvert.runtime import SamplingParams  # noqa: E402
 
-CONFIGS = {"bf16": None, "w8": W8, "w4g128": {"bits": 4, "group_size": 128}, "w8a8": W8A8}
+CONFIGS = {"bf16": None, "w8": W8, "w4g128": W4, "w8a8": W8A8, "w8_head": W8_HEAD, "w4g128_head": W4_HEAD}
 
 
 def _timed(fn, n: int) -> float:
@@ -58,8 +59,8 @@ def graph_kernels(replay, steps: int = 20) -> tuple[float, int, dict, list]:
     return total_ms, count, kinds, [(round(us, 1), n, name[:70]) for us, n, name, _ in kernels]
 
 
-def anatomy(preset: str, quant) -> dict:
-    engine = engine_for(preset, quant, 8, 2048)
+def anatomy(preset: str, quant, session_len: int = 2048) -> dict:
+    engine = engine_for(preset, quant, 8, session_len)
     plain_ms = _decode_ms(engine, overlap=False)
     step_ms = _decode_ms(engine, overlap=True)
     replay = engine.runner.graphs.graphs[1].replay
@@ -93,11 +94,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-8b")
     ap.add_argument("--configs", default="bf16,w8,w4g128")
+    ap.add_argument("--session-len", type=int, default=2048,
+                    help="the engine's; the decode graphs' KV split count follows it (8192: the CLI default)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name in args.configs.split(","):
-        results[name] = anatomy(args.preset, CONFIGS[name])
+        results[name] = anatomy(args.preset, CONFIGS[name], args.session_len)
         print(name, json.dumps(results[name]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -35,6 +35,9 @@ CONFIGS = {
     "awq-g32-gptq": ["--w4", "--group-size", "32", "--gptq"],
     "w8a8-alpha0.75": ["--w8a8", "--alpha", "0.75"],
     "w8a8-alpha0.3": ["--w8a8", "--alpha", "0.3"],
+    # lm_head quantized as well
+    "awq-g64-head": ["--w4", "--group-size", "64", "--quant-lm-head"],
+    "w8-head": ["--w8", "--quant-lm-head"],
 }
 STANDARD = ["fp", "rtn-g64", "awq-g64", "awq-g32", "w8", "w8a8"]
 

@@ -4,7 +4,8 @@
 
 1. correctness: tiny random checkpoints, runtime on CUDA (Triton paths) vs transformers on CUDA, and W4 / W8
    decode-path logits (split-K sums finished by the next kernel, PDL) vs the cache-free pass;
-2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, W8A8, and transformers bf16;
+2. batch-1 latency (512 in / 256 out) for bf16, W8, W4 g128, W8A8, W8 / W4 with a quantized lm_head, and
+   transformers bf16;
 3. throughput: 256 requests of 512 in / 256 out (bf16 and W8A8), and transformers at batch 16;
 4. steady decode: CUDA memory segments allocated during 200 decode steps (should be 0), Triton kernels
    compiled during them (should be 0), and where one decode step's GPU time goes (torch profiler);
@@ -62,6 +63,9 @@ def check_correctness() -> dict:
 
 W8 = {"bits": 8, "group_size": None}
 W8A8 = {"bits": 8, "group_size": None, "activation_bits": 8}  # SmoothQuant layout: int8 weights and activations
+W4 = {"bits": 4, "group_size": 128}
+# the same with lm_head quantized too (`quantize --quant-lm-head`)
+W8_HEAD, W4_HEAD = {**W8, "lm_head": True}, {**W4, "lm_head": True}
 
 
 def free():
@@ -101,7 +105,7 @@ def quant_decode_logits_errors(preset: str = "qwen3-0.6b", n: int = 64) -> dict:
     SiLU-mul finishes, CUDA graphs, PDL) vs the same engine's cache-free pass (M = n: dequant + cuBLAS),
     random bf16 weights; both round to bf16, so ~1e-2 is agreement and a wrong or stale sum shows as ~1."""
     errors = {}
-    for name, quant in (("w4g128", {"bits": 4, "group_size": 128}), ("w8", W8)):
+    for name, quant in (("w4g128", W4), ("w8", W8), ("w4g128 lm_head int8", W4_HEAD)):
         engine = engine_for(preset, quant, max_batch_size=4, session_len=512)
         ids = torch.randint(3, 30000, (n,)).tolist()
         ref = engine.runner.logits(ids)
@@ -237,7 +241,8 @@ def main():
         results["quant_decode_logits_rel_err"] = quant_decode_logits_errors()
         print("quant decode logits", results["quant_decode_logits_rel_err"], flush=True)
     if "latency" not in skip:
-        for name, quant in (("bf16", None), ("w8", W8), ("w4g128", {"bits": 4, "group_size": 128}), ("w8a8", W8A8)):
+        for name, quant in (("bf16", None), ("w8", W8), ("w4g128", W4), ("w8a8", W8A8), ("w8_head", W8_HEAD),
+                            ("w4g128_head", W4_HEAD)):
             engine = engine_for(args.preset, quant, 8, 1024)
             r = run_bench(engine, "latency", 1, 512, out_len)
             results[f"latency_{name}"] = r.as_dict()

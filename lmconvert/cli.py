@@ -49,8 +49,9 @@ ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked agai
 @click.option("--w4", is_flag=True, help="With --random-weights: random W4 tensors in the engine layout.")
 @click.option("--w8", is_flag=True, help="With --random-weights: random W8 tensors in the engine layout.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Group size of --w4 / --w8.")
+@click.option("--quant-lm-head", is_flag=True, help="With --w4 / --w8: a random INT8 per-channel lm_head as well.")
 def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwrite: bool, model_source: str | None,
-            from_config: str | None, random_weights: bool, w4: bool, w8: bool, group_size: int):
+            from_config: str | None, random_weights: bool, w4: bool, w8: bool, group_size: int, quant_lm_head: bool):
     """Convert SRC (HF / ModelScope dir, GGUF file, cached model id, or 'smollm2') into an engine directory."""
     from lmconvert.convert import convert as run_convert, convert_random
 
@@ -59,8 +60,12 @@ def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwr
             raise UserError("--from-config and --random-weights go together, without SRC")
         if w4 and w8:
             raise UserError("choose one of --w4 and --w8")
-        quant = {"bits": 4 if w4 else 8, "group_size": group_size} if (w4 or w8) else None
+        if quant_lm_head and not (w4 or w8):
+            raise UserError("--quant-lm-head goes with --w4 or --w8")
+        quant = {"bits": 4 if w4 else 8, "group_size": group_size, "lm_head": quant_lm_head} if (w4 or w8) else None
         path = convert_random(from_config, dst_path, arch=arch, dtype=dtype or "bf16", quant=quant, overwrite=overwrite)
+    elif quant_lm_head:
+        raise UserError("--quant-lm-head: quantize a checkpoint with `lmconvert quantize --quant-lm-head`")
     elif src is None:
         raise UserError("missing SRC: a checkpoint directory, GGUF file or model id (or --from-config)")
     else:
@@ -179,13 +184,17 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
 @click.option("--no-search-scale", is_flag=True, help="Skip the AWQ scale search (with --no-clip: plain round-to-nearest).")
 @click.option("--no-clip", is_flag=True, help="Skip the weight-clipping search.")
 @click.option("--gptq", is_flag=True, help="GPTQ error-compensating rounding on the AWQ grid (fits the calibration domain).")
+@click.option("--quant-lm-head", is_flag=True,
+              help="--w4 / --w8: lm_head too, INT8 per output channel (faster decode; AWQ releases keep it "
+              "16-bit). Engine format 3.")
 @click.option("--device", default=None, help="cpu | cuda (default: cuda when available).")
 @click.option("--arch", default="auto", show_default=True, help="Architecture check when SRC is a checkpoint.")
 @click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None, help="Cache to search for a model id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def quantize(src: str, w4: bool, w8: bool, w8a8: bool, alpha: float | None, dst_path: str, group_size: int | None,
              sym: bool, calib_data: str | None, calib_samples: int, calib_seqlen: int, no_search_scale: bool,
-             no_clip: bool, gptq: bool, device: str | None, arch: str, model_source: str | None, overwrite: bool):
+             no_clip: bool, gptq: bool, quant_lm_head: bool, device: str | None, arch: str, model_source: str | None,
+             overwrite: bool):
     """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ), W8 or W8A8 (SmoothQuant) engine at --dst-path."""
     from lmconvert.quant import QuantConfig
     from lmconvert.quant import quantize as run_quantize
@@ -197,8 +206,8 @@ def quantize(src: str, w4: bool, w8: bool, w8a8: bool, alpha: float | None, dst_
         raise UserError("--alpha is the smoothing strength of --w8a8")
     qc = QuantConfig(bits=4 if w4 else 8, group_size=group_size or (128 if w4 else None), symmetric=sym,
                      activation_bits=8 if w8a8 else 16, alpha=0.5 if alpha is None else alpha,
-                     search_scale=not no_search_scale, clip=not no_clip, gptq=gptq, calib_data=calib_data,
-                     calib_samples=calib_samples, calib_seqlen=calib_seqlen, device=device)
+                     search_scale=not no_search_scale, clip=not no_clip, gptq=gptq, quantize_lm_head=quant_lm_head,
+                     calib_data=calib_data, calib_samples=calib_samples, calib_seqlen=calib_seqlen, device=device)
     print_summary(run_quantize(src, dst_path, qc, overwrite=overwrite, arch=arch, model_source=model_source))
 
 

@@ -90,6 +90,9 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
     cfg, quant = engine.config, engine.config.quantization
     if quant.get("bits") != 4:
         raise UserError(f"{src} is not a W4 engine: only W4 engines can be exported to {fmt}")
+    if cfg.lm_head_quantization:
+        raise UserError(f"{src} has a quantized lm_head (--quant-lm-head), which {fmt} checkpoints keep in 16 bits; "
+                        "quantize without --quant-lm-head to export")
     G = quant["group_size"]
     arch = get_arch(cfg.arch)
     dst = Path(dst)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmconvert.config import ModelConfig
+from lmconvert.config import ModelConfig, with_quantized_head
 from lmconvert.errors import UserError
 
 W4_GROUP_SIZES = (128, 64, 32)
@@ -20,6 +20,7 @@ class QuantConfig:
     search_scale: bool = True  # AWQ per-input-channel scale search
     clip: bool = True  # AWQ weight-clipping search
     gptq: bool = False  # error-compensating rounding (GPTQ) on the AWQ grid, instead of nearest (see docs)
+    quantize_lm_head: bool = False  # lm_head too: INT8 per output channel, round to nearest (engine format 3)
     calib_data: str | None = None  # .txt / .jsonl / dir; None = the shipped lmconvert.calibration_data
     calib_samples: int = 16
     calib_seqlen: int = 512
@@ -48,6 +49,8 @@ class QuantConfig:
             raise UserError(f"activation bits {self.activation_bits}: 16, or 8 with --w8a8")
         if self.activation_bits == 8:
             self._validate_w8a8()
+        if self.quantize_lm_head and self.activation_bits == 8:
+            raise UserError("--quant-lm-head goes with --w4 or --w8: W8A8 keeps lm_head in 16 bits")
         if cfg.quantization:
             raise UserError(f"the source is already quantized ({cfg.quantization.get('method', '?')}, "
                             f"{cfg.quantization.get('bits', '?')} bits): quantize the full-precision model")
@@ -78,8 +81,10 @@ class QuantConfig:
         if self.activation_bits == 8:
             return {"method": "smoothquant", "bits": 8, "activation_bits": 8, "activation_scheme": "dynamic_per_token",
                     "group_size": None, "zero_point": False, "alpha": self.alpha, "modules_not_converted": ["lm_head"]}
-        return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
-                "zero_point": self.bits == 4 and not self.symmetric, "modules_not_converted": ["lm_head"]}
+        block = {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+                 "zero_point": self.bits == 4 and not self.symmetric, "modules_not_converted": ["lm_head"]}
+        return with_quantized_head(block) if self.quantize_lm_head else block
+
 
 
 def input_dims(cfg: ModelConfig) -> dict[str, int]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmconvert import kernels
+from lmconvert.config import LM_HEAD_QUANT
 from lmconvert.engine import open_model
 from lmconvert.engine.writer import EngineWriter, check_destination
 from lmconvert.errors import UserError
@@ -25,9 +26,12 @@ from lmconvert.quant.awq import QuantSpec
 from lmconvert.quant.calib import calibration_windows, load_texts
 from lmconvert.quant.config import QuantConfig
 from lmconvert.quant.layer import CalibLayer
-from lmconvert.quant.rtn import quantize_layer_plain
+from lmconvert.quant.rtn import quantize_layer_plain, quantize_weight
 from lmconvert.quant.smooth import quantize_layer_w8a8
 from lmconvert.quant.w4_layer import LayerStats, quantize_layer_w4
+
+
+LM_HEAD_CHUNK = 8192  # vocab rows of lm_head quantized at a time: bounded fp32 temporaries
 
 
 @dataclass(slots=True)
@@ -104,8 +108,15 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
         h = None
         if windows is not None:
             h = F.embedding(windows.flatten(), glob["embed_tokens.weight"]).to(device=device, dtype=torch.float32)
-        result.bytes_before = result.bytes_after = _nbytes(glob)
-        writer.write_globals(glob)  # embeddings and lm_head stay in the engine dtype
+        result.bytes_before = _nbytes(glob)
+        if qc.quantize_lm_head:  # a tied head becomes its own quantized tensors; the embedding stays as it is
+            head = glob.pop("lm_head.weight", glob["embed_tokens.weight"])
+            bits, group = LM_HEAD_QUANT["bits"], LM_HEAD_QUANT["group_size"]
+            glob.update({f"lm_head.{k}": v
+                         for k, v in quantize_weight(head, bits, group, True, dtype, LM_HEAD_CHUNK).items()})
+            del head
+        result.bytes_after = _nbytes(glob)
+        writer.write_globals(glob)  # the embedding (and an unquantized lm_head) in the engine dtype
         del glob
         rope = kernels.build_rope_cache(cfg.head_dim, max(qc.calib_seqlen, 2), cfg.rope_theta, cfg.rope_scaling, device)
         task = bar.add_task(_title(qc), total=cfg.num_layers, loss="")

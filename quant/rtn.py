@@ -8,6 +8,20 @@ from lmconvert.quant.layer import LINEARS
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
 
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, dtype: torch.dtype,
+                    chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """One nn.Linear weight [N, K] rounded to nearest -> its engine tensors (qweight, scales[, zeros]), N last.
+    chunk_rows: output rows quantized at a time (an lm_head's 150k rows in fp32 temporaries would take GBs)."""
+    parts = []
+    for rows in w.split(chunk_rows or w.shape[0]):
+        if bits == 4:
+            parts.append(dict(zip(("qweight", "scales", "zeros"), quantize_w4(rows, group_size, symmetric, dtype))))
+        else:
+            qweight, scales = quantize_w8(rows, group_size, dtype)
+            parts.append({"qweight": qweight, "scales": scales})
+    return {k: torch.cat([p[k] for p in parts], dim=-1).contiguous() for k in parts[0]}
+
+
 def quantize_layer_plain(tensors: dict[str, torch.Tensor], bits: int, group_size: int | None, symmetric: bool,
                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Engine tensors of one layer with every decoder linear rounded to nearest; the rest cast to dtype."""
@@ -16,10 +30,6 @@ def quantize_layer_plain(tensors: dict[str, torch.Tensor], bits: int, group_size
         module, attr = name.rsplit(".", 1)
         if module not in LINEARS or attr != "weight":
             out[name] = t.to(dtype)
-        elif bits == 4:
-            out.update(zip((f"{module}.qweight", f"{module}.scales", f"{module}.zeros"),
-                           quantize_w4(t, group_size, symmetric, dtype)))
         else:
-            qweight, scales = quantize_w8(t, group_size, dtype)
-            out.update({f"{module}.qweight": qweight.contiguous(), f"{module}.scales": scales})
+            out.update({f"{module}.{k}": v for k, v in quantize_weight(t, bits, group_size, symmetric, dtype).items()})
     return out

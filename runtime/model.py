@@ -66,7 +66,7 @@ class Transformer(nn.Module):
         quant = cfg.quantization or {}
         self.layers = nn.ModuleList(DecoderLayer(cfg, quant) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.rms_norm_eps)
-        self.lm_head = Linear(quant if "lm_head" not in quant.get("modules_not_converted", ["lm_head"]) else None)
+        self.lm_head = Linear(cfg.lm_head_quantization)
         self.embed_tokens = None
         self.rope_cache = None
 

@@ -75,3 +75,29 @@ def test_convert_then_info(tiny_checkpoint, tmp_path):
     (tmp_path / "e" / "config.json").write_text("{}")
     assert_one_line_error(run("info", tmp_path / "e"), "config.json is truncated or altered")
     assert_one_line_error(run("info", tmp_path / "nope"), "no such engine directory")
+
+
+@pytest.mark.parametrize("extra, expected", [(["--quant-lm-head"], "--quant-lm-head goes with --w4 or --w8")])
+def test_random_convert_errors(extra, expected, tmp_path):
+    result = run("convert", "qwen3", "--from-config", "qwen3-0.6b", "--random-weights", *extra, "--dst-path", tmp_path / "e")
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "e").exists()
+
+
+def test_quantized_head_engine_is_format_3(tmp_path, monkeypatch):
+    """A format-2 reader refuses it; export refuses it (AutoAWQ / compressed-tensors keep lm_head 16-bit)."""
+    from lmconvert.convert import write_engine
+    from lmconvert.engine import format as fmt, open_engine
+    from lmconvert.errors import UserError
+    from lmconvert.load.random_weights import RandomModel, config_from
+
+    cfg = config_from("qwen3-0.6b", "bf16")
+    cfg.num_layers, cfg.vocab_size = 1, 512
+    engine = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 128, "lm_head": True}), tmp_path / "e", False, "w4")
+    assert open_engine(engine).config.lm_head_quantization == {"bits": 8, "group_size": None}
+    result = run("export", engine, "--format", "compressed-tensors", "--dst-path", tmp_path / "x")
+    assert_one_line_error(result, "has a quantized lm_head")
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setattr(fmt, "READ_VERSIONS", (1, 2))
+    with pytest.raises(UserError, match="engine format 3 is not supported"):
+        open_engine(engine)

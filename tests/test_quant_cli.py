@@ -37,6 +37,7 @@ CASES = {
     "alpha_without_w8a8": (["--w8", "--alpha", "0.5"], "--alpha is the smoothing strength of --w8a8"),
     "alpha_out_of_range": (["--w8a8", "--alpha", "1.5"], "--alpha must lie in [0, 1], got 1.5"),
     "w8a8_groups": (["--w8a8", "--group-size", "32"], "one weight scale per output channel"),
+    "w8a8_head": (["--w8a8", "--quant-lm-head"], "W8A8 keeps lm_head in 16 bits"),
     "group_not_dividing": (["--w4", "--group-size", "128"], "use --group-size 64"),
     "group_unsupported": (["--w4", "--group-size", "48"], "W4 supports 128, 64, 32"),
     "empty_calib": (["--w4", "--group-size", "32", "--calib-data", "{d}/empty.txt"], "fewer than --calib-samples"),
@@ -74,6 +75,16 @@ def test_quantize_then_eval_json(tiny_engine, texts, tmp_path):
     assert out.exit_code == 0, out.output
     figures = json.loads(out.output.strip().splitlines()[-1])
     assert set(figures) == {"ppl", "tokens", "seconds"} and figures["tokens"] == 62 and figures["ppl"] > 1
+
+
+def test_quantize_lm_head_then_generate(tiny_engine, tmp_path):
+    dst = tmp_path / "w8h"
+    result = run("quantize", tiny_engine("qwen2"), "--w8", "--quant-lm-head", "--dst-path", dst)
+    assert result.exit_code == 0, result.output
+    config = json.loads((dst / "config.json").read_text())
+    assert config["format_version"] == 3 and config["quantization"]["modules_not_converted"] == []
+    out = run("generate", dst, "--prompt", "hello", "--max-new-tokens", 4, "--temperature", 0)
+    assert out.exit_code == 0 and out.output.strip(), out.output
 
 
 @pytest.mark.parametrize("name,fragment", [("absent.txt", "no such text file"), ("empty.txt", "is empty"),

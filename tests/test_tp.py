@@ -87,6 +87,23 @@ def test_tp2_w4_matches_tp1(w4_engine):
         two.close()
 
 
+def test_tp2_quantized_lm_head_matches_tp1(tmp_path):
+    """An INT8 lm_head (--quant-lm-head) shards along the vocab like a bf16 one: 321 rows, zero-padded to 2 x 161."""
+    from lmconvert.convert import write_engine
+    from lmconvert.load.random_weights import RandomModel
+
+    cfg = tiny_config(tie_word_embeddings=False)
+    engine = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32, "lm_head": True}), tmp_path / "e", False, "w4")
+    kw = dict(device="cpu", num_cache_tokens=256)
+    ids = random_ids(30, seed=5)
+    ref = LLMEngine(str(engine), **kw).logits(ids)
+    two = LLMEngine(str(engine), tp=2, **kw)
+    try:
+        assert ref.shape[-1] == 321 and (two.logits(ids) - ref).abs().max().item() <= 1e-5
+    finally:
+        two.close()
+
+
 def test_tp2_w8a8_close_to_tp1(tmp_path):
     """W8A8 splits like W8 (per-channel scales go with their columns). A row-parallel rank quantizes its own
     share of the input per token, with its own (finer) scale, so tp=2 is close to tp=1 but not equal.

@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-FORMAT_VERSION = 2  # the newest version this lmconvert reads and writes
-READ_VERSIONS = (1, 2)
-# Version 2 adds the optional `<linear>.input_perm` tensor (imported GPTQ act-order). An engine without one is
-# still written as version 1, so older readers keep reading it; they refuse a version 2 engine.
+FORMAT_VERSION = 3  # the newest version this lmconvert reads and writes
+READ_VERSIONS = (1, 2, 3)
+# Version 2 adds the optional `<linear>.input_perm` tensor (imported GPTQ act-order); version 3 a quantized
+# lm_head (`quantize --quant-lm-head`). An engine is stamped with the lowest version that describes it, so
+# older readers keep reading what they understand and refuse the rest.
 V2_SUFFIXES = (".input_perm",)
-CONFIG = "config.json"  # {"format_version": 1 | 2, **ModelConfig fields}
-MANIFEST = "manifest.json"  # {"format_version": 1 | 2, "files": {relpath: {"size": int, "sha256": hex}}}
+QUANTIZED_HEAD_NAMES = ("lm_head.qweight", "lm_head.scales", "lm_head.zeros")  # version 3
+CONFIG = "config.json"  # {"format_version": 1 | 2 | 3, **ModelConfig fields}
+MANIFEST = "manifest.json"  # {"format_version": 1 | 2 | 3, "files": {relpath: {"size": int, "sha256": hex}}}
 GENERATION_CONFIG = "generation_config.json"
-GLOBALS = "globals.safetensors"  # embed_tokens.weight, norm.weight, lm_head.weight (untied only)
+GLOBALS = "globals.safetensors"  # embed_tokens.weight, norm.weight, lm_head.weight (untied) or its quantized form
 TOKENIZER_DIR = "tokenizer"  # tokenizer files as transformers saves them, chat template included
 GLOBAL_NAMES = ("embed_tokens.weight", "norm.weight", "lm_head.weight")
 

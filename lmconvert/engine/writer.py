@@ -73,7 +73,7 @@ class EngineWriter:
         self.overwrite = overwrite
         self.tmp: Path | None = None
         self.bytes_written = 0
-        self.format_version = 1  # raised to 2 by the first version-2 tensor (see format.V2_SUFFIXES)
+        self.format_version = 1  # raised by the first tensor of a later version (see format.py)
 
     def __enter__(self) -> "EngineWriter":
         self.dst.parent.mkdir(parents=True, exist_ok=True)
@@ -102,15 +102,17 @@ class EngineWriter:
         self.bytes_written += (self.tmp / rel).stat().st_size
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
-        unknown = set(tensors) - set(fmt.GLOBAL_NAMES)
+        unknown = set(tensors) - set(fmt.GLOBAL_NAMES) - set(fmt.QUANTIZED_HEAD_NAMES)
         if unknown:
             raise ValueError(f"not global engine tensors: {sorted(unknown)}")
+        if any(k in fmt.QUANTIZED_HEAD_NAMES for k in tensors):
+            self.format_version = 3
         self._save(tensors, fmt.GLOBALS)
 
     def write_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         prefix = fmt.layer_prefix(i)
         if any(k.endswith(fmt.V2_SUFFIXES) for k in tensors):
-            self.format_version = 2
+            self.format_version = max(self.format_version, 2)
         self._save({prefix + k: v for k, v in tensors.items()}, fmt.layer_file(i))
 
     def write_config(self, config: ModelConfig, generation_config: dict | None = None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lmconvert.arch import LAYER_LINEARS, get_arch
-from lmconvert.config import ModelConfig
+from lmconvert.config import ModelConfig, with_quantized_head
 from lmconvert.errors import UserError
 
 _QWEN3 = dict(arch="qwen3", vocab_size=151936, head_dim=128, rope_theta=1e6, max_position_embeddings=40960,
@@ -52,13 +52,19 @@ def config_from(spec: str, dtype: str = "bf16") -> ModelConfig:
 
 
 class RandomModel:
-    """A model source (see lmconvert.engine) with seeded random weights; quant = {} or {"bits": 4|8, "group_size": G}."""
+    """A model source (see lmconvert.engine) with seeded random weights; quant = {} or {"bits": 4|8, "group_size": G},
+    with "lm_head": True for a quantized (INT8 per-channel) lm_head too."""
 
     def __init__(self, config: ModelConfig, quant: dict | None = None, seed: int = 0, device: str = "cpu"):
         self.quant = dict(quant or {})
+        self.quantized_head = bool(self.quant.pop("lm_head", False))
         if self.quant:
             self.quant = {"method": "random", "zero_point": self.quant["bits"] == 4,
                           "modules_not_converted": ["lm_head"], **self.quant}
+            if self.quantized_head:
+                self.quant = with_quantized_head(self.quant)
+        elif self.quantized_head:
+            raise UserError("a quantized lm_head needs --w4 or --w8")
         self.config = config
         self.config.quantization = self.quant
         self.generation_config = {"eos_token_id": config.eos_token_ids}
@@ -72,12 +78,14 @@ class RandomModel:
         t = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32) * std
         return t.to(self.config.torch_dtype)
 
-    def _linear(self, out_f: int, in_f: int, gen) -> dict[str, torch.Tensor]:
+    def _linear(self, out_f: int, in_f: int, gen, quant: dict | None = None) -> dict[str, torch.Tensor]:
+        """quant: the linear's block (default: the layers')."""
+        quant = self.quant if quant is None else quant
         std = in_f**-0.5
-        bits, dtype = self.quant.get("bits"), self.config.torch_dtype
+        bits, dtype = quant.get("bits"), self.config.torch_dtype
         if bits is None:
             return {"weight": self._normal((out_f, in_f), std, gen)}
-        G = self.quant.get("group_size") or in_f
+        G = quant.get("group_size") or in_f
         if in_f % G:
             raise UserError(f"group size {G} does not divide the input dim {in_f}")
         scales = torch.full((in_f // G, out_f), std / (4.6 if bits == 4 else 73.0), dtype=dtype, device=self.device)
@@ -92,7 +100,10 @@ class RandomModel:
         c, gen = self.config, self._gen(-1)
         out = {"embed_tokens.weight": self._normal((c.vocab_size, c.hidden_size), 1.0, gen),
                "norm.weight": torch.ones(c.hidden_size, dtype=c.torch_dtype, device=self.device)}
-        if not c.tie_word_embeddings:
+        if self.quantized_head:
+            head = self._linear(c.vocab_size, c.hidden_size, gen, self.quant["lm_head"])
+            out.update({f"lm_head.{k}": v for k, v in head.items()})
+        elif not c.tie_word_embeddings:
             out["lm_head.weight"] = self._normal((c.vocab_size, c.hidden_size), c.hidden_size**-0.5, gen)
         return out
 
