@@ -435,8 +435,8 @@ def _decode(q, caches, block_tables, context_lens, out, scale, sliding_window, n
     else:
         _decode_kernel[(S, KVH, splits)](*args, **shape, BLOCK_D=next_pow2(D), KV_INT8=int8, **launch)
     if splits > 1:
-        _merge_kernel[(S * H,)](part_o, part_lse, out, context_lens, sliding_window or 0, H, D, BS=BS, NUM_SPLITS=splits,
-                                MIN_PAGES=shape["BLOCK_N"] // BS, BLOCK_D=next_pow2(D), num_warps=4,
+        _merge_kernel[(S * H,)](part_o, part_lse, out, context_lens, sliding_window or 0, H, D, BS=BS,
+                                NUM_SPLITS=splits, MIN_PAGES=shape["BLOCK_N"] // BS, BLOCK_D=next_pow2(D), num_warps=4,
                                 **pdl_args(q.device))
 
 

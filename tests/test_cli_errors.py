@@ -79,7 +79,8 @@ def test_convert_then_info(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("extra, expected", [(["--quant-lm-head"], "--quant-lm-head goes with --w4 or --w8")])
 def test_random_convert_errors(extra, expected, tmp_path):
-    result = run("convert", "qwen3", "--from-config", "qwen3-0.6b", "--random-weights", *extra, "--dst-path", tmp_path / "e")
+    result = run("convert", "qwen3", "--from-config", "qwen3-0.6b", "--random-weights", *extra,
+                 "--dst-path", tmp_path / "e")
     assert_one_line_error(result, expected)
     assert not (tmp_path / "e").exists()
 
@@ -93,7 +94,8 @@ def test_quantized_head_engine_is_format_3(tmp_path, monkeypatch):
 
     cfg = config_from("qwen3-0.6b", "bf16")
     cfg.num_layers, cfg.vocab_size = 1, 512
-    engine = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 128, "lm_head": True}), tmp_path / "e", False, "w4")
+    source = RandomModel(cfg, {"bits": 4, "group_size": 128, "lm_head": True})
+    engine = write_engine(source, tmp_path / "e", False, "w4")
     assert open_engine(engine).config.lm_head_quantization == {"bits": 8, "group_size": None}
     result = run("export", engine, "--format", "compressed-tensors", "--dst-path", tmp_path / "x")
     assert_one_line_error(result, "has a quantized lm_head")
