@@ -70,7 +70,9 @@ def _cuda_properties(index: int):
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Under PDL: wait until the previous kernel has finished and its writes are visible, then let the next
-    kernel launch. Nothing before this may read what earlier kernels wrote or write anything they may read."""
+    kernel launch. Before this a kernel may read what kernels before the previous one wrote (the previous
+    one waited here for them before it let this one launch), never the previous kernel's own output, and
+    may write nothing an earlier kernel may still read."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()

@@ -24,19 +24,21 @@ def rms_norm_ref(x, weight, eps, residual=None):
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PENDING: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    x = load_pending(x_ptr + row * D + cols, mask, out_ptr, PENDING)
+    # the weight and the residual (an earlier norm's output) load while the previous kernel finishes
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * D + cols, mask=mask, other=0.0)
+    pdl_wait(PDL)
+    x = load_pending(x_ptr + row * D + cols, mask, out_ptr, PENDING)
+    if HAS_RES:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded to the model dtype, as HF
         tl.store(res_out_ptr + row * D + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * D + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -56,5 +58,6 @@ def rms_norm_triton(x, weight, eps, residual=None):
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """x [..., D] (or a PendingSum) -> out, or (out, x + residual) when residual is given."""
+    """x [..., D] (or a PendingSum) -> out, or (out, x + residual) when residual is given. On a GPU with PDL
+    the residual is read before the previous kernel has finished: it must come from an earlier one."""
     return (rms_norm_triton if use_triton(x) else rms_norm_ref)(x, weight, eps, residual)

@@ -128,11 +128,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, out_ptr
                    KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, KV_INT8: tl.constexpr,
                    PDL: tl.constexpr):
-    pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # context lengths are step inputs (PDL: read while the previous kernel, which stores this step's K/V,
+    # finishes); an empty split leaves before waiting
     ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
     if lo >= hi:  # a split past a short context's last page: the merge skips it
         return
+    pdl_wait(PDL)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     row_ok, d_ok = g < QG, d < D
@@ -218,11 +220,13 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
     K: q @ (c + 1152)^T * s + sum(q) * (z - 1152 s);
     V: (p s) @ (c + 1152) + p @ z - 1152 * sum(p s), the last with p s as rounded for the dot, so that the
     offset cancels exactly. Same walk and splits as _decode_kernel."""
-    pdl_wait(PDL)
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # context lengths are step inputs (PDL: read while the previous kernel, which stores this step's K/V,
+    # finishes); an empty split leaves before waiting
     ctx, start, lo, hi = _decode_pages(ctx_ptr, s, split, WINDOW, BS, NUM_SPLITS, BLOCK_N // BS)
     if lo >= hi:  # a split past a short context's last page: the merge skips it
         return
+    pdl_wait(PDL)
     g = tl.arange(0, BLOCK_G)
     w = tl.arange(0, BLOCK_W)
     W = D // 4
@@ -297,9 +301,9 @@ def _decode_int8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, ou
 @triton.jit
 def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, ctx_ptr, WINDOW, H, D, BS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   MIN_PAGES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # s * H + head
     _, first, last, per_split = _split_walk(tl.load(ctx_ptr + row // H), WINDOW, BS, NUM_SPLITS, MIN_PAGES)
+    pdl_wait(PDL)
     sp = tl.arange(0, NUM_SPLITS)
     live = sp < tl.cdiv(last - first, per_split)  # the splits that walked any page
     d = tl.arange(0, BLOCK_D)

@@ -59,12 +59,12 @@ def _rope_and_store_kernel(qkv_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, q_ptr, k
                            PDL: tl.constexpr):
     """Program (token t, head h): h < H rotates q head h; else KV head h - H: k normed, rotated, stored; v stored.
     PENDING: qkv is a split-K linear's fp32 sums (pending.py), each read once here, rounded and zeroed."""
-    pdl_wait(PDL)
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)  # step inputs and tables: loaded while the qkv GEMV finishes
     cos = tl.load(cache_ptr + pos * 2 * HALF + cols)
     sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + cols)
+    pdl_wait(PDL)
     is_q = h < H
     kvh = h - H
     if is_q:
