@@ -12,6 +12,7 @@ from torch import nn
 
 from lmconvert import kernels
 from lmconvert.config import ModelConfig
+from lmconvert.errors import UserError
 from lmconvert.runtime.layers import MLP, Attention, Linear, RMSNorm
 
 # engine suffix (before ".weight" / ".qweight" / ...) -> module path inside a DecoderLayer
@@ -92,6 +93,9 @@ class Transformer(nn.Module):
         self.embed_tokens = glob["embed_tokens.weight"]
         self.norm.weight = glob["norm.weight"]
         head = {k.split(".", 1)[1]: v for k, v in glob.items() if k.startswith("lm_head.")}
+        if self.config.lm_head_quantization and "qweight" not in head:
+            raise UserError(f"{getattr(source, 'path', 'the model')}: its config has a quantized lm_head, its "
+                            "globals hold no lm_head.qweight")
         self.lm_head.load(head or {"weight": self.embed_tokens})
         for i, layer in enumerate(self.layers):
             layer.load({k: place(v) for k, v in source.layer_tensors(i).items()})

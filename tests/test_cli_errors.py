@@ -100,6 +100,13 @@ def test_quantized_head_engine_is_format_3(tmp_path, monkeypatch):
     result = run("export", engine, "--format", "compressed-tensors", "--dst-path", tmp_path / "x")
     assert_one_line_error(result, "has a quantized lm_head")
     assert not (tmp_path / "x").exists()
+    from lmconvert.runtime import LLMEngine
+
+    broken = RandomModel(cfg, {"bits": 4, "group_size": 128, "lm_head": True})  # a config promising a head ...
+    full = broken.global_tensors
+    broken.global_tensors = lambda: {k: v for k, v in full().items() if not k.startswith("lm_head.")}  # ... unstored
+    with pytest.raises(UserError, match="globals hold no lm_head.qweight"):
+        LLMEngine(broken, device="cpu", num_cache_tokens=64)
     monkeypatch.setattr(fmt, "READ_VERSIONS", (1, 2))
     with pytest.raises(UserError, match="engine format 3 is not supported"):
         open_engine(engine)
