@@ -62,7 +62,7 @@ def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwr
             raise UserError("choose one of --w4 and --w8")
         if quant_lm_head and not (w4 or w8):
             raise UserError("--quant-lm-head goes with --w4 or --w8")
-        quant = {"bits": 4 if w4 else 8, "group_size": group_size, "lm_head": quant_lm_head} if (w4 or w8) else None
+        quant = {"bits": 4 if w4 else 8, "group_size": group_size, "quantize_lm_head": quant_lm_head} if (w4 or w8) else None
         path = convert_random(from_config, dst_path, arch=arch, dtype=dtype or "bf16", quant=quant, overwrite=overwrite)
     elif quant_lm_head:
         raise UserError("--quant-lm-head: quantize a checkpoint with `lmconvert quantize --quant-lm-head`")

@@ -86,7 +86,6 @@ class QuantConfig:
         return with_quantized_head(block) if self.quantize_lm_head else block
 
 
-
 def input_dims(cfg: ModelConfig) -> dict[str, int]:
     """Input size of every quantized linear of a decoder layer (engine names)."""
     return {"qkv_proj": cfg.hidden_size, "o_proj": cfg.q_size, "gate_up_proj": cfg.hidden_size,

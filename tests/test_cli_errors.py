@@ -91,18 +91,17 @@ def test_quantized_head_engine_is_format_3(tmp_path, monkeypatch):
     from lmconvert.engine import format as fmt, open_engine
     from lmconvert.errors import UserError
     from lmconvert.load.random_weights import RandomModel, config_from
+    from lmconvert.runtime import LLMEngine
 
     cfg = config_from("qwen3-0.6b", "bf16")
     cfg.num_layers, cfg.vocab_size = 1, 512
-    source = RandomModel(cfg, {"bits": 4, "group_size": 128, "lm_head": True})
+    source = RandomModel(cfg, {"bits": 4, "group_size": 128, "quantize_lm_head": True})
     engine = write_engine(source, tmp_path / "e", False, "w4")
     assert open_engine(engine).config.lm_head_quantization == {"bits": 8, "group_size": None}
     result = run("export", engine, "--format", "compressed-tensors", "--dst-path", tmp_path / "x")
     assert_one_line_error(result, "has a quantized lm_head")
     assert not (tmp_path / "x").exists()
-    from lmconvert.runtime import LLMEngine
-
-    broken = RandomModel(cfg, {"bits": 4, "group_size": 128, "lm_head": True})  # a config promising a head ...
+    broken = RandomModel(cfg, {"bits": 4, "group_size": 128, "quantize_lm_head": True})  # a config promising a head ...
     full = broken.global_tensors
     broken.global_tensors = lambda: {k: v for k, v in full().items() if not k.startswith("lm_head.")}  # ... unstored
     with pytest.raises(UserError, match="globals hold no lm_head.qweight"):

@@ -93,7 +93,7 @@ def test_tp2_quantized_lm_head_matches_tp1(tmp_path):
     from lmconvert.load.random_weights import RandomModel
 
     cfg = tiny_config(tie_word_embeddings=False)
-    engine = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32, "lm_head": True}), tmp_path / "e", False, "w4")
+    engine = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32, "quantize_lm_head": True}), tmp_path / "e", False, "w4")
     kw = dict(device="cpu", num_cache_tokens=256)
     ids = random_ids(30, seed=5)
     ref = LLMEngine(str(engine), **kw).logits(ids)

@@ -20,6 +20,14 @@ TOKENIZER_DIR = "tokenizer"  # tokenizer files as transformers saves them, chat 
 GLOBAL_NAMES = ("embed_tokens.weight", "norm.weight", "lm_head.weight")
 
 
+def min_version(names) -> int:
+    """The lowest format version that describes tensors of these names (globals or a layer's suffixes)."""
+    names = list(names)
+    if any(n in QUANTIZED_HEAD_NAMES for n in names):
+        return 3
+    return 2 if any(n.endswith(V2_SUFFIXES) for n in names) else 1
+
+
 def layer_file(i: int) -> str:
     return f"layers/layer_{i:05d}.safetensors"
 

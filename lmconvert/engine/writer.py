@@ -105,14 +105,12 @@ class EngineWriter:
         unknown = set(tensors) - set(fmt.GLOBAL_NAMES) - set(fmt.QUANTIZED_HEAD_NAMES)
         if unknown:
             raise ValueError(f"not global engine tensors: {sorted(unknown)}")
-        if any(k in fmt.QUANTIZED_HEAD_NAMES for k in tensors):
-            self.format_version = 3
+        self.format_version = max(self.format_version, fmt.min_version(tensors))
         self._save(tensors, fmt.GLOBALS)
 
     def write_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         prefix = fmt.layer_prefix(i)
-        if any(k.endswith(fmt.V2_SUFFIXES) for k in tensors):
-            self.format_version = max(self.format_version, 2)
+        self.format_version = max(self.format_version, fmt.min_version(tensors))
         self._save({prefix + k: v for k, v in tensors.items()}, fmt.layer_file(i))
 
     def write_config(self, config: ModelConfig, generation_config: dict | None = None) -> None:

@@ -53,17 +53,17 @@ def config_from(spec: str, dtype: str = "bf16") -> ModelConfig:
 
 class RandomModel:
     """A model source (see lmconvert.engine) with seeded random weights; quant = {} or {"bits": 4|8, "group_size": G},
-    with "lm_head": True for a quantized (INT8 per-channel) lm_head too."""
+    with "quantize_lm_head": True for a quantized (INT8 per-channel) lm_head too."""
 
     def __init__(self, config: ModelConfig, quant: dict | None = None, seed: int = 0, device: str = "cpu"):
         self.quant = dict(quant or {})
-        self.quantized_head = bool(self.quant.pop("lm_head", False))
+        quantized_head = bool(self.quant.pop("quantize_lm_head", False))
         if self.quant:
             self.quant = {"method": "random", "zero_point": self.quant["bits"] == 4,
                           "modules_not_converted": ["lm_head"], **self.quant}
-            if self.quantized_head:
+            if quantized_head:
                 self.quant = with_quantized_head(self.quant)
-        elif self.quantized_head:
+        elif quantized_head:
             raise UserError("a quantized lm_head needs --w4 or --w8")
         self.config = config
         self.config.quantization = self.quant
@@ -100,7 +100,7 @@ class RandomModel:
         c, gen = self.config, self._gen(-1)
         out = {"embed_tokens.weight": self._normal((c.vocab_size, c.hidden_size), 1.0, gen),
                "norm.weight": torch.ones(c.hidden_size, dtype=c.torch_dtype, device=self.device)}
-        if self.quantized_head:
+        if "lm_head" in self.quant:  # its own block (with_quantized_head)
             head = self._linear(c.vocab_size, c.hidden_size, gen, self.quant["lm_head"])
             out.update({f"lm_head.{k}": v for k, v in head.items()})
         elif not c.tie_word_embeddings:
