@@ -1,6 +1,6 @@
 """All-reduce of decode-sized bf16 messages on the GPUs of one host: NCCL against torch's one-shot all-reduce
 over symmetric memory (P2P loads, no multicast) and, with the residual add + RMSNorm that follow it in the
-model, NCCL + `rms_norm` against lmconvert's fused `all_reduce_rms_norm` (kernels/allreduce_norm.py).
+model, NCCL + `rms_norm` against lmconvert's fused `all_reduce_rms_norm` (kernels/src/allreduce_norm.py).
 Results are checked against NCCL's (and across ranks), then timed inside CUDA graphs (back-to-back, so
 the time is the collective's own latency, without rank skew).
 
@@ -47,7 +47,7 @@ def fused_vs_nccl(T: int, hidden: int, rank: int, dev) -> str:
     from lmconvert.kernels.allreduce_norm import all_reduce_rms_norm
     from lmconvert.runtime.tp import peer_buffers
 
-    if not BUFFERS:  # one rendezvous a process (runtime/tp.py: peer_buffers), rows of the widest hidden
+    if not BUFFERS:  # one rendezvous a process (runtime/src/tp.py: peer_buffers), rows of the widest hidden
         BUFFERS.append(peer_buffers(dev, max(h for _, h in SHAPES)))
     bufs = BUFFERS[0]
     x = torch.randn(T, hidden, device=dev, dtype=torch.bfloat16, generator=torch.Generator(dev).manual_seed(10 + rank))

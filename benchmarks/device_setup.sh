@@ -7,5 +7,6 @@ site=${1:-/tmp/lmconvert-site}
 rm -rf "$site"
 mkdir -p "$site/lmconvert"
 for f in "$root"/lmconvert/*; do ln -s "$f" "$site/lmconvert/"; done
-for sub in quant kernels runtime calibration_data; do ln -s "$root/$sub" "$site/lmconvert/$sub"; done
+for sub in quant kernels runtime; do ln -s "$root/$sub/src" "$site/lmconvert/$sub"; done
+ln -s "$root/calibration_data" "$site/lmconvert/calibration_data"
 echo "$site"

@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from lmconvert.cli_options import build_engine, build_sampling, engine_options, sampling_options
-from lmconvert.errors import UserError
+from lmconvert.errors import DEBUG_ENV, UserError, debug_enabled, one_line
 
 
 class Group(click.Group):
-    """Turns user errors (and OS errors such as permission denied) into one `error: ...` line and exit 1."""
+    """Turns every error into one `error: ...` line and exit 1: user and OS errors as they are, anything else
+    as an internal error with its type. `--debug` shows the traceback instead."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (UserError, OSError) as e:
-            if ctx.obj and ctx.obj.get("debug"):
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own usage errors, --help and Ctrl-C already print what they should
+        except Exception as e:
+            if debug_enabled():
                 raise
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {one_line(e)}", err=True)
             sys.exit(1)
 
 
 @click.group(cls=Group)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool):
+def main(debug: bool):
     """Convert, quantize and run open LLM checkpoints."""
-    ctx.obj = {"debug": debug}
+    # the flag reaches tensor-parallel ranks (inherited) and the server's threads through the environment
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    else:
+        os.environ.pop(DEBUG_ENV, None)
 
 
 ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked against the checkpoint's config."

@@ -140,3 +140,42 @@ def test_cli_generate_tp2_prints_tp1(tiny_engine):
                              capture_output=True, text=True, env=env, timeout=300)
         assert two.returncode == 0, two.stderr
         assert two.stdout == one.output
+
+
+def test_cli_tp_that_does_not_divide_the_model_is_one_line(tiny_engine):
+    """The check runs before any worker starts, so no worker prints a traceback of its own (issue #23)."""
+    args = ["generate", str(tiny_engine("qwen3")), "--prompt", "Hi", "--device", "cpu", "--tp", "3"]
+    done = subprocess.run([sys.executable, "-m", "lmconvert.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert done.returncode == 1
+    expected = "error: --tp 3 does not divide the model's attention heads 4, intermediate size 128, KV heads 2"
+    assert done.stderr.strip() == expected
+
+
+class FailsInWorkers:
+    """A model source that loads in this process and fails in every spawned worker (a shard unreadable there)."""
+
+    def __init__(self, source):
+        self.source, self.in_worker = source, False
+
+    def __getattr__(self, name):
+        if name == "source":  # not set yet while unpickling
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, in_worker=True)
+
+    def layer_tensors(self, i):
+        if self.in_worker:
+            raise OSError(f"layer {i}: shard unreadable on this host")
+        return self.source.layer_tensors(i)
+
+
+def test_a_failing_worker_is_reported_by_rank_0_as_one_line(capfd):
+    from lmconvert.load.random_weights import RandomModel
+
+    with pytest.raises(UserError) as failed:
+        LLMEngine(FailsInWorkers(RandomModel(tiny_config())), tp=2, device="cpu", num_cache_tokens=256)
+    assert str(failed.value) == "tensor-parallel rank 1: layer 0: shard unreadable on this host"
+    assert "Traceback" not in capfd.readouterr().err  # the worker printed nothing itself

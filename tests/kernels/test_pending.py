@@ -1,4 +1,4 @@
-"""Deferred split-K outputs (kernels/pending.py): a W4/W8 GEMV that stops after its atomic adds, and the
+"""Deferred split-K outputs (kernels/src/pending.py): a W4/W8 GEMV that stops after its atomic adds, and the
 kernels that finish its sums (RMSNorm with and without the residual add, SiLU-mul, take, the fused
 q/k-norm + RoPE + KV store) against the same
 linear finished by its own epilogue. The sums add in another order (the bias joins split 0's partials),

@@ -1,4 +1,4 @@
-"""W4A16 / W8A16: Triton (interpreted) vs the torch reference vs an fp64 dequant from quant/primitives.py.
+"""W4A16 / W8A16: Triton (interpreted) vs the torch reference vs an fp64 dequant from quant/src/primitives.py.
 
 Tolerances (relative Frobenius error): Triton vs reference 1e-2 in bf16 / 3e-3 in fp16 — both round the
 dequantized weight to the activation dtype but accumulate in a different order; reference vs fp64 1e-2.

@@ -1,6 +1,6 @@
 """W8A8 linear (SmoothQuant engines): y = dequant(quant_per_token(x) @ W8) + bias, int8 on both sides.
 
-Engine layout as W8 per output channel (quant/primitives.py): qweight int8 [K, N], scales [1, N]. On CUDA
+Engine layout as W8 per output channel (quant/src/primitives.py): qweight int8 [K, N], scales [1, N]. On CUDA
 `prepare_w8a8` keeps the shape but stores qweight k-contiguous (a [N, K] buffer seen through its
 transpose), the operand order Hopper's int8 wgmma reads; the kernel takes either through strides.
 

@@ -1,6 +1,6 @@
 """Weight-only quantized linears: W4A16 (AWQ layout) and W8A16, y = x @ dequant(W) + bias.
 
-Engine layouts (quant/primitives.py): W4 qweight int32 [K/8, N] (8 consecutive k per int32), scales/zeros
+Engine layouts (quant/src/primitives.py): W4 qweight int32 [K/8, N] (8 consecutive k per int32), scales/zeros
 [K/G, N]; W8 qweight int8 [K, N], scales [K/G, N]. On CUDA, `prepare_w4` / `prepare_w8` repack qweight
 once at load into the k-interleaved int32 [K/(P*R), R, N] layout of quant_gemv.py (3-D, so a prepared
 tensor is never mistaken for an engine one); the kernels repack an unprepared qweight on every call

@@ -119,7 +119,7 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, pee
         hi += b
     tl.store(counters_ptr + row, (count + 1) % FLAG_PERIOD)
 
-    # rms_norm with residual, as kernels/norm.py: the all-reduced x rounded to the model dtype first
+    # rms_norm with residual, as kernels/src/norm.py: the all-reduced x rounded to the model dtype first
     dtype = res_ptr.dtype.element_ty
     cols = tl.arange(0, 2 * BLOCK)
     mask = cols < D

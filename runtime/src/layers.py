@@ -45,7 +45,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, defer: bool = False):
         """defer: the caller's next kernel takes a kernels.PendingSum (RMSNorm, SiLU-mul, RoPE + KV store),
-        which a split-K W4/W8 GEMV returns instead of finishing its sums itself (kernels/pending.py)."""
+        which a split-K W4/W8 GEMV returns instead of finishing its sums itself (kernels/src/pending.py)."""
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)
         if self.bits == 4:

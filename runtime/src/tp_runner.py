@@ -12,6 +12,7 @@ the same collectives.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -22,11 +23,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from lmconvert.errors import UserError
+from lmconvert.errors import UserError, debug_enabled, one_line
 from lmconvert.runtime.context import Context, query_hints
 from lmconvert.runtime.dist import Launch, close_group, init_group, rank_device, spawn_workers, torchrun_ranks
 from lmconvert.runtime.model_runner import ModelRunner
-from lmconvert.runtime.tp import ShardedSource, apply_tp, peer_buffers
+from lmconvert.runtime.tp import ShardedSource, apply_tp, peer_buffers, shard_config
 
 EXIT, STEP, DENSE = 0, 1, 2
 HEADER = 9  # [command, payload length, T, B, block-table width, logit rows, max query len, ids on the GPU,
@@ -35,7 +36,7 @@ HEADER = 9  # [command, payload length, T, B, block-table width, logit rows, max
 
 class TPRunner(ModelRunner):
     def __init__(self, source, runner_args: tuple, rank: int, world: int, launch: Launch | None = None):
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.workers = rank, world, launch
         super().__init__(ShardedSource(source, rank, world), *runner_args)
         # step descriptions travel on the host (see the module docstring); on CPU the default group is gloo
         self.host_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
@@ -54,6 +55,14 @@ class TPRunner(ModelRunner):
         return int(n.item())
 
     # ---- rank 0 ----------------------------------------------------------------------------------
+    def launch(self, batch, input_ids=None):
+        with worker_failures(self.workers):
+            return super().launch(batch, input_ids)
+
+    def teacher_forced(self, batch):
+        with worker_failures(self.workers):
+            return super().teacher_forced(batch)
+
     def _prepare(self, batch, all_rows: bool = False, input_ids: torch.Tensor | None = None):
         ids, positions, slots, cu, ctx_lens, tables, logit_rows = self._flatten(batch, all_rows, input_ids is not None)
         payload = ids + positions + slots + cu + ctx_lens + [b for row in tables for b in row] + logit_rows
@@ -68,7 +77,8 @@ class TPRunner(ModelRunner):
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        return self.dense_logits(self._send([DENSE, len(token_ids)], token_ids).to(self.device))
+        with worker_failures(self.workers):
+            return self.dense_logits(self._send([DENSE, len(token_ids)], token_ids).to(self.device))
 
     def _send(self, header: list[int], payload: list[int]) -> torch.Tensor:
         """Broadcasts header and payload over the host group; returns the payload (a CPU tensor)."""
@@ -135,18 +145,40 @@ def open_source(spec):
     return spec
 
 
-def _worker_main(rank: int, world: int, init_method: str, spec, runner_args: tuple) -> None:
+def _worker_main(rank: int, world: int, store_dir: str, spec, runner_args: tuple) -> None:
+    launch = Launch(store_dir)
     try:
         device = rank_device(runner_args[0], rank, world)
         if device.type == "cpu":  # ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        init_group(device, rank, world, init_method)
+        init_group(device, rank, world, launch.init_method)
         TPRunner(open_source(spec), (device, *runner_args[1:]), rank, world).serve()
         close_group(device)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
+    except BaseException as e:
+        if debug_enabled():
+            traceback.print_exc()
+            sys.stderr.flush()
+        with open(launch.error_path(rank), "w") as f:  # rank 0 reports it, as one line (worker_failures)
+            f.write(one_line(e))
         os._exit(1)  # the peers' collectives then fail instead of waiting
+
+
+@contextlib.contextmanager
+def worker_failures(launch: Launch | None):
+    """Rank 0's collectives fail when a spawned worker died: report the worker's own error instead."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        failure = None
+        if launch is not None:
+            for p in launch.processes:
+                p.join(timeout=2)  # a failing worker writes its error, then exits: its peers' sockets close
+            failure = launch.worker_error()
+        if failure is None:
+            raise
+        raise UserError(failure) from e
 
 
 def start_tp(tp: int, source, spec, runner_args: tuple) -> TPRunner:
@@ -165,7 +197,9 @@ def start_tp(tp: int, source, spec, runner_args: tuple) -> TPRunner:
         runner.serve()
         close_group(device)
         sys.exit(0)
-    device = rank_device(device, 0, tp)  # fails before spawning when the GPUs are missing
+    shard_config(source.config, tp)  # fails before spawning when --tp does not divide the model
+    device = rank_device(device, 0, tp)  # ... or when the GPUs are missing
     launch = spawn_workers(tp, _worker_main, (spec, runner_args))
-    init_group(device, 0, tp, launch.init_method)
-    return TPRunner(source, (device, *runner_args[1:]), 0, tp, launch)
+    with worker_failures(launch):
+        init_group(device, 0, tp, launch.init_method)
+        return TPRunner(source, (device, *runner_args[1:]), 0, tp, launch)

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lmconvert.errors import UserError
+from lmconvert.errors import debug_enabled, one_line
 from lmconvert.runtime.engine import LLMEngine
 from lmconvert.runtime.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body
 from lmconvert.runtime.sampling import SamplingParams, generation_defaults as sampling_defaults
@@ -56,10 +56,10 @@ def _load(state: ServerState, load: Callable[[], LLMEngine], on_error: Callable[
         cfg = ServeConfig(state.model_name, state.reasoning_parser, generation_defaults(engine))
         aengine = AsyncEngine(engine)
         aengine.start()
-    except Exception as e:  # reported as one line; the traceback only for what is not the user's doing
-        if not isinstance(e, (UserError, OSError)):
+    except Exception as e:  # reported as one line, as the CLI reports errors; the traceback with --debug
+        if debug_enabled():
             log.exception("loading the model failed")
-        state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        state.load_error = one_line(e)
         if on_error is not None:
             on_error(state.load_error)
         return

@@ -18,11 +18,28 @@ from lmconvert.errors import UserError
 
 @dataclass(slots=True)
 class Launch:
-    """Workers started by this process (rank 0) and the rendezvous they share."""
+    """Workers started by this process (rank 0), the rendezvous they share, and where a worker that fails
+    leaves its one-line error for rank 0 to report (a worker prints no traceback of its own)."""
 
-    init_method: str
+    store_dir: str
     processes: list = field(default_factory=list)
-    store_dir: str | None = None
+
+    @property
+    def init_method(self) -> str:
+        return f"file://{os.path.join(self.store_dir, 'store')}"
+
+    def error_path(self, rank: int) -> str:
+        return os.path.join(self.store_dir, f"rank{rank}.error")
+
+    def worker_error(self) -> str | None:
+        """'rank R: <its error>' of the first worker that failed, or None."""
+        for rank in range(1, len(self.processes) + 1):
+            try:
+                with open(self.error_path(rank)) as f:
+                    return f"tensor-parallel rank {rank}: {f.read().strip()}"
+            except FileNotFoundError:
+                continue
+        return None
 
 
 def torchrun_ranks() -> tuple[int, int, int] | None:
@@ -63,12 +80,11 @@ def close_group(device: torch.device) -> None:
 
 
 def spawn_workers(world: int, target, args: tuple) -> Launch:
-    """Starts ranks 1..world-1 as `target(rank, world, init_method, *args)`; the caller is rank 0."""
-    store_dir = tempfile.mkdtemp(prefix="lmconvert-tp-")
-    launch = Launch(f"file://{os.path.join(store_dir, 'store')}", store_dir=store_dir)
+    """Starts ranks 1..world-1 as `target(rank, world, store_dir, *args)`; the caller is rank 0."""
+    launch = Launch(tempfile.mkdtemp(prefix="lmconvert-tp-"))
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
     for rank in range(1, world):
-        p = ctx.Process(target=target, args=(rank, world, launch.init_method, *args), daemon=True)
+        p = ctx.Process(target=target, args=(rank, world, launch.store_dir, *args), daemon=True)
         p.start()
         launch.processes.append(p)
     return launch

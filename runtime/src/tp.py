@@ -8,7 +8,7 @@ local config (its share of heads and MLP width), loads it from a ShardedSource a
   replicated:      norms, q/k norms, the embedding table
 A row-parallel output always feeds a residual add + RMSNorm (post-attention norm, the next layer's input
 norm, the final norm), so the all-reduce happens there: on GPUs with P2P access, decode-sized batches take
-one fused kernel (kernels/allreduce_norm.py), larger ones NCCL followed by the norm.
+one fused kernel (kernels/src/allreduce_norm.py), larger ones NCCL followed by the norm.
 Quantized tensors keep the engine layout ([K/8 | K/G | K, N]): a column split cuts N, a row split cuts K,
 which must fall on group boundaries. An act-order `input_perm` [K] stays whole on a column-parallel linear
 (every rank reads the whole input); on a row-parallel one it must map each rank's slice of K onto itself.
@@ -194,7 +194,7 @@ class ReducingRMSNorm(nn.Module):
         self.norm, self.group, self.bufs = norm, group, bufs
 
     def forward(self, x, residual):
-        x = kernels.take(x)  # a deferred split-K output (kernels/pending.py) becomes a tensor to reduce
+        x = kernels.take(x)  # a deferred split-K output (kernels/src/pending.py) becomes a tensor to reduce
         if self.bufs is not None and self.bufs.fits(x):
             return all_reduce_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.bufs)
         dist.all_reduce(x, group=self.group)

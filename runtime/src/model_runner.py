@@ -23,7 +23,7 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_int8: bool = Fal
 
 def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, kv_int8: bool, device) -> None:
     """K/V pools [num_blocks, block_size, KVH, D] in dtype, or int8 with fp16 (scale, zero) pools
-    [num_blocks, block_size, KVH, 2] (layout: kernels/kv_cache.py)."""
+    [num_blocks, block_size, KVH, 2] (layout: kernels/src/kv_cache.py)."""
     shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
     cache_dtype = torch.int8 if kv_int8 else dtype
     attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
