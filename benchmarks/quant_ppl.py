@@ -24,6 +24,7 @@ CONFIGS = {
     "fp": None,
     "rtn-g64": ["--w4", "--group-size", "64", "--no-search-scale", "--no-clip"],
     "awq-g64": ["--w4", "--group-size", "64"],
+    "awq-g64-intzero": ["--w4", "--group-size", "64", "--integer-zeros"],  # exportable to AutoAWQ / compressed-tensors
     "awq-g32": ["--w4", "--group-size", "32"],
     "w8": ["--w8"],
     "w8a8": ["--w8a8"],  # SmoothQuant, alpha 0.5

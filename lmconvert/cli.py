@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
 
-from lmconvert.cli_options import build_engine, build_sampling, engine_options, sampling_options
+from lmconvert.cli_options import build_engine, build_sampling, engine_options, model_options, sampling_options
 from lmconvert.errors import DEBUG_ENV, UserError, debug_enabled, one_line
+from lmconvert.presets import PRESETS
 
 
 class Group(click.Group):
@@ -27,15 +29,26 @@ class Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=Group)
+def _terminate(signum, frame):
+    """SIGTERM (kill, docker stop, a CI timeout) unwinds like Ctrl-C: half-written engines are removed."""
+    raise SystemExit(128 + signum)
+
+
+@click.group(cls=Group, invoke_without_command=True)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def main(debug: bool):
+@click.version_option(package_name="lmconvert", message="lmconvert %(version)s")
+@click.pass_context
+def main(ctx: click.Context, debug: bool):
     """Convert, quantize and run open LLM checkpoints."""
+    if ctx.invoked_subcommand is None:  # bare `lmconvert`: the help, not a usage error
+        click.echo(ctx.get_help())
+        return
     # the flag reaches tensor-parallel ranks (inherited) and the server's threads through the environment
     if debug:
         os.environ[DEBUG_ENV] = "1"
     else:
         os.environ.pop(DEBUG_ENV, None)
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked against the checkpoint's config."
@@ -50,14 +63,17 @@ ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked agai
 @click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None,
               help="Cache to search for a model id (env LMCONVERT_USE_MODELSCOPE=1 selects modelscope).")
 @click.option("--from-config", default=None, help="Build from a config instead of SRC: a config.json or a preset "
-              "(qwen3-0.6b, qwen3-8b, qwen3-32b, llama3-8b, qwen2.5-72b). Needs --random-weights.")
+              f"({', '.join(PRESETS)}). Needs --random-weights.")
 @click.option("--random-weights", is_flag=True, help="Fill the --from-config model with seeded random weights.")
 @click.option("--w4", is_flag=True, help="With --random-weights: random W4 tensors in the engine layout.")
 @click.option("--w8", is_flag=True, help="With --random-weights: random W8 tensors in the engine layout.")
-@click.option("--group-size", type=int, default=128, show_default=True, help="Group size of --w4 / --w8.")
+@click.option("--group-size", type=click.IntRange(min=1), default=None,
+              help="Input channels per scale: --w4 128, 64 or 32 (default: the largest that divides every linear); "
+              "--w8 default one scale per output channel.")
 @click.option("--quant-lm-head", is_flag=True, help="With --w4 / --w8: a random INT8 per-channel lm_head as well.")
 def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwrite: bool, model_source: str | None,
-            from_config: str | None, random_weights: bool, w4: bool, w8: bool, group_size: int, quant_lm_head: bool):
+            from_config: str | None, random_weights: bool, w4: bool, w8: bool, group_size: int | None,
+            quant_lm_head: bool):
     """Convert SRC (HF / ModelScope dir, GGUF file, cached model id, or 'smollm2') into an engine directory."""
     from lmconvert.convert import convert as run_convert, convert_random
 
@@ -135,28 +151,45 @@ def serve(model: str, server_name: str, server_port: int, served_model_name: str
     """Serve MODEL (engine dir or checkpoint) over an OpenAI-compatible HTTP API."""
     from lmconvert.runtime.serve_launch import run_server
 
+    from lmconvert.engine import open_model
+    from lmconvert.devices import resolve_device
+
+    def check_model():  # before the server starts: the device, and the model's config and files (no weights)
+        resolve_device(opts["device"])
+        open_model(model, arch=opts["arch"], model_source=opts["model_source"])
+
     keys = tuple(k for value in api_keys for k in value.split(",") if k)
     run_server(model, lambda: build_engine(model, opts), host=server_name, port=server_port,
-               model_name=served_model_name, reasoning_parser=reasoning_parser, api_keys=keys)
+               model_name=served_model_name, reasoning_parser=reasoning_parser, api_keys=keys, check_model=check_model)
 
 
 @main.command()
 @click.argument("model")
 @click.option("--mode", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
-@click.option("--num-prompts", type=int, default=256, show_default=True, help="Requests at once (throughput).")
-@click.option("--input-len", type=int, default=512, show_default=True)
-@click.option("--output-len", type=int, default=256, show_default=True)
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None,
+              help="Requests at once (throughput; default 256 on a GPU, 16 on CPU).")
+@click.option("--input-len", type=click.IntRange(min=1), default=None,
+              help="Prompt tokens (default 512 on a GPU, 128 on CPU).")
+@click.option("--output-len", type=click.IntRange(min=1), default=None,
+              help="Generated tokens a request (default 256 on a GPU, 64 on CPU).")
 @click.option("--compare-hf", is_flag=True, help="Also time transformers' generate on an equivalent model.")
 @click.option("--hf-batch", type=int, default=None, help="Batch of the --compare-hf run (default: 1, or 16 for throughput).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one last JSON line.")
 @click.option("--eager", is_flag=True, help="Do not capture CUDA graphs.")
 @engine_options
-def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: int, compare_hf: bool,
-          hf_batch: int | None, as_json: bool, eager: bool, **opts):
+def bench(model: str, mode: str, num_prompts: int | None, input_len: int | None, output_len: int | None,
+          compare_hf: bool, hf_batch: int | None, as_json: bool, eager: bool, **opts):
     """Measure time to first token, decode speed and throughput of MODEL on random prompts."""
     import json
 
-    from lmconvert.runtime.bench import hf_generate_tok_s, run_bench
+    from lmconvert.devices import resolve_device
+    from lmconvert.runtime.bench import DEFAULTS, hf_generate_tok_s, run_bench
+
+    defaults = DEFAULTS["cuda" if resolve_device(opts["device"]).type == "cuda" else "cpu"]
+    num_prompts = num_prompts or defaults["num_prompts"]
+    input_len, output_len = input_len or defaults["input_len"], output_len or defaults["output_len"]
+    requests = 1 if mode == "latency" else num_prompts
+    click.echo(f"bench {mode}: {requests} request(s) of {input_len} tokens in / {output_len} out", err=True)
 
     if mode == "throughput":
         opts["max_batch_size"] = max(opts["max_batch_size"], num_prompts)
@@ -181,9 +214,13 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
               help="SmoothQuant W8A8: int8 per-channel weights, dynamic per-token int8 activations.")
 @click.option("--alpha", type=float, default=None, help="--w8a8: smoothing strength in [0, 1] (default 0.5).")
 @click.option("--dst-path", required=True, help="Engine directory to create.")
-@click.option("--group-size", type=int, default=None,
-              help="W4: 128 (default), 64 or 32 input channels per scale. W8: default one scale per output channel.")
+@click.option("--group-size", type=click.IntRange(min=1), default=None,
+              help="W4: 128, 64 or 32 input channels per scale (default: the largest that divides every linear). "
+              "W8: default one scale per output channel.")
 @click.option("--sym", is_flag=True, help="W4: symmetric grid (zero point 8) instead of asymmetric.")
+@click.option("--integer-zeros", is_flag=True,
+              help="W4: zero points on the integer grid 0..15, as AutoAWQ and compressed-tensors store them, so that "
+              "`lmconvert export` can write the engine (the default fits free zero points: lower error).")
 @click.option("--calib-data", default=None, help='.txt, .jsonl (field "text") or a directory of them (default: shipped set).')
 @click.option("--calib-samples", type=int, default=16, show_default=True, help="Calibration windows.")
 @click.option("--calib-seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
@@ -198,7 +235,8 @@ def bench(model: str, mode: str, num_prompts: int, input_len: int, output_len: i
 @click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None, help="Cache to search for a model id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def quantize(src: str, w4: bool, w8: bool, w8a8: bool, alpha: float | None, dst_path: str, group_size: int | None,
-             sym: bool, calib_data: str | None, calib_samples: int, calib_seqlen: int, no_search_scale: bool,
+             sym: bool, integer_zeros: bool, calib_data: str | None, calib_samples: int, calib_seqlen: int,
+             no_search_scale: bool,
              no_clip: bool, gptq: bool, quant_lm_head: bool, device: str | None, arch: str, model_source: str | None,
              overwrite: bool):
     """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ), W8 or W8A8 (SmoothQuant) engine at --dst-path."""
@@ -210,7 +248,7 @@ def quantize(src: str, w4: bool, w8: bool, w8a8: bool, alpha: float | None, dst_
         raise UserError("choose exactly one of --w4, --w8 and --w8a8")
     if alpha is not None and not w8a8:
         raise UserError("--alpha is the smoothing strength of --w8a8")
-    qc = QuantConfig(bits=4 if w4 else 8, group_size=group_size or (128 if w4 else None), symmetric=sym,
+    qc = QuantConfig(bits=4 if w4 else 8, group_size=group_size, symmetric=sym, integer_zeros=integer_zeros,
                      activation_bits=8 if w8a8 else 16, alpha=0.5 if alpha is None else alpha,
                      search_scale=not no_search_scale, clip=not no_clip, gptq=gptq, quantize_lm_head=quant_lm_head,
                      calib_data=calib_data, calib_samples=calib_samples, calib_seqlen=calib_seqlen, device=device)
@@ -233,10 +271,11 @@ def export(engine: str, fmt: str, dst_path: str, overwrite: bool):
 @main.command("eval")
 @click.argument("model")
 @click.option("--text", required=True, help="UTF-8 text file to score.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
-@click.option("--windows", type=int, default=40, show_default=True, help="Score the first N non-overlapping windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Score the first N non-overlapping windows.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ppl", "tokens", "seconds"} as one last JSON line.')
-@engine_options
+@model_options
 def eval_command(model: str, text: str, seq_len: int, windows: int, as_json: bool, **opts):
     """Perplexity of MODEL (engine dir, quantized or not, or checkpoint) on a text file (fp32 compute on CPU)."""
     import json

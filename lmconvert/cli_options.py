@@ -4,39 +4,52 @@ from __future__ import annotations
 
 import click
 
-ENGINE_OPTIONS = [
+MODEL_OPTIONS = [  # what to run and where: every command that runs a model
     click.option("--arch", default="auto", show_default=True, help="Architecture check when MODEL is a checkpoint."),
     click.option("--model-source", type=click.Choice(["hf", "modelscope"]), default=None,
                  help="Cache to search for a model id."),
     click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)."),
     click.option("--dtype", default=None, help="Compute dtype bf16 | fp16 | fp32 (default: the engine's)."),
-    click.option("--session-len", type=int, default=None, help="Max tokens of prompt + answer per session."),
-    click.option("--max-batch-size", type=int, default=128, show_default=True),
-    click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True,
-                 help="Token budget of one step (chunked prefill)."),
-    click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True,
-                 help="Fraction of free GPU memory given to the KV cache."),
-    click.option("--cache-block-seq-len", "block_size", type=int, default=16, show_default=True,
-                 help="Tokens per KV cache block."),
-    click.option("--num-cache-tokens", type=int, default=None, help="KV cache size in tokens (instead of the fraction)."),
     click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Tensor parallelism: split the model over N GPUs of this host (N processes; gloo on CPU)."),
     click.option("--kv-int8", is_flag=True, default=False,
                  help="Store the KV cache as int8 with per-token, per-head scales: about twice the tokens."),
     click.option("--quant-policy", type=click.Choice(["0", "8"]), default=None,
                  help="LMDeploy's spelling of the KV cache type: 8 = --kv-int8, 0 = the compute dtype."),
+]
+
+SCHEDULER_OPTIONS = [  # sessions, batches and the KV cache: chat, generate, bench, serve
+    click.option("--session-len", type=click.IntRange(min=2), default=None,
+                 help="Max tokens of prompt + answer per session."),
+    click.option("--max-batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="Sequences decoded together in one step."),
+    click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+                 help="Token budget of one step (chunked prefill)."),
+    click.option("--cache-max-entry-count", type=click.FloatRange(0, 1, min_open=True), default=0.8,
+                 show_default=True, help="Fraction of free GPU memory given to the KV cache."),
+    click.option("--cache-block-seq-len", "block_size", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="Tokens per KV cache block."),
+    click.option("--num-cache-tokens", type=click.IntRange(min=1), default=None,
+                 help="KV cache size in tokens (instead of the fraction)."),
     click.option("--overlap/--no-overlap", default=None,
                  help="Launch the next decode step before reading this one's tokens, so host work overlaps the "
                       "GPU (default: on with a GPU, off on CPU)."),
 ]
 
 SAMPLING_OPTIONS = [
-    click.option("--max-new-tokens", type=int, default=512, show_default=True),
-    click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation config)."),
-    click.option("--top-p", type=float, default=None),
-    click.option("--top-k", type=int, default=None),
-    click.option("--repetition-penalty", type=float, default=None),
-    click.option("--seed", type=int, default=None),
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="Most tokens one answer may have."),
+    click.option("--temperature", type=click.FloatRange(min=0), default=None,
+                 help="0 = greedy (default: the model's generation config)."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+                 help="Sample from the smallest set of tokens whose probabilities add up to P (default: the model's "
+                 "generation config, else 1 = off)."),
+    click.option("--top-k", type=click.IntRange(min=0), default=None,
+                 help="Sample from the K most likely tokens (0 = off; default: the model's generation config)."),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Divide the logits of tokens already in the text by this (> 1 repeats less; default: the "
+                 "model's generation config, else 1 = off)."),
+    click.option("--seed", type=int, default=None, help="Random seed of sampling, for repeatable answers."),
     click.option("--stop", multiple=True, help="Stop string (repeatable)."),
 ]
 
@@ -49,7 +62,8 @@ def _apply(options):
     return decorator
 
 
-engine_options = _apply(ENGINE_OPTIONS)
+engine_options = _apply(MODEL_OPTIONS + SCHEDULER_OPTIONS)
+model_options = _apply(MODEL_OPTIONS)
 sampling_options = _apply(SAMPLING_OPTIONS)
 
 
@@ -68,7 +82,7 @@ def build_engine(model: str, opts: dict, **extra):
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
             "cache_max_entry_count", "block_size", "num_cache_tokens", "tp", "overlap")
-    return LLMEngine(model, **{k: opts[k] for k in keys}, kv_int8=kv_int8_option(opts), **extra)
+    return LLMEngine(model, **{k: opts[k] for k in keys if k in opts}, kv_int8=kv_int8_option(opts), **extra)
 
 
 def build_sampling(engine, opts: dict):

@@ -11,6 +11,7 @@ from lmconvert.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+W4_GROUP_SIZES = (128, 64, 32)  # what the W4 kernels take; largest first: the default is the largest that fits
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -57,6 +58,12 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def linear_input_dims(self) -> dict[str, int]:
+        """Input size of every linear of a decoder layer (engine names)."""
+        return {"qkv_proj": self.hidden_size, "o_proj": self.q_size, "gate_up_proj": self.hidden_size,
+                "down_proj": self.intermediate_size}
+
+    @property
     def lm_head_quantization(self) -> dict | None:
         """The quantized lm_head's own block (`quantization["lm_head"]`, engine format 3), None for a 16-bit head."""
         return (self.quantization or {}).get("lm_head")
@@ -74,7 +81,46 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise UserError(f"engine config has unknown fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        try:
+            cfg = cls(**d)
+        except TypeError as e:  # a required field missing
+            raise UserError(f"engine config: {e}") from None
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise UserError for a config no engine can have (a hand-edited or damaged config.json): checked when
+        an engine is written and when it is opened, so a bad value never reaches the runtime."""
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"engine config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"engine config: {self.num_kv_heads} KV heads do not divide {self.num_heads} heads")
+        if self.dtype not in DTYPES:
+            raise UserError(f"engine config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for where, block in (("quantization", self.quantization), ("quantization.lm_head", self.lm_head_quantization)):
+            if block:
+                _check_quant_block(where, block, self.linear_input_dims if where == "quantization" else {})
+
+
+def _check_quant_block(where: str, block: dict, input_dims: dict[str, int]) -> None:
+    bits, group = block.get("bits"), block.get("group_size")
+    if bits not in (4, 8):
+        raise UserError(f"engine config: {where}.bits is {bits!r}; lmconvert runs 4 or 8")
+    if group is None:
+        return
+    if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+        raise UserError(f"engine config: {where}.group_size must be a positive integer or null, got {group!r}")
+    for name, dim in input_dims.items():
+        if dim % group:
+            raise UserError(f"engine config: {where}.group_size {group} does not divide {name}'s input size {dim}")
+
+
+def largest_group_size(cfg: ModelConfig, choices=W4_GROUP_SIZES) -> int | None:
+    """The largest of choices dividing every linear's input size (None if none does)."""
+    return next((g for g in choices if all(dim % g == 0 for dim in cfg.linear_input_dims.values())), None)
 
 
 # A quantized lm_head is INT8 per output channel whatever the layers' bits, as llama.cpp keeps its output tensor

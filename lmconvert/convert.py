@@ -11,13 +11,15 @@ import os
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
 from lmconvert.arch import FUSED_MODULES
-from lmconvert.config import DTYPE_NAMES, ModelConfig, parse_dtype
+from lmconvert.config import DTYPE_NAMES, W4_GROUP_SIZES, ModelConfig, largest_group_size, parse_dtype
 from lmconvert.engine.format import GLOBAL_NAMES
 from lmconvert.engine.writer import EngineWriter, check_destination
+from lmconvert.errors import UserError
 from lmconvert.load import open_checkpoint
+from lmconvert.progress import progress
 
 
 def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,11 +79,6 @@ class ConvertedModel:
         self.ckpt.save_tokenizer(dst)
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("layers, {task.fields[mib]:.0f} MiB written"), TimeElapsedColumn(), transient=False)
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str = "auto", dtype: str | None = None,
             overwrite: bool = False, model_source: str | None = None) -> Path:
     """Convert a checkpoint into an engine directory at dst; returns dst. Peak memory is about one layer."""
@@ -101,19 +98,23 @@ def convert_random(spec: str, dst: str | os.PathLike, arch: str = "auto", dtype:
     check_destination(dst, overwrite)
     config = config_from(spec, DTYPE_NAMES[parse_dtype(dtype)])
     check_arch(arch, config)
+    if quant and quant["bits"] == 4 and quant.get("group_size") is None:  # as `quantize --w4`: the largest that fits
+        quant = {**quant, "group_size": largest_group_size(config)}
+        if quant["group_size"] is None:
+            raise UserError(f"no W4 group size ({', '.join(map(str, W4_GROUP_SIZES))}) divides every linear's input")
     return write_engine(RandomModel(config, quant, seed), dst, overwrite, f"random {config.arch} from {spec}")
 
 
 def write_engine(model, dst: str | os.PathLike, overwrite: bool, description: str) -> Path:
     """Write any model source (see lmconvert.engine) to an engine directory, one layer at a time."""
     n = model.config.num_layers
-    with EngineWriter(dst, overwrite) as writer, progress_bar() as bar:
-        task = bar.add_task(description, total=n + 1, mib=0.0)
+    with EngineWriter(dst, overwrite) as writer, progress(TextColumn("layers {task.fields[written]}")) as bar:
+        task = bar.add_task(description, total=n + 1, written="")
         model.save_tokenizer(writer.tokenizer_dir)
         writer.write_globals(model.global_tensors())
-        bar.update(task, advance=1, mib=writer.bytes_written / 2**20)
+        bar.update(task, advance=1, written=f"{writer.bytes_written / 2**20:.0f} MiB written")
         for i in range(n):
             writer.write_layer(i, model.layer_tensors(i))
-            bar.update(task, advance=1, mib=writer.bytes_written / 2**20)
+            bar.update(task, advance=1, written=f"{writer.bytes_written / 2**20:.0f} MiB written")
         writer.write_config(model.config, model.generation_config)
     return writer.dst

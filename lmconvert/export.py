@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lmconvert.arch import FUSED_MODULES, get_arch
 from lmconvert.engine import open_engine
-from lmconvert.engine.writer import write_safetensors
+from lmconvert.engine.writer import staging_dir, write_safetensors
 from lmconvert.errors import UserError
 from lmconvert.load.quantized_formats import AWQ_ORDER, pack_cols
 from lmconvert.quant.primitives import unpack_int4
@@ -99,7 +98,7 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
     if dst.exists() and not overwrite:
         raise UserError(f"{dst} already exists (use --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = staging_dir(dst.absolute())
     try:
         zero_point = bool(quant.get("zero_point", True))
         n = cfg.num_layers + 1
@@ -147,8 +146,8 @@ def layer_export(tensors: dict[str, torch.Tensor], i: int, cfg, arch, fmt: str, 
         q = unpack_int4(tensors[f"{module}.qweight"])
         scales, zeros = tensors[f"{module}.scales"], tensors[f"{module}.zeros"].float()
         if not torch.equal(zeros, zeros.round()) or zeros.min() < 0 or zeros.max() > 15:
-            raise UserError(f"layer {i} {module}: zero points are not integers in 0..15 (a fitted grid), "
-                            "which neither AutoAWQ nor compressed-tensors can store")
+            raise UserError(f"layer {i} {module}: zero points are not integers in 0..15 (a fitted grid), which "
+                            "neither AutoAWQ nor compressed-tensors can store: quantize with --integer-zeros to export")
         parts = FUSED_MODULES.get(module, (module,))
         splits = sizes.get(module, [q.shape[1]])
         for part, qq, ss, zz in zip(parts, q.split(splits, 1), scales.split(splits, 1), zeros.split(splits, 1)):

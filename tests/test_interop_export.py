@@ -34,6 +34,28 @@ def sym_engine(tiny_engine, tmp_path_factory):
     return dst
 
 
+@pytest.fixture(scope="module")
+def intzero_engine(tiny_engine, tmp_path_factory):
+    """lmconvert's default AWQ (scale search, grid fit) kept to integer zero points: `quantize --integer-zeros`."""
+    from lmconvert.quant import QuantConfig, quantize
+
+    dst = tmp_path_factory.mktemp("intzero") / "engine"
+    result = quantize(str(tiny_engine("qwen3")), str(dst), QuantConfig(bits=4, group_size=32, integer_zeros=True))
+    # the fit still beats round-to-nearest on every layer's output, with zero points it may not move freely
+    assert all(stats.loss < stats.loss_rtn for stats in result.layers), [(s.loss, s.loss_rtn) for s in result.layers]
+    return dst
+
+
+def test_default_awq_engine_names_integer_zeros_when_it_cannot_export(tiny_engine, tmp_path):
+    from lmconvert.quant import QuantConfig, quantize
+
+    quantize(str(tiny_engine("qwen3")), str(tmp_path / "awq"), QuantConfig(bits=4, group_size=32))
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "awq"), "--format", "autoawq",
+                                       "--dst-path", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "quantize with --integer-zeros to export" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def same_engines(a, b):
     ea, eb = open_engine(a), open_engine(b)
     for i in range(ea.config.num_layers):
@@ -43,7 +65,7 @@ def same_engines(a, b):
             assert torch.equal(ta[k], tb[k]), (i, k)
 
 
-@pytest.mark.parametrize("which", ["awq_engine", "sym_engine"])
+@pytest.mark.parametrize("which", ["awq_engine", "sym_engine", "intzero_engine"])
 def test_export_compressed_tensors_loads_in_transformers(which, request, tmp_path):
     engine = request.getfixturevalue(which)
     result = CliRunner().invoke(main, ["export", str(engine), "--format", "compressed-tensors",

@@ -52,10 +52,45 @@ def test_serve_command_end_to_end(tiny_engine):
 
 
 def test_serve_reports_a_bad_model_in_one_line(tmp_path):
-    proc = serve(str(tmp_path / "missing"), "--server-name", "127.0.0.1", "--server-port", str(free_port()))
+    """Checked before the server starts: the error is the only line, not the last of uvicorn's (issue #24)."""
+    missing = tmp_path / "missing"
+    proc = serve(str(missing), "--server-name", "127.0.0.1", "--server-port", str(free_port()))
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1
-    assert "error: could not load" in output and "Traceback" not in output
+    assert output.strip().splitlines() == [f"error: no such file or directory: {missing}"]
+
+
+def test_serve_on_a_port_in_use_is_one_line(tiny_engine):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port))
+        output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1
+    assert output.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                           "(choose another --server-port)"]
+
+
+def test_serve_says_where_it_listens_and_warns_without_a_key(tiny_engine):
+    port = free_port()
+    proc = serve(str(tiny_engine("llama")), "--server-name", "0.0.0.0", "--server-port", str(port),
+                 "--device", "cpu", "--session-len", "128")
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert f"lmconvert serve: http://0.0.0.0:{port}/v1" in output
+    assert "listening on 0.0.0.0 with no API key" in output
+    assert "loaded; ready" in output
 
 
 def test_deployment_files_agree_with_the_server():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,28 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {dst}: {parent} is not a writable directory")
     return dst
+
+
+def staging_dir(dst: Path) -> Path:
+    """A hidden temp dir beside dst (.NAME.tmp-HOST-PID-XXXX) to write into before the rename. Ctrl-C and
+    SIGTERM remove it on the way out; one a killed or crashed run left behind (its process gone from this
+    host) is removed here, before a new write starts."""
+    prefix = f".{dst.name}.tmp-"
+    for old in dst.parent.glob(f"{prefix}*"):
+        host, _, pid = old.name[len(prefix):].rpartition("-")[0].rpartition("-")  # HOST-PID-XXXX
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=dst.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -77,7 +100,7 @@ class EngineWriter:
 
     def __enter__(self) -> "EngineWriter":
         self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        self.tmp = staging_dir(self.dst)
         (self.tmp / "layers").mkdir()
         return self
 
@@ -115,6 +138,7 @@ class EngineWriter:
 
     def write_config(self, config: ModelConfig, generation_config: dict | None = None) -> None:
         """config.json itself is written at the end, once the format version is known."""
+        config.check()  # a config no reader would accept is never written
         self._write_json(fmt.GENERATION_CONFIG, generation_config or {})
         self.config = config
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from lmconvert.config import ModelConfig, with_quantized_head
+from lmconvert.config import W4_GROUP_SIZES, ModelConfig, largest_group_size, with_quantized_head
 from lmconvert.errors import UserError
 
-W4_GROUP_SIZES = (128, 64, 32)
 
 
 @dataclass(slots=True)
@@ -15,7 +15,8 @@ class QuantConfig:
     bits: int = 4  # 4: AWQ / RTN W4A16, 8: INT8 W8A16 (or W8A8 with activation_bits 8)
     activation_bits: int = 16  # 8: SmoothQuant W8A8, dynamic per-token int8 activations
     alpha: float = 0.5  # SmoothQuant migration strength: s = max|x|^alpha / max|w|^(1 - alpha)
-    group_size: int | None = 128  # W8: None = one group per output channel
+    group_size: int | None = None  # W4: None = the largest of W4_GROUP_SIZES that fits; W8: None = per channel
+    integer_zeros: bool = False  # W4: zero points on the integer grid 0..15, as AutoAWQ / compressed-tensors store
     symmetric: bool = False  # W4 only; W8 is always symmetric
     search_scale: bool = True  # AWQ per-input-channel scale search
     clip: bool = True  # AWQ weight-clipping search
@@ -41,6 +42,18 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         return self.activation_bits == 8 or (self.bits == 4 and (self.search_scale or self.clip))
 
+    def for_model(self, cfg: ModelConfig) -> "QuantConfig":
+        """This config with its defaults that depend on the model filled in (W4's group size), checked."""
+        qc = self
+        if self.bits == 4 and self.activation_bits == 16 and self.group_size is None:
+            fits = largest_group_size(cfg)
+            if fits is None:
+                raise UserError(f"no W4 group size ({', '.join(map(str, W4_GROUP_SIZES))}) divides every linear's "
+                                f"input size ({', '.join(f'{k} {v}' for k, v in cfg.linear_input_dims.items())})")
+            qc = dataclasses.replace(self, group_size=fits)
+        qc.validate(cfg)
+        return qc
+
     def validate(self, cfg: ModelConfig) -> None:
         """Raise UserError for a combination that cannot be quantized; checked before anything is written."""
         if self.bits not in (4, 8):
@@ -60,7 +73,9 @@ class QuantConfig:
             raise UserError(f"--group-size must be positive, got {self.group_size}")
         if self.calib_samples <= 0 or self.calib_seqlen < 2:
             raise UserError("--calib-samples must be positive and --calib-seqlen at least 2")
-        for name, dim in input_dims(cfg).items():
+        if self.integer_zeros and (self.bits != 4 or self.symmetric):
+            raise UserError("--integer-zeros goes with asymmetric --w4 (a symmetric grid's zero point is 8 already)")
+        for name, dim in cfg.linear_input_dims.items():
             if self.group_size and dim % self.group_size:
                 fits = [g for g in (W4_GROUP_SIZES if self.bits == 4 else (128, 64, 32, 16)) if dim % g == 0]
                 hint = f"use --group-size {fits[0]}" if fits else "no supported group size divides it"
@@ -85,8 +100,3 @@ class QuantConfig:
                  "zero_point": self.bits == 4 and not self.symmetric, "modules_not_converted": ["lm_head"]}
         return with_quantized_head(block) if self.quantize_lm_head else block
 
-
-def input_dims(cfg: ModelConfig) -> dict[str, int]:
-    """Input size of every quantized linear of a decoder layer (engine names)."""
-    return {"qkv_proj": cfg.hidden_size, "o_proj": cfg.q_size, "gate_up_proj": cfg.hidden_size,
-            "down_proj": cfg.intermediate_size}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from lmconvert.errors import UserError
+from lmconvert.progress import progress
 
 
 @dataclass(slots=True)
@@ -59,8 +60,8 @@ def perplexity(engine, text: str, seq_len: int = 512, windows: int = 40, show_pr
     start = time.monotonic()
     chunks = text_windows(engine.tokenizer, text, seq_len, windows)
     nll, count = 0.0, 0
-    with Progress(disable=not show_progress, transient=True) as bar:
-        task = bar.add_task("perplexity", total=len(chunks))
+    with (progress(transient=True) if show_progress else Progress(disable=True)) as bar:
+        task = bar.add_task(f"perplexity over {len(chunks)} windows of {seq_len} tokens", total=len(chunks))
         for chunk in chunks:
             logits = engine.logits(chunk)
             target = torch.tensor(chunk[1:], device=logits.device)
@@ -72,10 +73,10 @@ def perplexity(engine, text: str, seq_len: int = 512, windows: int = 40, show_pr
 
 def engine_defaults(opts: dict, seq_len: int) -> dict:
     """Engine options for scoring: session and KV cache of one window, fp32 compute on CPU unless asked."""
-    from lmconvert.runtime.engine import default_device
+    from lmconvert.devices import resolve_device
 
     opts = dict(opts)
-    opts["device"] = opts.get("device") or str(default_device())
+    opts["device"] = opts.get("device") or str(resolve_device(None))
     if opts.get("dtype") is None and torch.device(opts["device"]).type == "cpu":
         opts["dtype"] = "fp32"
     opts["session_len"] = opts.get("session_len") or seq_len + 1

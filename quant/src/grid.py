@@ -12,6 +12,8 @@ at one end only; the independent cuts lower d^T H_g d by about 10% on the calibr
 unseen text, because they pick a better grid rather than codes tuned to the calibration correlations.
 The refit makes the zero point fractional. The engine stores zeros in the model dtype and every kernel
 computes (q - z) * s in fp32, so that costs nothing (llama.cpp's K-quants likewise store a free minimum).
+AutoAWQ and compressed-tensors store zero points as 4-bit integers, though: with integer zeros
+(`quantize --integer-zeros`) the start grids keep an integer zero and the refits move the scale only.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ class _GroupedRows:
         d = self.codes(s, z).sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).sub_(self.w)  # wq - w
         return (d @ self.gram).mul_(d).sum(-1)
 
-    def refit(self, s: torch.Tensor, z: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """H_g-weighted least-squares (s, z) for the codes of (s, z); groups where the fit is degenerate keep theirs."""
+    def refit(self, s: torch.Tensor, z: torch.Tensor, fixed_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """H_g-weighted least-squares (s, z) for the codes of (s, z) (fixed_zero: s alone); groups where the fit
+        is degenerate keep theirs."""
         q = self.codes(s, z)
-        if symmetric:  # w ~ s (q - z) with z fixed
+        if fixed_zero:  # w ~ s (q - z) with z fixed
             a = q.sub_(z.unsqueeze(-1))
             ha = a @ self.gram
             num, den = (ha * self.w).sum(-1), ha.mul_(a).sum(-1)
@@ -113,6 +116,7 @@ def _start_grids(w, G, bits, symmetric, dtype, steps, max_shrink, integer_zero):
 
 def _fit_rows(w, gram, bits, symmetric, dtype, steps, max_shrink, integer_zero):
     rows = _GroupedRows(w, gram, bits, dtype)
+    fixed_zero = symmetric or integer_zero  # refit the scale only: the zero point stays on its grid
     best = None  # (scales, zeros, error) per group, [K/G, N]
 
     def keep_better(s, z):
@@ -127,10 +131,10 @@ def _fit_rows(w, gram, bits, symmetric, dtype, steps, max_shrink, integer_zero):
         if best is None:  # the plain grid, unrefitted, is the baseline every refit must beat
             best = keep_better(s, z)
         for _ in range(REFITS):
-            s, z = rows.refit(s, z, symmetric)
+            s, z = rows.refit(s, z, fixed_zero)
         best = keep_better(s, z)
     s, z = best[0], best[1]
     for _ in range(POLISH):
-        s, z = rows.refit(s, z, symmetric)
+        s, z = rows.refit(s, z, fixed_zero)
         best = keep_better(s, z)
     return best[0].t().contiguous(), best[1].t().contiguous()

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
 from lmconvert import kernels
 from lmconvert.config import LM_HEAD_QUANT
+from lmconvert.devices import resolve_device
 from lmconvert.engine import open_model
 from lmconvert.engine.writer import EngineWriter, check_destination
-from lmconvert.errors import UserError
+from lmconvert.progress import progress
 from lmconvert.quant.awq import QuantSpec
 from lmconvert.quant.calib import calibration_windows, load_texts
 from lmconvert.quant.config import QuantConfig
@@ -42,21 +43,11 @@ class QuantResult:
     bytes_before: int  # tensors of the source in its dtype
     bytes_after: int  # tensors of the quantized engine
     layers: list[LayerStats] = field(default_factory=list)
+    scheme: str = ""  # what was done, e.g. "awq W4 g64 (integer zeros)"
 
     @property
     def compression(self) -> float:
         return self.bytes_before / max(1, self.bytes_after)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose cpu or cuda")
-    return device
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -73,15 +64,11 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[loss]}"))
-
-
 def _title(qc: QuantConfig) -> str:
     if qc.activation_bits == 8:
         return f"{qc.method} W8A8 alpha {qc.alpha}"
-    return f"{qc.method} W{qc.bits} g{qc.group_size or 'channel'}"
+    groups = f"g{qc.group_size}" if qc.group_size else "per-channel"
+    return f"{qc.method} W{qc.bits} {groups}" + (" (integer zeros)" if qc.integer_zeros else "")
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, overwrite: bool = False,
@@ -91,18 +78,18 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
     check_destination(dst, overwrite)
     source = open_model(src, arch=arch, model_source=model_source)
     cfg = source.config
-    qc.validate(cfg)
+    qc = qc.for_model(cfg)
     device = resolve_device(qc.device)
     dtype = cfg.torch_dtype
-    spec = QuantSpec(qc.bits, qc.group_size, qc.symmetric, dtype)
+    spec = QuantSpec(qc.bits, qc.group_size, qc.symmetric, dtype, integer_zero=qc.integer_zeros)
     windows = None
     if qc.needs_calibration:  # read and check the calibration text before anything is written
         windows = calibration_windows(source.load_tokenizer(), load_texts(qc.calib_data), qc.calib_samples,
                                       qc.calib_seqlen, qc.seed)
     out_cfg = dataclasses.replace(cfg, eos_token_ids=list(cfg.eos_token_ids), quantization=qc.block())
-    result = QuantResult(Path(dst), qc.method, 0.0, 0, 0)
+    result = QuantResult(Path(dst), qc.method, 0.0, 0, 0, scheme=_title(qc))
 
-    with EngineWriter(dst, overwrite) as writer, _progress() as bar:
+    with EngineWriter(dst, overwrite) as writer, progress(TextColumn("{task.fields[loss]}")) as bar:
         source.save_tokenizer(writer.tokenizer_dir)
         glob = source.global_tensors()
         h = None

@@ -13,7 +13,7 @@ def _mib(n: int) -> str:
 
 def print_summary(result: QuantResult, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]{result.method}[/bold] engine written to {result.path}")
+    console.print(f"[bold]{result.scheme or result.method}[/bold] engine written to {result.path}")
     console.print(f"  time        {result.seconds:.1f} s")
     console.print(f"  size        {_mib(result.bytes_before)} -> {_mib(result.bytes_after)}  "
                   f"({result.compression:.2f}x smaller)")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
 from rich.console import Console
 
@@ -10,7 +13,7 @@ from lmconvert.runtime.engine import LLMEngine
 from lmconvert.runtime.sampling import SamplingParams
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-HELP = "/reset clears the conversation, /exit quits."
+HELP = "/help shows this, /reset clears the conversation, /exit quits; Ctrl-C stops a reply, Ctrl-D quits."
 
 
 class ThinkSplitter:
@@ -59,18 +62,41 @@ class ChatSession:
         splitter, answer = ThinkSplitter(), []
         reasoning_console = self.out if interactive else self.err
         finish = None
-        for out in self.engine.stream(ids, params):
-            for think, piece in splitter.feed(out.delta, final=out.finished):
-                if think:
-                    reasoning_console.print(piece, end="", style="dim", markup=False)
-                else:
-                    answer.append(piece)
-                    self.out.print(piece, end="", markup=False)
-            finish = out.finish_reason
+        with _ctrl_c_stops() as stopped:
+            for out in self.engine.stream(ids, params):  # leaving the loop early aborts the request
+                for think, piece in splitter.feed(out.delta, final=out.finished):
+                    if think:
+                        reasoning_console.print(piece, end="", style="dim", markup=False)
+                    else:
+                        answer.append(piece)
+                        self.out.print(piece, end="", markup=False)
+                finish = out.finish_reason
+                if stopped.is_set():
+                    break
         self.out.print()
+        if stopped.is_set():
+            self.err.print("[yellow](reply stopped; it is not kept in the conversation)[/]")
+            return
         if finish == "length" and len(ids) + params.max_tokens >= self.engine.session_len:
             self.err.print(f"[yellow]session length reached ({self.engine.session_len} tokens): /reset to start over[/]")
+        elif finish == "length":
+            self.err.print(f"[yellow](reply cut at {params.max_tokens} tokens: --max-new-tokens)[/]")
         self.messages = messages + [{"role": "assistant", "content": "".join(answer).strip()}]
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops():
+    """While a reply streams, Ctrl-C sets the event instead of raising: the reply stops between two steps
+    and the session goes on (a KeyboardInterrupt inside a step could leave the engine half-updated)."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _as_dict(params: SamplingParams) -> dict:
@@ -99,6 +125,9 @@ def run_chat(engine: LLMEngine, params: SamplingParams, enable_thinking: bool | 
             continue
         if line in ("/exit", "/quit"):
             return
+        if line == "/help":
+            session.out.print(HELP)
+            continue
         if line == "/reset":
             session.reset()
             if interactive:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lmconvert.config import parse_dtype
+from lmconvert.devices import resolve_device
 from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
@@ -50,10 +51,6 @@ class _Step:
     sampled: Sampled | None
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class LLMEngine:
     def __init__(self, model, *, device: str | None = None, dtype: str | None = None, session_len: int | None = None,
                  max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
@@ -62,9 +59,9 @@ class LLMEngine:
                  model_source: str | None = None, tp: int = 1, kv_int8: bool = False, overlap: bool | None = None):
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
+        self.device = resolve_device(device)  # before the model loads: a bad --device fails at once
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
         self.config = source.config
-        self.device = torch.device(device) if device else default_device()
         # CPUs run bf16/fp16 matmuls far slower than fp32 (as llama.cpp, compute in fp32 there by default)
         default = self.config.torch_dtype if self.device.type == "cuda" else torch.float32
         self.dtype = parse_dtype(dtype) if dtype else default

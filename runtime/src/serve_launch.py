@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import socket
 import threading
 import time
 from pathlib import Path
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from lmconvert.errors import UserError
 from lmconvert.runtime.serve_reasoning import check_reasoning_parser
@@ -22,11 +25,40 @@ def default_model_name(model: str) -> str:
     return path.stem if path.is_file() else path.resolve().name
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything else starts: a port in use is one line, not uvicorn's exit 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --server-port)") from None
+    return sock
+
+
+def log_config(log_level: str) -> dict:
+    """uvicorn's logging, with lmconvert's own server messages (loaded, listening, warnings) in the same format."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["lmconvert"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    return config
+
+
 def run_server(model: str, build_engine, *, host: str, port: int, model_name: str | None = None,
-               reasoning_parser: str | None = None, api_keys: tuple[str, ...] = (), log_level: str = "info") -> None:
-    """Serves until interrupted; the model loads after the port opens. A failed load stops the server and
-    raises UserError with the reason."""
+               reasoning_parser: str | None = None, api_keys: tuple[str, ...] = (), log_level: str = "info",
+               check_model=None) -> None:
+    """Serves until interrupted; the model loads after the port opens. check_model() runs first (a cheap look
+    at the model: a missing or broken engine is reported before the server starts). A failed load stops the
+    server and raises UserError with the reason."""
     check_reasoning_parser(reasoning_parser)
+    sock = listening_socket(host, port)
+    if check_model is not None:
+        try:
+            check_model()
+        except BaseException:
+            sock.close()
+            raise
     holder: dict = {}
 
     def stop(reason: str) -> None:
@@ -36,9 +68,16 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
     app = create_app(build_engine, model_name or default_model_name(model), reasoning_parser=reasoning_parser,
                      api_keys=api_keys, on_load_error=stop)
     server = holder["server"] = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                              log_config=log_config(log_level),
                                                               timeout_graceful_shutdown=5))
+    log = logging.getLogger("lmconvert.serve")
+    log.info("lmconvert serve: http://%s:%d/v1 (OpenAI API); the model loads now, /health answers 503 until "
+             "it is ready", host, port)
+    if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s with no API key: anyone who can reach this port can use the model "
+                    "(--api-keys or LMCONVERT_API_KEYS to require one)", host)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
         pass
     if "error" in holder:

@@ -1,0 +1,77 @@
+"""What a newcomer meets first (issue #24): defaults that fit the shipped model, progress in pipes and logs,
+bench sized for the device, and a chat REPL that behaves like the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from click.testing import CliRunner
+
+from cli_helpers import run
+from lmconvert.cli import main
+from lmconvert.progress import LogLines
+
+
+def test_quantize_w4_picks_the_largest_group_size_that_fits(tiny_engine, tmp_path):
+    """The tiny model's hidden size 64 takes no group of 128: the default is then 64, and the summary says so."""
+    result = run("quantize", "--w4", tiny_engine("qwen3"), "--dst-path", tmp_path / "w4")
+    assert result.exit_code == 0, result.output
+    assert "awq W4 g64 engine written to" in result.output
+    assert json.loads((tmp_path / "w4" / "config.json").read_text())["quantization"]["group_size"] == 64
+
+
+def test_progress_in_a_pipe_is_plain_lines(capsys):
+    bar = LogLines(every_s=0)
+    with bar:
+        task = bar.add_task("quantizing", total=4, loss="")
+        for i in range(4):
+            bar.update(task, advance=1, loss=f"layer {i} error 0.{i}")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("quantizing: 1/4 (25%), 00:00:0") and lines[0].endswith("layer 0 error 0.0")
+    assert lines[-1].startswith("quantizing: 4/4 (100%)") and len(lines) == 4
+
+
+def test_convert_through_a_pipe_reports_progress(tiny_checkpoint, tmp_path):
+    result = run("convert", "llama", tiny_checkpoint("llama"), "--dst-path", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert "3/3 (100%)" in result.stderr and "MiB written" in result.stderr  # globals + 2 layers
+
+
+def test_bench_defaults_fit_the_cpu_and_say_what_runs(tiny_engine):
+    result = run("bench", tiny_engine("llama"), "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("bench latency: 1 request(s) of 128 tokens in / 64 out")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["input_len"], figures["output_len"], figures["num_prompts"]) == (128, 64, 1)
+
+
+def test_chat_help_and_a_reply_cut_by_max_new_tokens(tiny_engine):
+    result = CliRunner().invoke(main, ["chat", str(tiny_engine("llama")), "--device", "cpu", "--temperature", "0",
+                                       "--max-new-tokens", "3"], input="/help\nhello\n/exit\nnever asked\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("/help shows this")  # the command, not a prompt to the model
+    assert "(reply cut at 3 tokens: --max-new-tokens)" in result.stderr
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(tiny_engine):
+    from lmconvert.runtime import LLMEngine, SamplingParams
+    from lmconvert.runtime.chat import ChatSession
+
+    engine = LLMEngine(str(tiny_engine("llama")), device="cpu", num_cache_tokens=256)
+    session = ChatSession(engine, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True), None, None)
+    real_stream = engine.stream
+
+    def interrupted_stream(ids, params):
+        for i, out in enumerate(real_stream(ids, params)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the reply streams
+            yield out
+
+    engine.stream = interrupted_stream
+    session.ask("hello", interactive=False)
+    assert session.messages == [] and not engine.has_unfinished()  # the reply was aborted and not kept
+    engine.stream = real_stream
+    session.ask("hello", interactive=False)  # the session goes on
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
