@@ -12,6 +12,7 @@ benchmarks/ (the README's paths are relative to the repository root). Lines that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import re
 import shutil
@@ -52,9 +53,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the lines that take minutes on a CPU")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a line may take")
+    parser.add_argument("--keep", type=Path, default=None, help="run in this new directory and keep what the "
+                        "lines write (engines to evaluate further), instead of a temporary one")
     args = parser.parse_args()
     failed = 0
-    with tempfile.TemporaryDirectory(prefix="lmconvert-readme-") as scratch:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(
+            prefix="lmconvert-readme-")) as scratch:
         work = Path(scratch)
         gguf = shipped_gguf()
         shutil.copy(gguf, work / gguf.name)

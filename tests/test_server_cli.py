@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -51,13 +53,21 @@ def test_serve_command_end_to_end(tiny_engine):
     assert proc.returncode == 0, output
 
 
-def test_serve_reports_a_bad_model_in_one_line(tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_serve_reports_a_bad_model_in_one_line(damage, tiny_engine, tmp_path):
     """Checked before the server starts: the error is the only line, not the last of uvicorn's (issue #24)."""
-    missing = tmp_path / "missing"
-    proc = serve(str(missing), "--server-name", "127.0.0.1", "--server-port", str(free_port()))
+    model = tmp_path / "engine"
+    if damage == "truncated":
+        shutil.copytree(tiny_engine("llama"), model)
+        weights = model / "globals.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    proc = serve(str(model), "--server-name", "127.0.0.1", "--server-port", str(free_port()))
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1
-    assert output.strip().splitlines() == [f"error: no such file or directory: {missing}"]
+    expected = {"missing": f"no such file or directory: {model}",
+                "truncated": f"engine file {model}/globals.safetensors is truncated or altered"}[damage]
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), output
 
 
 def test_serve_on_a_port_in_use_is_one_line(tiny_engine):
