@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from lmconvert.cli_options import build_engine, build_sampling, engine_options, model_options, sampling_options
+from lmconvert.cli_options import (CHAT_TEMPLATE_OPTION, build_engine, build_sampling, engine_options, model_options,
+                                   sampling_options)
 from lmconvert.errors import DEBUG_ENV, UserError, debug_enabled, one_line
 from lmconvert.presets import PRESETS
 
@@ -71,13 +72,18 @@ ARCH_HELP = "Architecture (qwen3, qwen2, llama, mistral) or 'auto'; checked agai
               help="Input channels per scale: --w4 128, 64 or 32 (default: the largest that divides every linear); "
               "--w8 default one scale per output channel.")
 @click.option("--quant-lm-head", is_flag=True, help="With --w4 / --w8: a random INT8 per-channel lm_head as well.")
+@CHAT_TEMPLATE_OPTION
 def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwrite: bool, model_source: str | None,
             from_config: str | None, random_weights: bool, w4: bool, w8: bool, group_size: int | None,
-            quant_lm_head: bool):
+            quant_lm_head: bool, chat_template: str | None):
     """Convert SRC (HF / ModelScope dir, GGUF file, cached model id, or 'smollm2') into an engine directory."""
     from lmconvert.convert import convert as run_convert, convert_random
+    from lmconvert.templates import read_chat_template
 
+    template = read_chat_template(chat_template) if chat_template else None
     if from_config or random_weights:
+        if template is not None:
+            raise UserError("--chat-template goes with a checkpoint: random engines have a stand-in tokenizer")
         if src or not (from_config and random_weights):
             raise UserError("--from-config and --random-weights go together, without SRC")
         if w4 and w8:
@@ -91,7 +97,8 @@ def convert(arch: str, src: str | None, dst_path: str, dtype: str | None, overwr
     elif src is None:
         raise UserError("missing SRC: a checkpoint directory, GGUF file or model id (or --from-config)")
     else:
-        path = run_convert(src, dst_path, arch=arch, dtype=dtype, overwrite=overwrite, model_source=model_source)
+        path = run_convert(src, dst_path, arch=arch, dtype=dtype, overwrite=overwrite, model_source=model_source,
+                           chat_template=template)
     click.echo(f"engine written to {path}")
 
 
@@ -109,6 +116,7 @@ def info(path: str, verify: bool):
 @click.argument("model")
 @click.option("--no-think", is_flag=True, help="Ask Qwen3-style models not to think (enable_thinking=False).")
 @click.option("--system", default=None, help="System prompt.")
+@CHAT_TEMPLATE_OPTION
 @engine_options
 @sampling_options
 def chat(model: str, no_think: bool, system: str | None, **opts):
@@ -123,6 +131,7 @@ def chat(model: str, no_think: bool, system: str | None, **opts):
 @click.argument("model")
 @click.option("--prompt", required=True, help="Prompt text ('-' reads stdin).")
 @click.option("--chat", "use_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@CHAT_TEMPLATE_OPTION
 @engine_options
 @sampling_options
 def generate(model: str, prompt: str, use_chat: bool, **opts):
@@ -145,17 +154,21 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
               help="Move <think>…</think> into reasoning_content.")
 @click.option("--api-keys", multiple=True, envvar="LMCONVERT_API_KEYS",
               help="Accepted bearer key (repeatable, or comma-separated; env LMCONVERT_API_KEYS, space-separated).")
+@CHAT_TEMPLATE_OPTION
 @engine_options
 def serve(model: str, server_name: str, server_port: int, served_model_name: str | None,
           reasoning_parser: str | None, api_keys: tuple[str, ...], **opts):
     """Serve MODEL (engine dir or checkpoint) over an OpenAI-compatible HTTP API."""
     from lmconvert.runtime.serve_launch import run_server
 
-    from lmconvert.engine import open_model
     from lmconvert.devices import resolve_device
+    from lmconvert.engine import open_model
+    from lmconvert.templates import read_chat_template
 
-    def check_model():  # before the server starts: the device, and the model's config and files (no weights)
+    def check_model():  # before the server starts: the device, the template, the model's config and files
         resolve_device(opts["device"])
+        if opts["chat_template"]:
+            read_chat_template(opts["chat_template"])
         open_model(model, arch=opts["arch"], model_source=opts["model_source"])
 
     keys = tuple(k for value in api_keys for k in value.split(",") if k)

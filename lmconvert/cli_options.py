@@ -62,6 +62,10 @@ def _apply(options):
     return decorator
 
 
+CHAT_TEMPLATE_OPTION = click.option(
+    "--chat-template", default=None, help="A Jinja chat template file that replaces the model's own, or a shipped one: "
+    "chatml-tools (ChatML with function calling, for models whose template has no tools).")
+
 engine_options = _apply(MODEL_OPTIONS + SCHEDULER_OPTIONS)
 model_options = _apply(MODEL_OPTIONS)
 sampling_options = _apply(SAMPLING_OPTIONS)
@@ -79,10 +83,13 @@ def kv_int8_option(opts: dict) -> bool:
 
 def build_engine(model: str, opts: dict, **extra):
     from lmconvert.runtime import LLMEngine
+    from lmconvert.templates import read_chat_template
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
             "cache_max_entry_count", "block_size", "num_cache_tokens", "tp", "overlap")
-    return LLMEngine(model, **{k: opts[k] for k in keys if k in opts}, kv_int8=kv_int8_option(opts), **extra)
+    template = read_chat_template(opts["chat_template"]) if opts.get("chat_template") else None
+    return LLMEngine(model, **{k: opts[k] for k in keys if k in opts}, kv_int8=kv_int8_option(opts),
+                     chat_template=template, **extra)
 
 
 def build_sampling(engine, opts: dict):

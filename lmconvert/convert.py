@@ -20,6 +20,7 @@ from lmconvert.engine.writer import EngineWriter, check_destination
 from lmconvert.errors import UserError
 from lmconvert.load import open_checkpoint
 from lmconvert.progress import progress
+from lmconvert.templates import store_chat_template
 
 
 def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,13 +81,14 @@ class ConvertedModel:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str = "auto", dtype: str | None = None,
-            overwrite: bool = False, model_source: str | None = None) -> Path:
-    """Convert a checkpoint into an engine directory at dst; returns dst. Peak memory is about one layer."""
+            overwrite: bool = False, model_source: str | None = None, chat_template: str | None = None) -> Path:
+    """Convert a checkpoint into an engine directory at dst; returns dst. Peak memory is about one layer.
+    chat_template: template text that replaces the model's own in the engine's tokenizer."""
     if dtype is not None:
         parse_dtype(dtype)  # reject a bad dtype before any slow work
     check_destination(dst, overwrite)
     ckpt = open_checkpoint(src, arch=arch, model_source=model_source)
-    return write_engine(ConvertedModel(ckpt, dtype), dst, overwrite, f"converting {ckpt.path.name}")
+    return write_engine(ConvertedModel(ckpt, dtype), dst, overwrite, f"converting {ckpt.path.name}", chat_template)
 
 
 def convert_random(spec: str, dst: str | os.PathLike, arch: str = "auto", dtype: str = "bf16",
@@ -105,12 +107,15 @@ def convert_random(spec: str, dst: str | os.PathLike, arch: str = "auto", dtype:
     return write_engine(RandomModel(config, quant, seed), dst, overwrite, f"random {config.arch} from {spec}")
 
 
-def write_engine(model, dst: str | os.PathLike, overwrite: bool, description: str) -> Path:
+def write_engine(model, dst: str | os.PathLike, overwrite: bool, description: str,
+                 chat_template: str | None = None) -> Path:
     """Write any model source (see lmconvert.engine) to an engine directory, one layer at a time."""
     n = model.config.num_layers
     with EngineWriter(dst, overwrite) as writer, progress(TextColumn("layers {task.fields[written]}")) as bar:
         task = bar.add_task(description, total=n + 1, written="")
         model.save_tokenizer(writer.tokenizer_dir)
+        if chat_template is not None:
+            store_chat_template(writer.tokenizer_dir, chat_template)
         writer.write_globals(model.global_tensors())
         bar.update(task, advance=1, written=f"{writer.bytes_written / 2**20:.0f} MiB written")
         for i in range(n):

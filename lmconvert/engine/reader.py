@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from lmconvert.config import ModelConfig, parse_dtype
 from lmconvert.engine import format as fmt
 from lmconvert.errors import UserError
+from lmconvert.progress import progress
 
 
 def read_json(path: Path) -> dict:
@@ -38,8 +39,13 @@ def check_manifest(root: Path, verify: bool) -> dict:
         size = path.stat().st_size
         if size != entry["size"]:
             raise UserError(f"engine file {path} is truncated or altered: {size} bytes, manifest says {entry['size']}")
-        if verify and fmt.sha256_file(path) != entry["sha256"]:
-            raise UserError(f"engine file {path} is corrupt: sha256 differs from the manifest")
+    if verify:  # a minute or more for a large model: with progress
+        with progress(transient=True) as bar:
+            task = bar.add_task("checking sha256 (bytes)", total=sum(e["size"] for e in manifest["files"].values()))
+            for rel, entry in manifest["files"].items():
+                if fmt.sha256_file(root / rel) != entry["sha256"]:
+                    raise UserError(f"engine file {root / rel} is corrupt: sha256 differs from the manifest")
+                bar.advance(task, entry["size"])
     return manifest
 
 

@@ -56,7 +56,8 @@ class LLMEngine:
                  max_batch_size: int = 128, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
-                 model_source: str | None = None, tp: int = 1, kv_int8: bool = False, overlap: bool | None = None):
+                 model_source: str | None = None, tp: int = 1, kv_int8: bool = False, overlap: bool | None = None,
+                 chat_template: str | None = None):
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         self.device = resolve_device(device)  # before the model loads: a bad --device fails at once
@@ -66,6 +67,8 @@ class LLMEngine:
         default = self.config.torch_dtype if self.device.type == "cuda" else torch.float32
         self.dtype = parse_dtype(dtype) if dtype else default
         self.tokenizer = source.load_tokenizer()
+        if chat_template is not None:  # --chat-template: replaces the model's own
+            self.tokenizer.chat_template = chat_template
         self.generation_config = gen = source.generation_config or {}
         eos = gen.get("eos_token_id", [])
         self.eos_ids = set(self.config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
