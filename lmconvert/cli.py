@@ -148,7 +148,7 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
 @main.command()
 @click.argument("model")
 @click.option("--server-name", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("--server-port", type=int, default=23333, show_default=True)
+@click.option("--server-port", type=click.IntRange(1, 65535), default=23333, show_default=True)
 @click.option("--served-model-name", default=None, help="Model id in the API (default: MODEL's base name).")
 @click.option("--reasoning-parser", type=click.Choice(["qwen3", "qwen-qwq"]), default=None,
               help="Move <think>…</think> into reasoning_content.")
@@ -159,10 +159,9 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
 def serve(model: str, server_name: str, server_port: int, served_model_name: str | None,
           reasoning_parser: str | None, api_keys: tuple[str, ...], **opts):
     """Serve MODEL (engine dir or checkpoint) over an OpenAI-compatible HTTP API."""
-    from lmconvert.runtime.serve_launch import run_server
-
     from lmconvert.devices import resolve_device
     from lmconvert.engine import open_model
+    from lmconvert.runtime.serve_launch import run_server
     from lmconvert.templates import read_chat_template
 
     def check_model():  # before the server starts: the device, the template, the model's config and files
@@ -186,7 +185,7 @@ def serve(model: str, server_name: str, server_port: int, served_model_name: str
 @click.option("--output-len", type=click.IntRange(min=1), default=None,
               help="Generated tokens a request (default 256 on a GPU, 64 on CPU).")
 @click.option("--compare-hf", is_flag=True, help="Also time transformers' generate on an equivalent model.")
-@click.option("--hf-batch", type=int, default=None, help="Batch of the --compare-hf run (default: 1, or 16 for throughput).")
+@click.option("--hf-batch", type=click.IntRange(min=1), default=None, help="Batch of the --compare-hf run (default: 1, or 16 for throughput).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one last JSON line.")
 @click.option("--eager", is_flag=True, help="Do not capture CUDA graphs.")
 @engine_options
@@ -249,9 +248,8 @@ def bench(model: str, mode: str, num_prompts: int | None, input_len: int | None,
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def quantize(src: str, w4: bool, w8: bool, w8a8: bool, alpha: float | None, dst_path: str, group_size: int | None,
              sym: bool, integer_zeros: bool, calib_data: str | None, calib_samples: int, calib_seqlen: int,
-             no_search_scale: bool,
-             no_clip: bool, gptq: bool, quant_lm_head: bool, device: str | None, arch: str, model_source: str | None,
-             overwrite: bool):
+             no_search_scale: bool, no_clip: bool, gptq: bool, quant_lm_head: bool, device: str | None, arch: str,
+             model_source: str | None, overwrite: bool):
     """Quantize SRC (fp engine dir or checkpoint) into a W4 (AWQ), W8 or W8A8 (SmoothQuant) engine at --dst-path."""
     from lmconvert.quant import QuantConfig
     from lmconvert.quant import quantize as run_quantize
