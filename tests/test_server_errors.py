@@ -87,7 +87,16 @@ def test_bad_prompts_are_400(server):
     assert_error(server.post("/v1/completions", json={"prompt": [5, 99999], "max_tokens": 2}), 400, "token ids")
     assert_error(server.post("/v1/completions", json={"prompt": [[5, 6], [-1]], "max_tokens": 2}), 400, "token ids")
     assert_error(server.post("/v1/completions", json={"prompt": "x", "echo": True}), 400, "echo", param="echo")
-    assert_error(server.post("/v1/chat/completions", json={**CHAT, "logprobs": True}), 400, "logprobs")
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400, "needs logprobs")
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 21}), 400,
+                 param="top_logprobs")
+    assert_error(server.post("/v1/completions", json={"prompt": "x", "logprobs": -1}), 400, param="logprobs")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "tools", param="tools")
+    assert_error(server.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}), 400,
+                 "response_format", param="response_format")
+    for allowed in ({"tools": tools, "tool_choice": "none"}, {"tools": []}, {"response_format": {"type": "text"}}):
+        assert server.post("/v1/chat/completions", json={**CHAT, **allowed}).status_code == 200, allowed
     assert_error(server.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": ["x"]}), 400,
                  param="chat_template_kwargs")
     assert_error(server.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "gpt-4", param="model")

@@ -66,3 +66,61 @@ def test_client_errors_surface_as_openai_exceptions(client):
     anonymous = client.with_options(api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
+
+
+# ---- logprobs (issue #25, part 3) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(smollm2_engine):
+    """The engine's own cache-free forward pass: log-softmax of the logits of prompt + answer."""
+    import torch
+
+    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024)
+
+    def logprobs(messages, answer_ids):
+        prompt = engine.apply_chat_template(messages) if messages else []
+        return torch.log_softmax(engine.logits(prompt + answer_ids), -1)[len(prompt) - 1:-1]
+
+    return engine, logprobs
+
+
+def test_chat_logprobs_match_the_models_distribution(client, reference):
+    engine, logprobs = reference
+    reply = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16,
+                                           logprobs=True, top_logprobs=5)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    ids = engine.tokenizer(reply.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    ref = logprobs(QUESTION, ids)
+    assert len(ids) == len(content)
+    for i, (token_id, entry) in enumerate(zip(ids, content)):
+        assert abs(entry.logprob - ref[i, token_id].item()) <= 1e-4
+        assert len(entry.top_logprobs) == 5 and entry.top_logprobs[0].token == entry.token  # greedy: the top one
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert abs(values[1] - ref[i].topk(2).values[1].item()) <= 1e-4
+        assert bytes(entry.bytes) == entry.token.encode()
+
+
+def test_streamed_logprobs_equal_the_plain_ones(client):
+    kwargs = dict(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [entry for chunk in client.chat.completions.create(stream=True, **kwargs)
+                for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content]
+    assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in streamed] == \
+           [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in plain]
+
+
+def test_completion_logprobs_shape(client):
+    reply = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6,
+                                      temperature=0, logprobs=3)
+    lp = reply.choices[0].logprobs
+    assert "".join(lp.tokens) == reply.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = [t for chunk in client.completions.create(model="smollm2", prompt="The capital of France is",
+                                                           max_tokens=6, temperature=0, logprobs=3, stream=True)
+                for t in (chunk.choices[0].logprobs.tokens if chunk.choices[0].logprobs else [])]
+    assert streamed == lp.tokens
+    plain = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=4)
+    assert plain.choices[0].logprobs is None  # not asked, not computed

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +18,7 @@ from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
 from lmconvert.runtime.model_runner import ModelRunner, Sampled
-from lmconvert.runtime.sampling import SamplingParams
+from lmconvert.runtime.sampling import SamplingParams, TokenLogprob
 from lmconvert.runtime.scheduler import Scheduler, SchedulerConfig
 from lmconvert.runtime.sequence import Sequence
 
@@ -32,6 +32,7 @@ class RequestOutput:
     prompt_tokens: int
     finished: bool
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when SamplingParams.logprobs asked
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class _Request:
     detok: IncrementalDetokenizer
     sent: int = 0  # characters of detok.text already handed out as deltas
     text_end: int | None = None  # where a matched stop string cut the text
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class LLMEngine:
         # the host's per-step work (scheduling, detokenizing, stop checks) runs while the GPU computes.
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._in_flight: _Step | None = None
+        self._token_texts: dict[int, str] = {}
 
     # ---- requests --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -172,18 +175,19 @@ class LLMEngine:
         """Book a launched step's results (waiting for its tokens); sequences that finished or were aborted
         while it was in flight are skipped."""
         tokens = iter(step.sampled.tolist() if step.sampled is not None else [])
+        logprobs = iter(step.sampled.logprob_rows() if step.sampled is not None else [])
         outputs = []
         for (seq, n), samples in zip(step.batch, step.samples):
-            token = next(tokens) if samples else None
+            token, logprob = (next(tokens), next(logprobs)) if samples else (None, None)
             if seq.finished:
                 continue
             seq.num_computed += n
             self.block_manager.register_full_blocks(seq)
             if samples:
-                outputs.append(self._append(self.requests[seq.seq_id], token))
+                outputs.append(self._append(self.requests[seq.seq_id], token, logprob))
         return outputs
 
-    def _append(self, req: _Request, token: int) -> RequestOutput:
+    def _append(self, req: _Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         seq, p = req.seq, req.seq.params
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -193,6 +197,10 @@ class LLMEngine:
         else:
             seq.output_ids.append(token)
             req.detok.add(token)
+            if logprob is not None:  # kept in step with output_ids (a stop token is in neither)
+                logprob.text = self._token_text(token)
+                logprob.top_texts = [self._token_text(t) for t, _ in logprob.top]
+                req.logprobs.append(logprob)
             reason = self._check_stop_strings(req)
             if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.session_len):
                 reason = "length"
@@ -200,6 +208,13 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             self.runner.sampler.release(seq.seq_id)
         return self._output(req)
+
+    def _token_text(self, token: int) -> str:
+        """A token's own text (logprobs name their tokens so); the vocabulary's texts are kept once decoded."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     def _check_stop_strings(self, req: _Request) -> str | None:
         text, stops = req.detok.text, req.seq.params.stop
@@ -218,7 +233,8 @@ class LLMEngine:
         if seq.finished:
             self.requests.pop(seq.seq_id, None)
         return RequestOutput(seq.seq_id, text, delta, list(seq.output_ids), len(seq.prompt_ids),
-                             seq.finished, seq.finish_reason)
+                             seq.finished, seq.finish_reason,
+                             None if seq.params.logprobs is None else list(req.logprobs))
 
     # ---- conveniences ----------------------------------------------------------------------------
     @torch.inference_mode()

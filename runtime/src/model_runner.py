@@ -10,7 +10,7 @@ from lmconvert.config import ModelConfig
 from lmconvert.runtime.context import Context, dense_context, query_hints, use_context
 from lmconvert.runtime.cuda_graphs import DecodeGraphs
 from lmconvert.runtime.model import Transformer
-from lmconvert.runtime.sampling import Sampler
+from lmconvert.runtime.sampling import Sampler, StepLogprobs, TokenLogprob
 from lmconvert.runtime.sequence import Sequence
 
 
@@ -36,25 +36,46 @@ def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, 
 @dataclass(slots=True)
 class Sampled:
     """A step's sampled token ids: on the device (where a lookahead step reads them as its input) and in
-    pinned host memory once `done` has fired, so reading them waits for this step only, not later ones."""
+    pinned host memory once `done` has fired, so reading them waits for this step only, not later ones.
+    Their log-probabilities (when a sequence asked) come to the host the same way."""
     device: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None = None
+    logprobs: StepLogprobs | None = None  # host copies
+    logprob_ks: list[int | None] | None = None  # each row's k (SamplingParams.logprobs)
 
     @classmethod
-    def of(cls, tokens: torch.Tensor) -> Sampled:
+    def of(cls, tokens: torch.Tensor, logprobs: StepLogprobs | None = None, seqs=()) -> Sampled:
+        ks = [seq.params.logprobs for seq in seqs] if logprobs is not None else None
         if tokens.device.type != "cuda":
-            return cls(tokens, tokens)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return cls(tokens, tokens, None, logprobs, ks)
+        host = _to_pinned(tokens)
+        if logprobs is not None:
+            logprobs = StepLogprobs(*map(_to_pinned, (logprobs.chosen, logprobs.top_values, logprobs.top_ids)))
         done = torch.cuda.Event()
         done.record()
-        return cls(tokens, host, done)
+        return cls(tokens, host, done, logprobs, ks)
 
     def tolist(self) -> list[int]:
         if self.done is not None:
             self.done.synchronize()
         return self.host.tolist()
+
+    def logprob_rows(self) -> list[TokenLogprob | None]:
+        """Each row's TokenLogprob (None where its sequence asked for none); call after tolist()."""
+        if self.logprobs is None:
+            return [None] * len(self.host)
+        rows = self.logprobs.rows(self.logprob_ks)
+        for row, token in zip(rows, self.host.tolist()):
+            if row is not None:
+                row.token_id = token
+        return rows
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class ModelRunner:
@@ -143,7 +164,8 @@ class ModelRunner:
         if logits is None:
             return None
         sampling_seqs = [seq for seq, n in batch if input_ids is not None or seq.completes(n)]
-        return Sampled.of(self.sampler(logits, sampling_seqs))
+        tokens, logprobs = self.sampler(logits, sampling_seqs)
+        return Sampled.of(tokens, logprobs, sampling_seqs)
 
     def execute(self, input_ids, positions, ctx: Context, logit_rows: list[int]) -> torch.Tensor | None:
         """The model part of a step (tensor-parallel workers run only this): logits of logit_rows, or None."""

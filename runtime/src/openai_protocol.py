@@ -6,9 +6,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from lmconvert.runtime.sampling import SamplingParams
+from lmconvert.runtime.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 MAX_CHOICES = 8  # n > 1 runs n sequences sharing the prompt's cached blocks; cap it to keep one request bounded
 
@@ -48,7 +48,6 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    logprobs: bool | int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -56,7 +55,12 @@ class _SamplingFields(BaseModel):
 
     def unsupported(self) -> str | None:
         """Name of a requested feature this server does not implement (answered with a 400, not ignored)."""
-        return "logprobs" if self.logprobs else None
+        return None
+
+    @property
+    def logprob_count(self) -> int | None:
+        """SamplingParams.logprobs: None for none, else how many top alternatives each token reports."""
+        return None
 
     def sampling_params(self, defaults: SamplingParams, max_tokens: int, choice: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,7 +72,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             # n seeded choices would otherwise be n copies of one answer
             seed=None if self.seed is None else self.seed + choice, stop=[s for s in stop if s],
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, logprobs=self.logprob_count)
 
 
 class TextPart(BaseModel):
@@ -94,15 +98,39 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        # not served yet (issue #25): a 400 tells the client so, where ignoring them would answer in prose
+        if self.tools and self.tool_choice != "none":
+            return "tools"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return super().unsupported()
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value, info: ValidationInfo):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -110,6 +138,10 @@ class CompletionRequest(_SamplingFields):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -157,3 +189,22 @@ def envelope(kind: str, rid: str, created: int, model: str, choices: list[dict],
     if with_usage:
         body["usage"] = usage_
     return body
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.text, e.logprob),
+                         "top_logprobs": [item(t, v) for t, (_, v) in zip(e.top_texts, e.top)]} for e in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    """A completion choice's `logprobs` (the legacy shape); offset: characters of text before the first entry."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(zip(e.top_texts, (v for _, v in e.top))) for e in entries], "text_offset": offsets}

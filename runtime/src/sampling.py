@@ -1,10 +1,40 @@
-"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, penalties, per-request seed)."""
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, penalties, per-request seed, logprobs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+
+MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens' (id, log-probability);
+    the engine adds their texts (top_texts) as it books the token."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    text: str = ""
+    top_texts: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StepLogprobs:
+    """Log-probabilities of one step's sampled tokens [B] and of each row's K most likely tokens [B, K]: the
+    log-softmax of the model's logits as they come out of the model, before penalties, temperature, top-k/p
+    (what OpenAI and vLLM report: the model's distribution, not the sampler's)."""
+    chosen: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+
+    def rows(self, ks: list[int | None]) -> list[TokenLogprob | None]:
+        """Per row on the host, with each row's own k (None: that row asked for none)."""
+        chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+        return [None if k is None else TokenLogprob(-1, chosen[r], list(zip(ids[r][:k], values[r][:k])))
+                for r, k in enumerate(ks)]
 
 
 @dataclass(slots=True)
@@ -20,10 +50,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely tokens'
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_p <= 0 or self.top_p > 1 or self.top_k < 0 or self.max_tokens < 1:
             raise ValueError("invalid sampling parameters: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_tokens >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}]")
 
     @property
     def penalized(self) -> bool:
@@ -70,8 +103,19 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs) -> torch.Tensor:
-        """int64 [B] token ids on the logits' device (no host sync)."""
+    def __call__(self, logits: torch.Tensor, seqs) -> tuple[torch.Tensor, StepLogprobs | None]:
+        """int64 [B] token ids on the logits' device (no host sync), and their logprobs when a row asks."""
+        ks = [s.params.logprobs for s in seqs]
+        logprobs = None
+        if any(k is not None for k in ks):  # the model's distribution: before the penalties change logits
+            logprobs = torch.log_softmax(logits, dim=-1)
+            top_values, top_ids = logprobs.topk(max(1, *(k for k in ks if k is not None)), dim=-1)
+        tokens = self._sample(logits, seqs)
+        if logprobs is None:
+            return tokens, None
+        return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids)
+
+    def _sample(self, logits: torch.Tensor, seqs) -> torch.Tensor:
         for row, seq in enumerate(seqs):
             _apply_penalties(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
         greedy = logits.argmax(dim=-1)

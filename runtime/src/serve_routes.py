@@ -11,8 +11,8 @@ import jinja2
 
 from lmconvert.errors import UserError
 from lmconvert.runtime.engine import LLMEngine, RequestOutput
-from lmconvert.runtime.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_message, envelope,
-                                               error_body, new_id, now, usage)
+from lmconvert.runtime.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_logprobs, chat_message,
+                                               completion_logprobs, envelope, error_body, new_id, now, usage)
 from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.serve_engine import AsyncEngine, EngineFailure
 from lmconvert.runtime.serve_reasoning import ReasoningStream, prompt_opens_think, split_reasoning
@@ -157,15 +157,17 @@ def chat_reply(job: Job, outs: list[RequestOutput], cfg: ServeConfig) -> dict:
     for index, out in enumerate(outs):
         reasoning, content = (split_reasoning(out.text, job.opens_think) if cfg.reasoning_parser
                               else (None, out.text))
-        choices.append({"index": index, "message": chat_message(content, reasoning), "logprobs": None,
+        choices.append({"index": index, "message": chat_message(content, reasoning),
+                        "logprobs": None if out.logprobs is None else chat_logprobs(out.logprobs),
                         "finish_reason": out.finish_reason})
     return envelope("chat.completion", new_id("chatcmpl"), now(), cfg.model_name, choices,
                     usage(job.prompt_tokens, _completion_tokens(outs)))
 
 
 def completion_reply(job: Job, outs: list[RequestOutput], cfg: ServeConfig) -> dict:
-    choices = [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-               for i, out in enumerate(outs)]
+    choices = [{"index": i, "text": out.text,
+                "logprobs": None if out.logprobs is None else completion_logprobs(out.logprobs, 0),
+                "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
     return envelope("text_completion", new_id("cmpl"), now(), cfg.model_name, choices,
                     usage(job.prompt_tokens, _completion_tokens(outs)))
 
@@ -176,12 +178,17 @@ def _sse(body: dict) -> str:
 
 
 async def _stream(job: Job, cfg: ServeConfig, kind: str, include_usage: bool, first: list[dict],
-                  choice: Callable[[int, RequestOutput], dict | None]) -> AsyncIterator[str]:
+                  choice: Callable[[int, RequestOutput], dict | None],
+                  logprobs: Callable[[list, int], dict]) -> AsyncIterator[str]:
     """SSE events: the `first` choices, one per output that carries text or a finish, usage if asked, [DONE].
+    A choice's event carries the logprobs of its tokens since its last event (text held back for a possible
+    stop string delays them with it): logprobs(entries, characters sent before them).
     A client that goes away cancels this generator at its await; `finally` then aborts what still runs."""
     rid, created, generated = new_id("chatcmpl" if kind.startswith("chat") else "cmpl"), now(), 0
     frame = lambda choices, usage_=None: _sse(  # noqa: E731
         envelope(kind, rid, created, cfg.model_name, choices, usage_, with_usage=include_usage))
+    tokens_sent = [0] * len(job.request_ids)  # logprob entries already sent, per choice
+    chars_sent = [0] * len(job.request_ids)
     try:
         if first:
             yield frame(first)
@@ -193,7 +200,13 @@ async def _stream(job: Job, cfg: ServeConfig, kind: str, include_usage: bool, fi
                 break
             body = choice(index, out)
             if body is not None or out.finished:
-                yield frame([{"index": index, **(body or {}), "logprobs": None,
+                entries = None
+                if out.logprobs is not None:
+                    new = out.logprobs[tokens_sent[index]:]
+                    entries = logprobs(new, chars_sent[index])
+                    tokens_sent[index] += len(new)
+                    chars_sent[index] += sum(len(e.text) for e in new)
+                yield frame([{"index": index, **(body or {}), "logprobs": entries,
                               "finish_reason": out.finish_reason if out.finished else None}])
             if out.finished:
                 generated += len(out.token_ids)
@@ -217,11 +230,12 @@ def chat_stream(job: Job, cfg: ServeConfig, include_usage: bool) -> AsyncIterato
 
     first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
              for i in range(len(job.request_ids))]
-    return _stream(job, cfg, "chat.completion.chunk", include_usage, first, choice)
+    return _stream(job, cfg, "chat.completion.chunk", include_usage, first, choice,
+                   lambda entries, _: chat_logprobs(entries))
 
 
 def completion_stream(job: Job, cfg: ServeConfig, include_usage: bool) -> AsyncIterator[str]:
     def choice(index: int, out: RequestOutput) -> dict | None:
         return {"text": out.delta} if out.delta or out.finished else None
 
-    return _stream(job, cfg, "text_completion", include_usage, [], choice)
+    return _stream(job, cfg, "text_completion", include_usage, [], choice, completion_logprobs)
