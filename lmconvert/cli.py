@@ -152,12 +152,14 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
 @click.option("--served-model-name", default=None, help="Model id in the API (default: MODEL's base name).")
 @click.option("--reasoning-parser", type=click.Choice(["qwen3", "qwen-qwq"]), default=None,
               help="Move <think>…</think> into reasoning_content.")
+@click.option("--tool-call-parser", type=click.Choice(["qwen3", "qwen2.5", "llama3", "auto"]), default=None,
+              help="Serve `tools`: turn the model's tool calls into message.tool_calls (auto: by the chat template).")
 @click.option("--api-keys", multiple=True, envvar="LMCONVERT_API_KEYS",
               help="Accepted bearer key (repeatable, or comma-separated; env LMCONVERT_API_KEYS, space-separated).")
 @CHAT_TEMPLATE_OPTION
 @engine_options
 def serve(model: str, server_name: str, server_port: int, served_model_name: str | None,
-          reasoning_parser: str | None, api_keys: tuple[str, ...], **opts):
+          reasoning_parser: str | None, tool_call_parser: str | None, api_keys: tuple[str, ...], **opts):
     """Serve MODEL (engine dir or checkpoint) over an OpenAI-compatible HTTP API."""
     from lmconvert.devices import resolve_device
     from lmconvert.engine import open_model
@@ -172,7 +174,8 @@ def serve(model: str, server_name: str, server_port: int, served_model_name: str
 
     keys = tuple(k for value in api_keys for k in value.split(",") if k)
     run_server(model, lambda: build_engine(model, opts), host=server_name, port=server_port,
-               model_name=served_model_name, reasoning_parser=reasoning_parser, api_keys=keys, check_model=check_model)
+               model_name=served_model_name, reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
+               api_keys=keys, check_model=check_model)
 
 
 @main.command()

@@ -94,20 +94,61 @@ class ChatMessage(BaseModel):
         return {**(self.model_extra or {}), "role": role, "content": content or ""}
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, value, info: ValidationInfo):
+        tools = info.data.get("tools") or []
+        if value not in (None, "none") and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not among the tools")
+        return value
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools go into the prompt and calls are parsed out of the answer."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tools_for_template(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.uses_tools else None
+
     def unsupported(self) -> str | None:
-        # not served yet (issue #25): a 400 tells the client so, where ignoring them would answer in prose
-        if self.tools and self.tool_choice != "none":
-            return "tools"
+        # need grammar-constrained decoding, which is not served yet (issue #25): a 400, not an unconstrained answer
+        if self.uses_tools and self.tool_choice not in (None, "auto"):
+            return "tool_choice"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format"
         return super().unsupported()
@@ -174,10 +215,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_message(content: str, reasoning: str | None) -> dict:
+def chat_message(content: str, reasoning: str | None, tool_calls: list[dict] | None = None) -> dict:
     message = {"role": "assistant", "content": content}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        message["content"] = content or None
     return message
 
 

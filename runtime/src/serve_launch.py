@@ -46,8 +46,8 @@ def log_config(log_level: str) -> dict:
 
 
 def run_server(model: str, build_engine, *, host: str, port: int, model_name: str | None = None,
-               reasoning_parser: str | None = None, api_keys: tuple[str, ...] = (), log_level: str = "info",
-               check_model=None) -> None:
+               reasoning_parser: str | None = None, tool_call_parser: str | None = None,
+               api_keys: tuple[str, ...] = (), log_level: str = "info", check_model=None) -> None:
     """Serves until interrupted; the model loads after the port opens. check_model() runs first (a cheap look
     at the model: a missing or broken engine is reported before the server starts). A failed load stops the
     server and raises UserError with the reason."""
@@ -66,7 +66,7 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
         holder["server"].should_exit = True
 
     app = create_app(build_engine, model_name or default_model_name(model), reasoning_parser=reasoning_parser,
-                     api_keys=api_keys, on_load_error=stop)
+                     tool_call_parser=tool_call_parser, api_keys=api_keys, on_load_error=stop)
     server = holder["server"] = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                               log_config=log_config(log_level),
                                                               timeout_graceful_shutdown=5))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import jinja2
+import jinja2.meta
 
 from lmconvert.errors import UserError
 from lmconvert.runtime.engine import LLMEngine, RequestOutput
@@ -16,6 +18,7 @@ from lmconvert.runtime.openai_protocol import (ChatCompletionRequest, Completion
 from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.serve_engine import AsyncEngine, EngineFailure
 from lmconvert.runtime.serve_reasoning import ReasoningStream, prompt_opens_think, split_reasoning
+from lmconvert.runtime.serve_tools import ToolCallStream, parse_tool_calls
 
 # Exceptions from rendering or tokenizing a prompt that mean "bad request", not "server bug".
 PROMPT_ERRORS = (UserError, ValueError, TypeError, jinja2.TemplateError)
@@ -27,6 +30,7 @@ class ServeConfig:
     model_name: str
     reasoning_parser: str | None
     defaults: SamplingParams  # the model's generation_config, used where a request leaves a field out
+    tool_parser: str | None = None  # serve --tool-call-parser, `auto` resolved against the chat template
 
 
 class ApiError(Exception):
@@ -45,6 +49,7 @@ class Job:
     prompt_tokens: int = 0
     done: set[int] = field(default_factory=set)
     opens_think: bool = False  # the chat prompt leaves <think> open
+    tool_parser: str | None = None  # this request offered tools: calls are parsed out of its answers
 
     async def next(self) -> tuple[int, RequestOutput]:
         index, out = await self.sink.get()
@@ -72,6 +77,9 @@ def check_request(req: ChatCompletionRequest | CompletionRequest, cfg: ServeConf
     feature = req.unsupported()
     if feature:
         raise ApiError(400, f"{feature} is not supported by this server", param=feature)
+    if getattr(req, "uses_tools", False) and cfg.tool_parser is None:
+        raise ApiError(400, "tools need a server started with --tool-call-parser (qwen3, qwen2.5, llama3 or auto)",
+                       param="tools")
 
 
 def choice_params(req, cfg: ServeConfig, engine: LLMEngine, ids: list[int]) -> list[SamplingParams]:
@@ -97,20 +105,30 @@ async def _submit(job: Job, build: Callable[[LLMEngine], tuple[list[int], list[S
     job.request_ids.extend(rids)
 
 
-def render_chat(engine: LLMEngine, messages: list[dict], template_kwargs: dict) -> str:
-    if not getattr(engine.tokenizer, "chat_template", None):
+def render_chat(engine: LLMEngine, messages: list[dict], template_kwargs: dict, tools: list[dict] | None = None) -> str:
+    template = getattr(engine.tokenizer, "chat_template", None)
+    if not template:
         raise UserError("this model has no chat template; use /v1/completions")
+    if tools and "tools" not in _template_variables(template):
+        raise UserError("this model's chat template takes no tools; start the server with a template that does "
+                        "(--chat-template chatml-tools, or a file of your own)")
     kwargs = {"add_generation_prompt": True,
               **{k: v for k, v in template_kwargs.items() if k not in RESERVED_TEMPLATE_KWARGS}}
-    return engine.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return engine.tokenizer.apply_chat_template(messages, tokenize=False, tools=tools, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _template_variables(template: str) -> frozenset[str]:
+    return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
 
 
 async def start_chat(req: ChatCompletionRequest, cfg: ServeConfig, aengine: AsyncEngine) -> Job:
-    job = Job(aengine)
+    job = Job(aengine, tool_parser=cfg.tool_parser if req.uses_tools else None)
     messages = [m.for_template() for m in req.messages]
+    tools = req.tools_for_template()
 
     def build(engine: LLMEngine):
-        text = render_chat(engine, messages, req.chat_template_kwargs or {})
+        text = render_chat(engine, messages, req.chat_template_kwargs or {}, tools)
         ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
         job.prompt_tokens, job.opens_think = len(ids), prompt_opens_think(text)
         return ids, choice_params(req, cfg, engine, ids)
@@ -157,11 +175,17 @@ def chat_reply(job: Job, outs: list[RequestOutput], cfg: ServeConfig) -> dict:
     for index, out in enumerate(outs):
         reasoning, content = (split_reasoning(out.text, job.opens_think) if cfg.reasoning_parser
                               else (None, out.text))
-        choices.append({"index": index, "message": chat_message(content, reasoning),
+        content, calls = parse_tool_calls(content, job.tool_parser) if job.tool_parser else (content, [])
+        choices.append({"index": index, "message": chat_message(content, reasoning, calls),
                         "logprobs": None if out.logprobs is None else chat_logprobs(out.logprobs),
-                        "finish_reason": out.finish_reason})
+                        "finish_reason": _finish(out.finish_reason, bool(calls))})
     return envelope("chat.completion", new_id("chatcmpl"), now(), cfg.model_name, choices,
                     usage(job.prompt_tokens, _completion_tokens(outs)))
+
+
+def _finish(reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish_reason: tool_calls when the answer ended (not cut) after calling tools."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def completion_reply(job: Job, outs: list[RequestOutput], cfg: ServeConfig) -> dict:
@@ -206,8 +230,8 @@ async def _stream(job: Job, cfg: ServeConfig, kind: str, include_usage: bool, fi
                     entries = logprobs(new, chars_sent[index])
                     tokens_sent[index] += len(new)
                     chars_sent[index] += sum(len(e.text) for e in new)
-                yield frame([{"index": index, **(body or {}), "logprobs": entries,
-                              "finish_reason": out.finish_reason if out.finished else None}])
+                yield frame([{"index": index, "logprobs": entries,
+                              "finish_reason": out.finish_reason if out.finished else None, **(body or {})}])
             if out.finished:
                 generated += len(out.token_ids)
         else:
@@ -219,14 +243,25 @@ async def _stream(job: Job, cfg: ServeConfig, kind: str, include_usage: bool, fi
 
 
 def chat_stream(job: Job, cfg: ServeConfig, include_usage: bool) -> AsyncIterator[str]:
-    parsers = [ReasoningStream(job.opens_think) for _ in job.request_ids] if cfg.reasoning_parser else None
+    """Each delta's text goes through the reasoning parser (if any), then the tool-call parser (if tools)."""
+    n = len(job.request_ids)
+    parsers = [ReasoningStream(job.opens_think) for _ in range(n)] if cfg.reasoning_parser else None
+    tool_streams = [ToolCallStream(job.tool_parser) for _ in range(n)] if job.tool_parser else None
 
     def choice(index: int, out: RequestOutput) -> dict | None:
-        if parsers is None:
-            return {"delta": {"content": out.delta}} if out.delta else ({"delta": {}} if out.finished else None)
-        reasoning, content = parsers[index].feed(out.delta, final=out.finished)
-        delta = {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
-        return {"delta": delta} if delta or out.finished else None
+        reasoning, content = (parsers[index].feed(out.delta, final=out.finished) if parsers
+                              else (None, out.delta))
+        calls = []
+        if tool_streams is not None:
+            content, calls = tool_streams[index].feed(content, final=out.finished)
+        delta = {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {}),
+                 **({"tool_calls": calls} if calls else {})}
+        if not delta and not out.finished:
+            return None
+        body = {"delta": delta}
+        if out.finished and tool_streams is not None:
+            body["finish_reason"] = _finish(out.finish_reason, tool_streams[index].calls > 0)
+        return body
 
     first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
              for i in range(len(job.request_ids))]

@@ -28,6 +28,7 @@ from lmconvert.runtime.openai_protocol import ChatCompletionRequest, CompletionR
 from lmconvert.runtime.sampling import SamplingParams, generation_defaults as sampling_defaults
 from lmconvert.runtime.serve_engine import AsyncEngine
 from lmconvert.runtime.serve_metrics import prometheus_text
+from lmconvert.runtime.serve_tools import resolve_parser
 from lmconvert.runtime.serve_routes import (ApiError, ServeConfig, chat_reply, chat_stream, check_request, collect,
                                             completion_reply, completion_stream, start_chat, start_completion)
 
@@ -39,6 +40,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 class ServerState:
     model_name: str
     reasoning_parser: str | None
+    tool_call_parser: str | None = None
     aengine: AsyncEngine | None = None
     cfg: ServeConfig | None = None
     load_error: str | None = None
@@ -53,7 +55,8 @@ def generation_defaults(engine: LLMEngine) -> SamplingParams:
 def _load(state: ServerState, load: Callable[[], LLMEngine], on_error: Callable[[str], None] | None) -> None:
     try:
         engine = load()
-        cfg = ServeConfig(state.model_name, state.reasoning_parser, generation_defaults(engine))
+        tools = state.tool_call_parser and resolve_parser(state.tool_call_parser, engine.tokenizer.chat_template)
+        cfg = ServeConfig(state.model_name, state.reasoning_parser, generation_defaults(engine), tools or None)
         aengine = AsyncEngine(engine)
         aengine.start()
     except Exception as e:  # reported as one line, as the CLI reports errors; the traceback with --debug
@@ -189,10 +192,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(load: Callable[[], LLMEngine] | LLMEngine, model_name: str, *, reasoning_parser: str | None = None,
-               api_keys: tuple[str, ...] = (), max_body_bytes: int = MAX_BODY_BYTES,
+               tool_call_parser: str | None = None, api_keys: tuple[str, ...] = (), max_body_bytes: int = MAX_BODY_BYTES,
                on_load_error: Callable[[str], None] | None = None) -> FastAPI:
     """The app; `load` builds the engine on a thread after startup (or is an engine already built)."""
-    state = ServerState(model_name, reasoning_parser, created=int(time.time()))
+    state = ServerState(model_name, reasoning_parser, tool_call_parser, created=int(time.time()))
     loader = load if callable(load) else (lambda: load)
 
     async def lifespan(app: FastAPI):

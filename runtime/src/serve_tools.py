@@ -1,0 +1,153 @@
+"""Tool calls in model text -> OpenAI `tool_calls` (`serve --tool-call-parser`), whole or streamed.
+
+Formats, by the family that writes them:
+- qwen3 / qwen2.5 (and Hermes, and the shipped chatml-tools template): each call is a JSON object
+  {"name": ..., "arguments": {...}} between <tool_call> and </tool_call>; text outside the tags is content.
+- llama3 (Llama 3.1 / 3.2 JSON tool calling): the whole answer is one JSON object {"name": ..., "parameters":
+  {...}} (or several separated by ';'), optionally after <|python_tag|>.
+A call that does not parse stays in the content (logged): the client sees what the model wrote, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+log = logging.getLogger("lmconvert.serve")
+
+PARSERS = ("qwen3", "qwen2.5", "llama3", "auto")
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+
+
+def resolve_parser(name: str, chat_template: str | None) -> str:
+    """`auto`: the format the model's chat template teaches (its tool-call tag, or Llama 3's python tag)."""
+    if name != "auto":
+        return name
+    template = chat_template or ""
+    if OPEN in template:
+        return "qwen3"
+    if PYTHON_TAG in template or "parameters" in template:
+        return "llama3"
+    return "qwen3"
+
+
+def _call(obj) -> dict | None:
+    """An OpenAI tool call from a parsed JSON object, or None if it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string already
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _parse_block(text: str) -> dict | None:
+    try:
+        return _call(json.loads(text))
+    except json.JSONDecodeError:
+        return None
+
+
+def parse_tool_calls(text: str, parser: str) -> tuple[str, list[dict]]:
+    """(content, tool calls) of a whole answer."""
+    if parser == "llama3":
+        body = text.strip().removeprefix(PYTHON_TAG).strip()
+        if not body.startswith("{"):
+            return text, []
+        calls = [_parse_block(part) for part in body.split(";") if part.strip()]
+        if calls and all(calls):
+            return "", calls
+        log.warning("a tool call did not parse; returned as content")
+        return text, []
+    content, calls, rest = [], [], text
+    while (start := rest.find(OPEN)) != -1:
+        end = rest.find(CLOSE, start + len(OPEN))
+        if end == -1:
+            break  # an unclosed call (cut by max_tokens): the model's text as it is
+        call = _parse_block(rest[start + len(OPEN):end].strip())
+        if call is None:
+            log.warning("a tool call did not parse; returned as content")
+            content.append(rest[:end + len(CLOSE)])
+        else:
+            content.append(rest[:start])
+            calls.append(call)
+        rest = rest[end + len(CLOSE):]
+    content.append(rest)
+    return "".join(content).strip() if calls else "".join(content), calls
+
+
+@dataclass(slots=True)
+class ToolCallStream:
+    """Splits streamed text into content deltas and tool-call deltas as OpenAI streams them: a call's id and
+    name first (arguments ""), then its arguments, `index` counting the calls. A call is sent once its closing
+    tag has arrived; text that may be the start of a tag is held back, so no half tag reaches the content."""
+    parser: str
+    pending: str = ""
+    calls: int = 0
+    plain: bool = False  # llama3: the answer began as text, not as a call: it streams as it comes
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
+        if self.parser == "llama3":
+            return self._feed_json(text, final)
+        self.pending += text
+        content, deltas = [], []
+        while True:
+            start = self.pending.find(OPEN)
+            if start == -1:
+                keep = 0 if final else _tag_prefix_len(self.pending, OPEN)
+                content.append(self.pending[:len(self.pending) - keep])
+                self.pending = self.pending[len(self.pending) - keep:]
+                break
+            end = self.pending.find(CLOSE, start + len(OPEN))
+            if end == -1:
+                content.append(self.pending[:start])
+                self.pending = self.pending[start:]
+                if final:  # an unclosed call at the end: the model's text as it is
+                    content.append(self.pending)
+                    self.pending = ""
+                break
+            call = _parse_block(self.pending[start + len(OPEN):end].strip())
+            if call is None:
+                log.warning("a tool call did not parse; returned as content")
+                content.append(self.pending[:end + len(CLOSE)])
+            else:
+                content.append(self.pending[:start])
+                deltas += _call_deltas(call, self.calls)
+                self.calls += 1
+            self.pending = self.pending[end + len(CLOSE):]
+        return "".join(content), deltas
+
+    def _feed_json(self, text: str, final: bool) -> tuple[str, list[dict]]:
+        """Llama 3 answers with calls only, as a whole: held until the answer ends, unless it begins as text."""
+        if self.plain:
+            return text, []
+        self.pending += text
+        head = self.pending.lstrip()
+        if head and not (head.startswith("{") or head.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(head)):
+            self.plain, whole, self.pending = True, self.pending, ""
+            return whole, []
+        if not final:
+            return "", []
+        content, calls = parse_tool_calls(self.pending, "llama3")
+        self.pending, self.calls = "", len(calls)
+        return content, [d for i, call in enumerate(calls) for d in _call_deltas(call, i)]
+
+
+def _call_deltas(call: dict, index: int) -> list[dict]:
+    fn = call["function"]
+    return [{"index": index, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}},
+            {"index": index, "function": {"arguments": fn["arguments"]}}]
+
+
+def _tag_prefix_len(text: str, tag: str) -> int:
+    """Length of the longest tail of text that is a proper prefix of tag."""
+    return max((k for k in range(1, len(tag)) if text.endswith(tag[:k])), default=0)
