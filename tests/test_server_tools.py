@@ -138,5 +138,29 @@ def test_tool_requests_that_cannot_be_served_are_400(tiny_engine):
             parsing.chat.completions.create(**body)
         with pytest.raises(openai.BadRequestError, match="not among the tools"):
             parsing.chat.completions.create(**body, tool_choice={"type": "function", "function": {"name": "nope"}})
-        with pytest.raises(openai.BadRequestError, match="tool_choice is not supported"):
+        with pytest.raises(openai.BadRequestError, match="takes no tools"):
             parsing.chat.completions.create(**body, tool_choice="required")
+
+
+TWO_TOOLS = TOOLS + [{"type": "function", "function": {
+    "name": "convert_currency", "description": "Convert an amount of money",
+    "parameters": {"type": "object", "properties": {"amount": {"type": "number"},
+                                                    "to": {"type": "string", "enum": ["EUR", "USD", "JPY"]}},
+                   "required": ["amount", "to"], "additionalProperties": False}}}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "convert_currency"}}])
+def test_required_and_named_tool_choice_give_a_schema_valid_call(client, choice):
+    """Constrained decoding: the call is there, names a given tool, and its arguments fit that tool's schema."""
+    import jsonschema
+
+    for question in ("How much is 20 dollars in euros?", "Is it raining in Oslo?"):
+        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
+                                               tools=TWO_TOOLS, tool_choice=choice, temperature=0, max_tokens=96)
+        assert reply.choices[0].finish_reason == "tool_calls", reply.choices[0]
+        call = reply.choices[0].message.tool_calls[0].function
+        tool = next(t["function"] for t in TWO_TOOLS if t["function"]["name"] == call.name)
+        if isinstance(choice, dict):
+            assert call.name == "convert_currency"
+        jsonschema.validate(json.loads(call.arguments), tool["parameters"])

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -98,6 +99,7 @@ class LLMEngine:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._in_flight: _Step | None = None
         self._token_texts: dict[int, str] = {}
+        self._grammars, self._grammars_lock = None, threading.Lock()
 
     # ---- requests --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -118,6 +120,8 @@ class LLMEngine:
         if len(ids) >= self.session_len:
             raise UserError(f"prompt has {len(ids)} tokens; the session length is {self.session_len}")
         seq = Sequence(ids, params)
+        if params.guided is not None:
+            seq.matcher = self.grammars.matcher(params.guided)
         self.requests[seq.seq_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
         return seq.seq_id
@@ -157,7 +161,7 @@ class LLMEngine:
             p = seq.params
             if seq.finished or len(seq.output_ids) + 1 >= p.max_tokens or seq.num_tokens + 1 >= self.session_len:
                 continue
-            if p.penalized:
+            if p.penalized or seq.matcher is not None:  # the host must see this token before the next step
                 return None
             if not self.block_manager.ensure_slots(seq, seq.num_tokens + 1):
                 return None  # the pool is short: let the scheduler preempt
@@ -197,17 +201,29 @@ class LLMEngine:
         else:
             seq.output_ids.append(token)
             req.detok.add(token)
+            if seq.matcher is not None and (not seq.matcher.accept_token(token) or seq.matcher.is_terminated()):
+                reason = "stop"  # the grammar is complete
             if logprob is not None:  # kept in step with output_ids (a stop token is in neither)
                 logprob.text = self._token_text(token)
                 logprob.top_texts = [self._token_text(t) for t, _ in logprob.top]
                 req.logprobs.append(logprob)
-            reason = self._check_stop_strings(req)
+            reason = reason or self._check_stop_strings(req)
             if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.session_len):
                 reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.runner.sampler.release(seq.seq_id)
         return self._output(req)
+
+    @property
+    def grammars(self):
+        """Structured outputs' compiled grammars (xgrammar is imported on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from lmconvert.runtime.grammar import Grammars
+
+                self._grammars = Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
+        return self._grammars
 
     def _token_text(self, token: int) -> str:
         """A token's own text (logprobs name their tokens so); the vocabulary's texts are kept once decoded."""

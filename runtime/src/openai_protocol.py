@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from lmconvert.runtime.grammar import Guided
 from lmconvert.runtime.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 MAX_CHOICES = 8  # n > 1 runs n sequences sharing the prompt's cached blocks; cap it to keep one request bounded
@@ -62,6 +63,11 @@ class _SamplingFields(BaseModel):
         """SamplingParams.logprobs: None for none, else how many top alternatives each token reports."""
         return None
 
+    @property
+    def guided(self) -> Guided | None:
+        """SamplingParams.guided: the grammar an answer must match (chat's response_format)."""
+        return None
+
     def sampling_params(self, defaults: SamplingParams, max_tokens: int, choice: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -72,7 +78,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             # n seeded choices would otherwise be n copies of one answer
             seed=None if self.seed is None else self.seed + choice, stop=[s for s in stop if s],
-            ignore_eos=self.ignore_eos, logprobs=self.logprob_count)
+            ignore_eos=self.ignore_eos, logprobs=self.logprob_count, guided=self.guided)
 
 
 class TextPart(BaseModel):
@@ -116,6 +122,27 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_goes_with_its_type(cls, value, info: ValidationInfo):
+        if info.data.get("type") == "json_schema" and value is None:
+            raise ValueError("type json_schema needs json_schema.schema")
+        return value
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -125,7 +152,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("tool_choice")
     @classmethod
@@ -145,13 +172,24 @@ class ChatCompletionRequest(_SamplingFields):
     def tools_for_template(self) -> list[dict] | None:
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.uses_tools else None
 
-    def unsupported(self) -> str | None:
-        # need grammar-constrained decoding, which is not served yet (issue #25): a 400, not an unconstrained answer
-        if self.uses_tools and self.tool_choice not in (None, "auto"):
-            return "tool_choice"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
-        return super().unsupported()
+    def forced_tools(self) -> list[dict] | None:
+        """The tools a call must come from: all for tool_choice required, the named one; None otherwise."""
+        if not self.uses_tools or self.tool_choice in (None, "auto"):
+            return None
+        tools = self.tools_for_template()
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
+        return tools
+
+    @property
+    def guided(self) -> Guided | None:
+        """response_format as a grammar: json_object, or json_schema (its `schema`); None for text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return Guided.json()
+        return Guided.json(fmt.json_schema.schema_)
 
     @property
     def token_limit(self) -> int | None:

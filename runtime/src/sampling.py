@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmconvert.runtime.grammar import Guided, mask_logits_
+
 
 MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
 
@@ -51,6 +53,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely tokens'
+    guided: Guided | None = None  # structured output: the answer must match this JSON schema / grammar
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_p <= 0 or self.top_p > 1 or self.top_k < 0 or self.max_tokens < 1:
@@ -116,6 +119,8 @@ class Sampler:
         return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids)
 
     def _sample(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        if any(seq.matcher is not None for seq in seqs):  # structured outputs: the one grammar hook
+            mask_logits_(logits, [seq.matcher for seq in seqs])
         for row, seq in enumerate(seqs):
             _apply_penalties(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
         greedy = logits.argmax(dim=-1)

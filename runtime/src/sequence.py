@@ -31,6 +31,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    matcher: object | None = None  # structured outputs: the grammar matcher the sampler asks for a mask
 
     @property
     def num_tokens(self) -> int:

@@ -18,7 +18,8 @@ from lmconvert.runtime.openai_protocol import (ChatCompletionRequest, Completion
 from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.serve_engine import AsyncEngine, EngineFailure
 from lmconvert.runtime.serve_reasoning import ReasoningStream, prompt_opens_think, split_reasoning
-from lmconvert.runtime.serve_tools import ToolCallStream, parse_tool_calls
+from lmconvert.runtime.grammar import Guided
+from lmconvert.runtime.serve_tools import ToolCallStream, call_grammar, parse_tool_calls
 
 # Exceptions from rendering or tokenizing a prompt that mean "bad request", not "server bug".
 PROMPT_ERRORS = (UserError, ValueError, TypeError, jinja2.TemplateError)
@@ -122,7 +123,22 @@ def _template_variables(template: str) -> frozenset[str]:
     return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
 
 
+async def chat_grammar(req: ChatCompletionRequest, cfg: ServeConfig, aengine: AsyncEngine) -> Guided | None:
+    """The grammar a chat answer must match: response_format's, or one call for tool_choice required / named.
+    Compiled here, off the engine thread (a large schema takes a while; other requests' steps go on
+    meanwhile); the engine then finds it in its cache. A schema it cannot take is a 400."""
+    forced = req.forced_tools()
+    guided, param = (call_grammar(forced, cfg.tool_parser), "tools") if forced else (req.guided, "response_format")
+    if guided is not None:
+        try:
+            await asyncio.to_thread(aengine.engine.grammars.compile, guided)
+        except UserError as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from None
+    return guided
+
+
 async def start_chat(req: ChatCompletionRequest, cfg: ServeConfig, aengine: AsyncEngine) -> Job:
+    guided = await chat_grammar(req, cfg, aengine)
     job = Job(aengine, tool_parser=cfg.tool_parser if req.uses_tools else None)
     messages = [m.for_template() for m in req.messages]
     tools = req.tools_for_template()
@@ -131,7 +147,10 @@ async def start_chat(req: ChatCompletionRequest, cfg: ServeConfig, aengine: Asyn
         text = render_chat(engine, messages, req.chat_template_kwargs or {}, tools)
         ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
         job.prompt_tokens, job.opens_think = len(ids), prompt_opens_think(text)
-        return ids, choice_params(req, cfg, engine, ids)
+        params = choice_params(req, cfg, engine, ids)
+        for p in params:
+            p.guided = guided
+        return ids, params
 
     await _submit(job, build)
     return job

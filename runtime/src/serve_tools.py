@@ -15,6 +15,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from lmconvert.runtime.grammar import Guided
+
 log = logging.getLogger("lmconvert.serve")
 
 PARSERS = ("qwen3", "qwen2.5", "llama3", "auto")
@@ -32,6 +34,23 @@ def resolve_parser(name: str, chat_template: str | None) -> str:
     if PYTHON_TAG in template or "parameters" in template:
         return "llama3"
     return "qwen3"
+
+
+def call_grammar(tools: list[dict], parser: str) -> Guided:
+    """tool_choice required (any of tools) or a named function (tools holds it alone): the answer must be one
+    call in the parser's format, its arguments valid under the function's `parameters` schema."""
+    import xgrammar
+
+    key = "parameters" if parser == "llama3" else "arguments"
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               key: t["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", key]} for t in tools]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema))
+    if parser != "llama3":
+        grammar = xgrammar.Grammar.concat(xgrammar.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), grammar,
+                                          xgrammar.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'))
+    return Guided("ebnf", str(grammar))
 
 
 def _call(obj) -> dict | None:
