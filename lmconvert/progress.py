@@ -14,12 +14,14 @@ LOG_EVERY_S = 10.0
 
 class LogLines(Progress):
     """A Progress that draws no bar and logs each task as `description: done/total (pct%), elapsed, fields` on
-    stderr when LOG_EVERY_S has passed since its last line, and when it completes."""
+    stderr when every_s has passed since its last line, and when it completes (work that ends sooner than
+    every_s leaves no line: a log wants the long runs, not one line per quick step)."""
 
-    def __init__(self, every_s: float = LOG_EVERY_S):
+    def __init__(self, every_s: float | None = None):
         super().__init__(disable=True)
-        self.every_s = every_s
+        self.every_s = LOG_EVERY_S if every_s is None else every_s
         self.last: dict[TaskID, float] = {}
+        self.logged: set[TaskID] = set()
 
     def add_task(self, description: str, *args, **kwargs) -> TaskID:
         task = super().add_task(description, *args, **kwargs)
@@ -36,11 +38,13 @@ class LogLines(Progress):
 
     def _log(self, task_id: TaskID) -> None:
         task, now = self._tasks[task_id], time.monotonic()
-        if now - self.last[task_id] < self.every_s and not task.finished:
+        due = now - self.last[task_id] >= self.every_s
+        if not due and not (task.finished and task_id in self.logged):
             return
-        if task.finished and self.last[task_id] == float("inf"):
+        if self.last[task_id] == float("inf"):
             return  # its final line is out already
         self.last[task_id] = float("inf") if task.finished else now
+        self.logged.add(task_id)
         done = f"{task.completed:.0f}/{task.total:.0f} ({task.percentage:.0f}%)" if task.total else ""
         fields = ", ".join(str(v) for v in task.fields.values() if v not in ("", None))
         elapsed = time.strftime("%H:%M:%S", time.gmtime(task.elapsed or 0))

@@ -33,10 +33,16 @@ def test_progress_in_a_pipe_is_plain_lines(capsys):
     assert lines[-1].startswith("quantizing: 4/4 (100%)") and len(lines) == 4
 
 
-def test_convert_through_a_pipe_reports_progress(tiny_checkpoint, tmp_path):
+def test_convert_through_a_pipe_reports_progress(tiny_checkpoint, tmp_path, monkeypatch):
+    import lmconvert.progress
+
+    quick = run("convert", "llama", tiny_checkpoint("llama"), "--dst-path", tmp_path / "quick")
+    assert quick.exit_code == 0 and quick.stderr == ""  # work shorter than a log interval leaves no line
+    monkeypatch.setattr(lmconvert.progress, "LOG_EVERY_S", 0.0)  # as if every layer took long
     result = run("convert", "llama", tiny_checkpoint("llama"), "--dst-path", tmp_path / "e")
     assert result.exit_code == 0, result.output
-    assert "3/3 (100%)" in result.stderr and "MiB written" in result.stderr  # globals + 2 layers
+    assert "1/3 (33%)" in result.stderr and "3/3 (100%)" in result.stderr  # globals + 2 layers
+    assert "MiB written" in result.stderr
 
 
 def test_bench_defaults_fit_the_cpu_and_say_what_runs(tiny_engine):
