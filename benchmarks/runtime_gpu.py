@@ -65,7 +65,7 @@ W8 = {"bits": 8, "group_size": None}
 W8A8 = {"bits": 8, "group_size": None, "activation_bits": 8}  # SmoothQuant layout: int8 weights and activations
 W4 = {"bits": 4, "group_size": 128}
 # the same with lm_head quantized too (`quantize --quant-lm-head`)
-W8_HEAD, W4_HEAD = {**W8, "quantize_lm_head": True}, {**W4, "lm_head": True}
+W8_HEAD, W4_HEAD = {**W8, "quantize_lm_head": True}, {**W4, "quantize_lm_head": True}
 
 
 def free():

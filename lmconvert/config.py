@@ -106,6 +106,8 @@ class ModelConfig:
 
 
 def _check_quant_block(where: str, block: dict, input_dims: dict[str, int]) -> None:
+    if not isinstance(block, dict):
+        raise UserError(f"engine config: {where} must be an object, got {block!r}")
     bits, group = block.get("bits"), block.get("group_size")
     if bits not in (4, 8):
         raise UserError(f"engine config: {where}.bits is {bits!r}; lmconvert runs 4 or 8")

@@ -169,6 +169,11 @@ def test_engine_config_is_validated_on_load(tmp_path):
     (tmp_path / "e" / "manifest.json").write_text(json.dumps(manifest))
     for args in (["info", tmp_path / "e", "--verify"], ["generate", tmp_path / "e", "--prompt", "hi", "--device", "cpu"]):
         assert_one_line_error(run(*args), "quantization.group_size must be a positive integer or null, got 0")
+    data["quantization"] = {**data["quantization"], "group_size": 128, "lm_head": True}  # a flag, not a block
+    config.write_text(json.dumps(data))
+    manifest["files"]["config.json"] = {"size": config.stat().st_size, "sha256": fmt.sha256_file(config)}
+    (tmp_path / "e" / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run("info", tmp_path / "e"), "quantization.lm_head must be an object, got True")
 
 
 def test_random_w8_defaults_to_one_scale_per_channel(tmp_path):
