@@ -132,6 +132,11 @@ def test_tool_requests_that_cannot_be_served_are_400(tiny_engine):
             plain.chat.completions.create(**body)
         with pytest.raises(openai.BadRequestError, match="tool_choice needs tools"):
             plain.chat.completions.create(**{**body, "tools": None}, tool_choice="auto")
+        for malformed in ([{"type": "function"}], [{"type": "retrieval", "function": {"name": "f"}}],
+                          [{"type": "function", "function": {"name": ""}}]):
+            with pytest.raises(openai.BadRequestError) as failed:
+                plain.chat.completions.create(**{**body, "tools": malformed})
+            assert failed.value.body["param"].startswith("tools"), failed.value.body
     with BackgroundServer(create_app(engine, "m", tool_call_parser="qwen3")) as server:
         parsing = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="takes no tools"):  # the tiny model's own template
