@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -93,10 +95,18 @@ def test_bad_prompts_are_400(server):
     assert_error(server.post("/v1/completions", json={"prompt": "x", "logprobs": -1}), 400, param="logprobs")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     assert_error(server.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "tools", param="tools")
-    assert_error(server.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}), 400,
-                 "response_format", param="response_format")
+    for bad in ({"type": "json_schema"}, {"type": "xml"}, {"type": "json_schema", "json_schema": {"schema": 5}}):
+        response = server.post("/v1/chat/completions", json={**CHAT, "response_format": bad})
+        assert_error(response, 400)
+        assert response.json()["error"]["param"].startswith("response_format"), bad
     for allowed in ({"tools": tools, "tool_choice": "none"}, {"tools": []}, {"response_format": {"type": "text"}}):
         assert server.post("/v1/chat/completions", json={**CHAT, **allowed}).status_code == 200, allowed
+    constrained = server.post("/v1/chat/completions", json={**CHAT, "max_tokens": 32,
+                                                            "response_format": {"type": "json_object"}})
+    assert constrained.status_code == 200  # served now (structured outputs): even the tiny random model's
+    message = constrained.json()["choices"][0]  # answer is JSON, or a prefix of JSON cut at max_tokens
+    if message["finish_reason"] == "stop":
+        json.loads(message["message"]["content"])
     assert_error(server.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": ["x"]}), 400,
                  param="chat_template_kwargs")
     assert_error(server.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "gpt-4", param="model")

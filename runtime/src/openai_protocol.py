@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from lmconvert.runtime.grammar import Guided
 from lmconvert.runtime.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
@@ -135,12 +135,11 @@ class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
-    @field_validator("json_schema")
-    @classmethod
-    def _schema_goes_with_its_type(cls, value, info: ValidationInfo):
-        if info.data.get("type") == "json_schema" and value is None:
+    @model_validator(mode="after")
+    def _schema_goes_with_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type json_schema needs json_schema.schema")
-        return value
+        return self
 
 
 class ChatCompletionRequest(_SamplingFields):
