@@ -29,6 +29,7 @@ SKIP = [  # (fragment of the line, why it cannot run on a CPU host without a mod
     ("./qwen3-8b-w4", "needs the Qwen3-8B W4 engine made by the skipped quantize line"),
     ("--from-config qwen3-8b", "writes a 5 GB random Qwen3-8B engine for GPU benchmarks"),
     ("bench ./r8", "benchmarks that Qwen3-8B-size engine (and transformers' own 8B) on a GPU"),
+    ("lmconvert serve", "serves until stopped; tests/test_server_*.py run it against SmolLM2"),
 ]
 SLOW = ["quantize --w4", "--w8a8", "lmconvert eval", "export ./smol-w4i"]  # minutes each; --quick skips them
 EXPECT = {"What is the capital of France?": "Paris"}  # a line's output must contain this
