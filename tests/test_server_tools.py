@@ -145,6 +145,10 @@ def test_tool_requests_that_cannot_be_served_are_400(tiny_engine):
             parsing.chat.completions.create(**body, tool_choice={"type": "function", "function": {"name": "nope"}})
         with pytest.raises(openai.BadRequestError, match="takes no tools"):
             parsing.chat.completions.create(**body, tool_choice="required")
+        bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "strnig"}}}]
+        with pytest.raises(openai.BadRequestError, match='tools: Unsupported type "strnig"') as failed:
+            parsing.chat.completions.create(**{**body, "tools": bad}, tool_choice="required")
+        assert failed.value.body["param"] == "tools"
 
 
 TWO_TOOLS = TOOLS + [{"type": "function", "function": {

@@ -63,12 +63,16 @@ class Grammars:
                 return self._compiler.compile_regex(guided.spec)
             return self._compiler.compile_grammar(guided.spec)
         except (RuntimeError, ValueError, TypeError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", message)  # xgrammar's "[time] file.cc:line: "
-            raise UserError(f"{guided.kind}: {message}") from None
+            raise UserError(f"{guided.kind}: {xgrammar_message(e)}") from None
 
     def matcher(self, guided: Guided):
         return self._xgr.GrammarMatcher(self.compile(guided))
+
+
+def xgrammar_message(e: Exception) -> str:
+    """The first line of an xgrammar error, without its "[time] file.cc:line: " prefix."""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", message)
 
 
 def mask_logits_(logits: torch.Tensor, matchers: list) -> None:

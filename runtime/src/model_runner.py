@@ -42,19 +42,18 @@ class Sampled:
     host: torch.Tensor
     done: torch.cuda.Event | None = None
     logprobs: StepLogprobs | None = None  # host copies
-    logprob_ks: list[int | None] | None = None  # each row's k (SamplingParams.logprobs)
 
     @classmethod
-    def of(cls, tokens: torch.Tensor, logprobs: StepLogprobs | None = None, seqs=()) -> Sampled:
-        ks = [seq.params.logprobs for seq in seqs] if logprobs is not None else None
+    def of(cls, tokens: torch.Tensor, logprobs: StepLogprobs | None = None) -> Sampled:
         if tokens.device.type != "cuda":
-            return cls(tokens, tokens, None, logprobs, ks)
+            return cls(tokens, tokens, None, logprobs)
         host = _to_pinned(tokens)
         if logprobs is not None:
-            logprobs = StepLogprobs(*map(_to_pinned, (logprobs.chosen, logprobs.top_values, logprobs.top_ids)))
+            logprobs = StepLogprobs(*map(_to_pinned, (logprobs.chosen, logprobs.top_values, logprobs.top_ids)),
+                                    logprobs.ks)
         done = torch.cuda.Event()
         done.record()
-        return cls(tokens, host, done, logprobs, ks)
+        return cls(tokens, host, done, logprobs)
 
     def tolist(self) -> list[int]:
         if self.done is not None:
@@ -65,11 +64,7 @@ class Sampled:
         """Each row's TokenLogprob (None where its sequence asked for none); call after tolist()."""
         if self.logprobs is None:
             return [None] * len(self.host)
-        rows = self.logprobs.rows(self.logprob_ks)
-        for row, token in zip(rows, self.host.tolist()):
-            if row is not None:
-                row.token_id = token
-        return rows
+        return self.logprobs.rows(self.host.tolist())
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:
@@ -164,8 +159,7 @@ class ModelRunner:
         if logits is None:
             return None
         sampling_seqs = [seq for seq, n in batch if input_ids is not None or seq.completes(n)]
-        tokens, logprobs = self.sampler(logits, sampling_seqs)
-        return Sampled.of(tokens, logprobs, sampling_seqs)
+        return Sampled.of(*self.sampler(logits, sampling_seqs))
 
     def execute(self, input_ids, positions, ctx: Context, logit_rows: list[int]) -> torch.Tensor | None:
         """The model part of a step (tensor-parallel workers run only this): logits of logit_rows, or None."""

@@ -64,11 +64,12 @@ class _SamplingFields(BaseModel):
         return None
 
     @property
-    def guided(self) -> Guided | None:
-        """SamplingParams.guided: the grammar an answer must match (chat's response_format)."""
-        return None
+    def uses_tools(self) -> bool:
+        """Tools go into the prompt and calls are parsed out of the answer (chat only)."""
+        return False
 
-    def sampling_params(self, defaults: SamplingParams, max_tokens: int, choice: int) -> SamplingParams:
+    def sampling_params(self, defaults: SamplingParams, max_tokens: int, choice: int,
+                        guided: Guided | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         pick = lambda value, default: default if value is None else value  # noqa: E731
         return SamplingParams(
@@ -78,7 +79,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             # n seeded choices would otherwise be n copies of one answer
             seed=None if self.seed is None else self.seed + choice, stop=[s for s in stop if s],
-            ignore_eos=self.ignore_eos, logprobs=self.logprob_count, guided=self.guided)
+            ignore_eos=self.ignore_eos, logprobs=self.logprob_count, guided=guided)
 
 
 class TextPart(BaseModel):
@@ -165,7 +166,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     @property
     def uses_tools(self) -> bool:
-        """Tools go into the prompt and calls are parsed out of the answer."""
         return bool(self.tools) and self.tool_choice != "none"
 
     def tools_for_template(self) -> list[dict] | None:
@@ -181,7 +181,7 @@ class ChatCompletionRequest(_SamplingFields):
         return tools
 
     @property
-    def guided(self) -> Guided | None:
+    def response_grammar(self) -> Guided | None:
         """response_format as a grammar: json_object, or json_schema (its `schema`); None for text."""
         fmt = self.response_format
         if fmt is None or fmt.type == "text":

@@ -31,12 +31,13 @@ class StepLogprobs:
     chosen: torch.Tensor
     top_values: torch.Tensor
     top_ids: torch.Tensor
+    ks: list[int | None]  # each row's k (SamplingParams.logprobs; None: that row asked for none)
 
-    def rows(self, ks: list[int | None]) -> list[TokenLogprob | None]:
-        """Per row on the host, with each row's own k (None: that row asked for none)."""
+    def rows(self, tokens: list[int]) -> list[TokenLogprob | None]:
+        """Per row on the host, for the sampled tokens, with each row's own k."""
         chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
-        return [None if k is None else TokenLogprob(-1, chosen[r], list(zip(ids[r][:k], values[r][:k])))
-                for r, k in enumerate(ks)]
+        return [None if k is None else TokenLogprob(tokens[r], chosen[r], list(zip(ids[r][:k], values[r][:k])))
+                for r, k in enumerate(self.ks)]
 
 
 @dataclass(slots=True)
@@ -116,7 +117,7 @@ class Sampler:
         tokens = self._sample(logits, seqs)
         if logprobs is None:
             return tokens, None
-        return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids)
+        return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids, ks)
 
     def _sample(self, logits: torch.Tensor, seqs) -> torch.Tensor:
         if any(seq.matcher is not None for seq in seqs):  # structured outputs: the one grammar hook

@@ -17,8 +17,8 @@ from lmconvert.runtime.openai_protocol import (ChatCompletionRequest, Completion
                                                completion_logprobs, envelope, error_body, new_id, now, usage)
 from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.serve_engine import AsyncEngine, EngineFailure
-from lmconvert.runtime.serve_reasoning import ReasoningStream, prompt_opens_think, split_reasoning
 from lmconvert.runtime.grammar import Guided
+from lmconvert.runtime.serve_reasoning import ReasoningStream, prompt_opens_think, split_reasoning
 from lmconvert.runtime.serve_tools import ToolCallStream, call_grammar, parse_tool_calls
 
 # Exceptions from rendering or tokenizing a prompt that mean "bad request", not "server bug".
@@ -78,12 +78,13 @@ def check_request(req: ChatCompletionRequest | CompletionRequest, cfg: ServeConf
     feature = req.unsupported()
     if feature:
         raise ApiError(400, f"{feature} is not supported by this server", param=feature)
-    if getattr(req, "uses_tools", False) and cfg.tool_parser is None:
+    if req.uses_tools and cfg.tool_parser is None:
         raise ApiError(400, "tools need a server started with --tool-call-parser (qwen3, qwen2.5, llama3 or auto)",
                        param="tools")
 
 
-def choice_params(req, cfg: ServeConfig, engine: LLMEngine, ids: list[int]) -> list[SamplingParams]:
+def choice_params(req, cfg: ServeConfig, engine: LLMEngine, ids: list[int],
+                  guided: Guided | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice; checks the prompt fits the session with room for max_tokens."""
     if not ids:
         raise UserError("the prompt is empty")
@@ -94,7 +95,7 @@ def choice_params(req, cfg: ServeConfig, engine: LLMEngine, ids: list[int]) -> l
     if room < 1 or limit > room:
         raise UserError(f"the prompt has {len(ids)} tokens and max_tokens is {limit}: together over the session "
                         f"length of {engine.session_len} tokens; shorten the prompt or lower max_tokens")
-    return [req.sampling_params(cfg.defaults, limit, choice) for choice in range(req.n)]
+    return [req.sampling_params(cfg.defaults, limit, choice, guided) for choice in range(req.n)]
 
 
 async def _submit(job: Job, build: Callable[[LLMEngine], tuple[list[int], list[SamplingParams]]]) -> None:
@@ -128,12 +129,13 @@ async def chat_grammar(req: ChatCompletionRequest, cfg: ServeConfig, aengine: As
     Compiled here, off the engine thread (a large schema takes a while; other requests' steps go on
     meanwhile); the engine then finds it in its cache. A schema it cannot take is a 400."""
     forced = req.forced_tools()
-    guided, param = (call_grammar(forced, cfg.tool_parser), "tools") if forced else (req.guided, "response_format")
-    if guided is not None:
-        try:
+    param = "tools" if forced else "response_format"
+    try:
+        guided = call_grammar(forced, cfg.tool_parser) if forced else req.response_grammar
+        if guided is not None:
             await asyncio.to_thread(aengine.engine.grammars.compile, guided)
-        except UserError as e:
-            raise ApiError(400, f"{param}: {e}", param=param) from None
+    except UserError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
     return guided
 
 
@@ -147,10 +149,7 @@ async def start_chat(req: ChatCompletionRequest, cfg: ServeConfig, aengine: Asyn
         text = render_chat(engine, messages, req.chat_template_kwargs or {}, tools)
         ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
         job.prompt_tokens, job.opens_think = len(ids), prompt_opens_think(text)
-        params = choice_params(req, cfg, engine, ids)
-        for p in params:
-            p.guided = guided
-        return ids, params
+        return ids, choice_params(req, cfg, engine, ids, guided)
 
     await _submit(job, build)
     return job

@@ -15,7 +15,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from lmconvert.runtime.grammar import Guided
+from lmconvert.errors import UserError
+from lmconvert.runtime.grammar import Guided, xgrammar_message
 
 log = logging.getLogger("lmconvert.serve")
 
@@ -46,7 +47,10 @@ def call_grammar(tools: list[dict], parser: str) -> Guided:
                                                key: t["function"].get("parameters") or {"type": "object"}},
               "required": ["name", key]} for t in tools]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema))
+    try:
+        grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema))
+    except (RuntimeError, ValueError) as e:  # a tool's parameters xgrammar cannot take
+        raise UserError(xgrammar_message(e)) from None
     if parser != "llama3":
         grammar = xgrammar.Grammar.concat(xgrammar.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'), grammar,
                                           xgrammar.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'))
@@ -87,21 +91,28 @@ def parse_tool_calls(text: str, parser: str) -> tuple[str, list[dict]]:
             return "", calls
         log.warning("a tool call did not parse; returned as content")
         return text, []
-    content, calls, rest = [], [], text
-    while (start := rest.find(OPEN)) != -1:
-        end = rest.find(CLOSE, start + len(OPEN))
-        if end == -1:
-            break  # an unclosed call (cut by max_tokens): the model's text as it is
-        call = _parse_block(rest[start + len(OPEN):end].strip())
+    content, calls, _ = _scan_tagged(text, final=True)
+    return (content.strip() if calls else content), calls
+
+
+def _scan_tagged(text: str, final: bool) -> tuple[str, list[dict], str]:
+    """(content, complete calls, rest) of <tool_call>-tagged text: the rest is what must wait for more text (an
+    unclosed call, or a tail that may begin a tag); when final, everything left is content."""
+    content, calls = [], []
+    while (start := text.find(OPEN)) != -1 and (end := text.find(CLOSE, start + len(OPEN))) != -1:
+        call = _parse_block(text[start + len(OPEN):end].strip())
         if call is None:
             log.warning("a tool call did not parse; returned as content")
-            content.append(rest[:end + len(CLOSE)])
+            content.append(text[:end + len(CLOSE)])
         else:
-            content.append(rest[:start])
+            content.append(text[:start])
             calls.append(call)
-        rest = rest[end + len(CLOSE):]
-    content.append(rest)
-    return "".join(content).strip() if calls else "".join(content), calls
+        text = text[end + len(CLOSE):]
+    if final:  # an unclosed call at the end (cut by max_tokens): the model's text as it is
+        return "".join(content) + text, calls, ""
+    start = text.find(OPEN)
+    cut = start if start != -1 else len(text) - _tag_prefix_len(text, OPEN)
+    return "".join(content) + text[:cut], calls, text[cut:]
 
 
 @dataclass(slots=True)
@@ -117,33 +128,10 @@ class ToolCallStream:
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         if self.parser == "llama3":
             return self._feed_json(text, final)
-        self.pending += text
-        content, deltas = [], []
-        while True:
-            start = self.pending.find(OPEN)
-            if start == -1:
-                keep = 0 if final else _tag_prefix_len(self.pending, OPEN)
-                content.append(self.pending[:len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep:]
-                break
-            end = self.pending.find(CLOSE, start + len(OPEN))
-            if end == -1:
-                content.append(self.pending[:start])
-                self.pending = self.pending[start:]
-                if final:  # an unclosed call at the end: the model's text as it is
-                    content.append(self.pending)
-                    self.pending = ""
-                break
-            call = _parse_block(self.pending[start + len(OPEN):end].strip())
-            if call is None:
-                log.warning("a tool call did not parse; returned as content")
-                content.append(self.pending[:end + len(CLOSE)])
-            else:
-                content.append(self.pending[:start])
-                deltas += _call_deltas(call, self.calls)
-                self.calls += 1
-            self.pending = self.pending[end + len(CLOSE):]
-        return "".join(content), deltas
+        content, calls, self.pending = _scan_tagged(self.pending + text, final)
+        deltas = [d for i, call in enumerate(calls, self.calls) for d in _call_deltas(call, i)]
+        self.calls += len(calls)
+        return content, deltas
 
     def _feed_json(self, text: str, final: bool) -> tuple[str, list[dict]]:
         """Llama 3 answers with calls only, as a whole: held until the answer ends, unless it begins as text."""
