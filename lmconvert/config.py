@@ -48,6 +48,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     quantization: dict = field(default_factory=dict)  # empty for fp engines
+    # mixture of experts (num_experts 0: a dense model); dense_layers: layers whose FFN is a dense MLP anyway
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum 1
+    dense_layers: list[int] = field(default_factory=list)
 
     @property
     def q_size(self) -> int:
@@ -57,11 +63,22 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
     @property
     def linear_input_dims(self) -> dict[str, int]:
-        """Input size of every linear of a decoder layer (engine names)."""
-        return {"qkv_proj": self.hidden_size, "o_proj": self.q_size, "gate_up_proj": self.hidden_size,
-                "down_proj": self.intermediate_size}
+        """Input size of every kind of linear the decoder layers have (engine names)."""
+        dims = {"qkv_proj": self.hidden_size, "o_proj": self.q_size}
+        if len(self.moe_layers) < self.num_layers:
+            dims.update({"gate_up_proj": self.hidden_size, "down_proj": self.intermediate_size})
+        if self.num_experts:
+            dims.update({"experts.gate_up_proj": self.hidden_size, "experts.down_proj": self.moe_intermediate_size})
+        return dims
 
     @property
     def lm_head_quantization(self) -> dict | None:
@@ -73,7 +90,11 @@ class ModelConfig:
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.num_experts:  # a dense engine's config.json stays readable by readers without MoE
+            for name in MOE_FIELDS:
+                d.pop(name)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -96,6 +117,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"engine config: {name} must be a positive integer, got {value!r}")
+        if self.num_experts:
+            _check_moe(self)
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"engine config: {self.num_kv_heads} KV heads do not divide {self.num_heads} heads")
         if self.dtype not in DTYPES:
@@ -103,6 +126,21 @@ class ModelConfig:
         for where, block in (("quantization", self.quantization), ("quantization.lm_head", self.lm_head_quantization)):
             if block:
                 _check_quant_block(where, block, self.linear_input_dims if where == "quantization" else {})
+
+
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers")
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"engine config: {name} must be a positive integer, got {value!r}")
+    if cfg.num_experts_per_tok > cfg.num_experts:
+        raise UserError(f"engine config: {cfg.num_experts_per_tok} experts per token of {cfg.num_experts} experts")
+    if not isinstance(cfg.dense_layers, list) or any(not isinstance(i, int) or not 0 <= i < cfg.num_layers
+                                                     for i in cfg.dense_layers):
+        raise UserError(f"engine config: dense_layers must list layer indices, got {cfg.dense_layers!r}")
 
 
 def _check_quant_block(where: str, block: dict, input_dims: dict[str, int]) -> None:

@@ -24,13 +24,14 @@ from lmconvert.templates import store_chat_template
 
 
 def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-layer canonical suffixes -> engine suffixes: q/k/v -> qkv_proj, gate/up -> gate_up_proj (rows concatenated)."""
+    """Per-layer canonical suffixes -> engine suffixes: q/k/v -> qkv_proj, gate/up -> gate_up_proj (rows
+    concatenated; an expert stack's rows are its dim -2)."""
     out = dict(tensors)
     for fused, parts in FUSED_MODULES.items():
         for kind in ("weight", "bias"):
             names = [f"{p}.{kind}" for p in parts]
             if all(n in out for n in names):
-                out[f"{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+                out[f"{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=-2 if kind == "weight" else -1)
             elif any(n in out for n in names):
                 raise ValueError(f"cannot fuse {fused}.{kind}: only {[n for n in names if n in out]} present")
     return out
@@ -40,7 +41,7 @@ def layer_tensors(ckpt, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Engine tensors of decoder layer i, read from the checkpoint one tensor at a time and cast to dtype."""
     if hasattr(ckpt, "layer_tensors"):  # pre-quantized checkpoints fuse their packed linears themselves
         return ckpt.layer_tensors(i, dtype)
-    raw = {s: ckpt.get(f"layers.{i}.{s}").to(dtype) for s in ckpt.arch.layer_names()}
+    raw = {s: ckpt.get(f"layers.{i}.{s}").to(dtype) for s in ckpt.arch.layer_names(ckpt.config.is_moe_layer(i))}
     return fuse(raw)
 
 

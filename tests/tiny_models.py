@@ -33,7 +33,15 @@ ARCH_CONFIGS = {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     # sliding window smaller than the sequences the tests run
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8, tie_word_embeddings=False)),
+    # mixture of experts: layer 1 of the Qwen3-MoE keeps a dense MLP (mlp_only_layers)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=16, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, mlp_only_layers=[1])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=8,
+        tie_word_embeddings=False)),
 }
+MOE_ARCHS = ("qwen3_moe", "mixtral")
 
 
 def build_tokenizer():
@@ -57,7 +65,7 @@ def build_checkpoint(arch: str, dst: Path, max_shard_size: str | None = None) ->
 
     config_cls, model_cls, extra = ARCH_CONFIGS[arch]
     tokenizer = build_tokenizer()
-    config = getattr(transformers, config_cls)(**TINY, **extra, bos_token_id=tokenizer.bos_token_id,
+    config = getattr(transformers, config_cls)(**{**TINY, **extra}, bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
@@ -65,6 +73,8 @@ def build_checkpoint(arch: str, dst: Path, max_shard_size: str | None = None) ->
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):  # decisive routers: near-ties would flip on rounding noise
+                p.copy_(torch.randn_like(p))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(dst, **kwargs)
     tokenizer.save_pretrained(dst)

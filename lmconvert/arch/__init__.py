@@ -17,9 +17,16 @@ from lmconvert.errors import UserError
 FUSED_MODULES = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
+    "experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj"),
 }
 # The linears of a decoder layer as the engine stores them (what quantization may replace).
 LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+ATTENTION_LINEARS = ("qkv_proj", "o_proj")
+DENSE_MLP_LINEARS = ("gate_up_proj", "down_proj")
+# A mixture-of-experts layer's FFN: a router [E, hidden] (never quantized) and every expert's linears stacked on
+# a leading expert dim, [E, out, in] like nn.Linear's per expert.
+EXPERT_LINEARS = ("experts.gate_up_proj", "experts.down_proj")
+ROUTER = "router.weight"
 
 # canonical name -> HF name; identical across the llama family
 HF_GLOBALS = {
@@ -37,6 +44,17 @@ HF_LAYER = {
     "gate_proj.weight": "mlp.gate_proj.weight",
     "up_proj.weight": "mlp.up_proj.weight",
     "down_proj.weight": "mlp.down_proj.weight",
+}
+ATTENTION_NAMES = ("input_norm.weight", "post_attn_norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                   "o_proj.weight")
+DENSE_MLP_NAMES = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+# canonical MoE names: per expert in HF checkpoints (stacked by the loader), already stacked in GGUF
+EXPERT_NAMES = ("experts.gate_proj.weight", "experts.up_proj.weight", "experts.down_proj.weight")
+GGUF_MOE = {
+    "router.weight": "ffn_gate_inp.weight",
+    "experts.gate_proj.weight": "ffn_gate_exps.weight",
+    "experts.up_proj.weight": "ffn_up_exps.weight",
+    "experts.down_proj.weight": "ffn_down_exps.weight",
 }
 GGUF_GLOBALS = {
     "embed_tokens.weight": "token_embd.weight",
@@ -67,23 +85,34 @@ class Arch:
     gguf_permute_qk: bool = False  # llama.cpp stores llama q/k rows permuted for its rope layout
     hf_layer_extra: dict[str, str] = field(default_factory=dict)  # canonical suffix -> HF suffix
     gguf_layer_extra: dict[str, str] = field(default_factory=dict)
+    # mixture of experts: the router's HF suffix and each expert linear's, "{e}" standing for the expert index
+    hf_router: str | None = None
+    hf_expert: dict[str, str] = field(default_factory=dict)  # canonical EXPERT_NAMES -> HF suffix with {e}
+    moe_renormalize: bool = False  # renormalize the top-k routing weights when the config does not say
 
-    def layer_names(self) -> tuple[str, ...]:
-        """Canonical per-layer tensor suffixes this architecture has."""
-        return tuple(HF_LAYER) + tuple(self.hf_layer_extra)
+    @property
+    def moe(self) -> bool:
+        return self.hf_router is not None
+
+    def layer_names(self, moe_layer: bool = False) -> tuple[str, ...]:
+        """Canonical per-layer tensor suffixes this architecture has (in a layer whose FFN is experts or not)."""
+        ffn = (ROUTER, *EXPERT_NAMES) if moe_layer else DENSE_MLP_NAMES
+        return ATTENTION_NAMES + ffn + tuple(self.hf_layer_extra)
 
     def hf_name(self, canonical: str) -> str:
-        return _source_name(canonical, HF_GLOBALS, {**HF_LAYER, **self.hf_layer_extra}, "model.layers.{i}.")
+        """The HF name of a canonical tensor; an expert tensor's has "{e}" for the expert index."""
+        moe = {ROUTER: self.hf_router, **self.hf_expert} if self.moe else {}
+        return _source_name(canonical, HF_GLOBALS, {**HF_LAYER, **self.hf_layer_extra, **moe}, "model.layers.{i}.")
 
     def gguf_name(self, canonical: str) -> str:
-        return _source_name(canonical, GGUF_GLOBALS, {**GGUF_LAYER, **self.gguf_layer_extra}, "blk.{i}.")
+        return _source_name(canonical, GGUF_GLOBALS, {**GGUF_LAYER, **self.gguf_layer_extra, **GGUF_MOE}, "blk.{i}.")
 
 
 def _source_name(canonical: str, globals_: dict, layer: dict, layer_prefix: str) -> str:
     if canonical in globals_:
         return globals_[canonical]
     _, i, suffix = canonical.split(".", 2)  # "layers", index, suffix
-    return layer_prefix.format(i=i) + layer[suffix]
+    return layer_prefix.replace("{i}", i) + layer[suffix]
 
 
 _REGISTRY: dict[str, Arch] = {}
@@ -130,4 +159,4 @@ def resolve_arch(requested: str, model_type: str | None, hf_architectures: list[
     return found
 
 
-from lmconvert.arch import llama, qwen2, qwen3  # noqa: E402,F401  (fill the registry)
+from lmconvert.arch import llama, moe, qwen2, qwen3  # noqa: E402,F401  (fill the registry)

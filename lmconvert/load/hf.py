@@ -63,11 +63,14 @@ class HFCheckpoint:
             self.config.tie_word_embeddings = True
 
     def has(self, name: str) -> bool:
-        return self.arch.hf_name(name) in self.files
+        return self.arch.hf_name(name).replace("{e}", "0") in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        """Tensor by engine-canonical name."""
-        return self.raw_tensor(self.arch.hf_name(name))
+        """Tensor by engine-canonical name; an expert tensor is every expert's, stacked [E, out, in]."""
+        source = self.arch.hf_name(name)
+        if "{e}" in source:
+            return torch.stack([self.raw_tensor(source.replace("{e}", str(e))) for e in range(self.config.num_experts)])
+        return self.raw_tensor(source)
 
     def raw_tensor(self, source: str) -> torch.Tensor:
         """Tensor by the checkpoint's own name."""

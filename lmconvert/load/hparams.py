@@ -38,6 +38,23 @@ def checkpoint_dtype(cfg: dict) -> str:
         return "bf16"  # e.g. a float8 checkpoint: bf16 is the closest dtype the engine stores
 
 
+def moe_fields(arch: Arch, cfg: dict) -> dict:
+    """ModelConfig's mixture-of-experts fields from an HF config (none for a dense architecture)."""
+    if not arch.moe:
+        return {}
+    layers = int(cfg["num_hidden_layers"])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense_only = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    return dict(
+        num_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        # Mixtral's experts are `intermediate_size` wide; Qwen's have their own size
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", arch.moe_renormalize)),
+        dense_layers=[i for i in range(layers) if i in dense_only or (i + 1) % step],
+    )
+
+
 def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConfig:
     cfg = {**cfg, **(cfg.get("text_config") or {})}  # multimodal wrappers nest the decoder's config
     try:
@@ -65,6 +82,7 @@ def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConf
             bos_token_id=generation_config.get("bos_token_id", cfg.get("bos_token_id")),
             eos_token_ids=merge_ids(as_id_list(cfg.get("eos_token_id")),
                                     as_id_list(generation_config.get("eos_token_id"))),
+            **moe_fields(arch, cfg),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"config.json is missing or has a bad hyper-parameter: {e}") from None

@@ -128,6 +128,43 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(T, -1))
 
 
+class ExpertLinear(Linear):
+    """Every expert's copy of one linear, stacked on a leading expert dim (engine layouts, kernels/src/moe.py).
+    The MoE kernels read the engine layout as it is: nothing is repacked at load."""
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            setattr(self, key, value.contiguous())
+        if self.bits == 8 and not self.group_size:  # per output channel: one group spanning K
+            self.group_size = self.qweight.shape[1]
+        self.experts = kernels.Experts(self.bits, self.group_size, self.weight, self.qweight, self.scales, self.zeros)
+
+    @property
+    def out_features(self) -> int:
+        return self.experts.out_features
+
+
+class SparseMoE(nn.Module):
+    """The FFN of a mixture-of-experts layer: a router picks num_experts_per_tok experts a token, whose SwiGLU
+    MLPs' outputs are summed with the routing weights. The router stays in the engine dtype (never quantized:
+    a flipped choice of expert costs more than any rounding)."""
+
+    def __init__(self, cfg, quant: dict):
+        super().__init__()
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.router = Linear()
+        self.gate_up_proj = ExpertLinear(quant)
+        self.down_proj = ExpertLinear(quant)
+
+    def route(self, x):
+        """(weights fp32 [T, k], expert ids [T, k]); logits in the model dtype, as HF's router computes them."""
+        return kernels.route_topk(self.router(x), self.top_k, self.renormalize)
+
+    def forward(self, x):
+        weights, ids = self.route(x)
+        return kernels.moe_experts(x, self.gate_up_proj.experts, self.down_proj.experts, weights, ids)
+
+
 class MLP(nn.Module):
     def __init__(self, quant: dict):
         super().__init__()

@@ -13,7 +13,7 @@ from torch import nn
 from lmconvert import kernels
 from lmconvert.config import ModelConfig
 from lmconvert.errors import UserError
-from lmconvert.runtime.layers import MLP, Attention, Linear, RMSNorm
+from lmconvert.runtime.layers import MLP, Attention, Linear, RMSNorm, SparseMoE
 
 # engine suffix (before ".weight" / ".qweight" / ...) -> module path inside a DecoderLayer
 LAYER_MODULES = {
@@ -25,16 +25,19 @@ LAYER_MODULES = {
     "k_norm": "self_attn.k_norm",
     "gate_up_proj": "mlp.gate_up_proj",
     "down_proj": "mlp.down_proj",
+    "router": "mlp.router",
+    "experts.gate_up_proj": "mlp.gate_up_proj",
+    "experts.down_proj": "mlp.down_proj",
 }
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: dict):
+    def __init__(self, cfg: ModelConfig, quant: dict, index: int = 0):
         super().__init__()
         self.input_norm = RMSNorm(cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, quant)
         self.post_attn_norm = RMSNorm(cfg.rms_norm_eps)
-        self.mlp = MLP(quant)
+        self.mlp = SparseMoE(cfg, quant) if cfg.is_moe_layer(index) else MLP(quant)
 
     def forward(self, positions, hidden, residual, rope_cache):
         if residual is None:
@@ -50,7 +53,7 @@ class DecoderLayer(nn.Module):
         """tensors: engine suffix names ("qkv_proj.weight", "o_proj.qweight", ...) of this layer."""
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
-            module, attr = name.rsplit(".", 1)
+            module, attr = name.rsplit(".", 1)  # "experts.down_proj.qweight" -> "experts.down_proj", "qweight"
             grouped.setdefault(module, {})[attr] = t
         for module, attrs in grouped.items():
             target = self.get_submodule(LAYER_MODULES[module])
@@ -65,7 +68,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         quant = cfg.quantization or {}
-        self.layers = nn.ModuleList(DecoderLayer(cfg, quant) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quant, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.lm_head_quantization)
         self.embed_tokens = None
