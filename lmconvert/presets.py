@@ -15,5 +15,16 @@ PRESETS = {
                         num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
                         rms_norm_eps=1e-6, qkv_bias=True, eos_token_ids=[151645, 151643]),
 }
+# mixture of experts: Qwen3-MoE's dense intermediate_size is unused (no mlp_only_layers), kept as its config has it
+PRESETS["qwen3-30b-a3b"] = dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                                num_kv_heads=4, arch="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+                                moe_intermediate_size=768, norm_topk_prob=True)
+PRESETS["qwen3-235b-a22b"] = dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=94, num_heads=64,
+                                  num_kv_heads=4, arch="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+                                  moe_intermediate_size=1536, norm_topk_prob=True)
+PRESETS["mixtral-8x7b"] = dict(arch="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                               num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                               max_position_embeddings=32768, rms_norm_eps=1e-5, bos_token_id=1, eos_token_ids=[2],
+                               num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336, norm_topk_prob=True)
 # Qwen's own W4 releases of the 72B pad the MLP to 29696 (232 groups of 128): 29568 splits over no tp > 1 at g128
 PRESETS["qwen2.5-72b-awq"] = dict(PRESETS["qwen2.5-72b"], intermediate_size=29696)

@@ -38,7 +38,7 @@ ARCH_CONFIGS = {
         head_dim=16, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         norm_topk_prob=True, mlp_only_layers=[1])),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=8,
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=8,
         tie_word_embeddings=False)),
 }
 MOE_ARCHS = ("qwen3_moe", "mixtral")

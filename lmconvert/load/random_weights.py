@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmconvert.arch import LAYER_LINEARS, get_arch
+from lmconvert.arch import ATTENTION_LINEARS, DENSE_MLP_LINEARS, EXPERT_LINEARS, ROUTER, get_arch
 from lmconvert.config import ModelConfig, with_quantized_head
 from lmconvert.errors import UserError
 from lmconvert.presets import PRESETS
@@ -62,21 +62,23 @@ class RandomModel:
         t = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32) * std
         return t.to(self.config.torch_dtype)
 
-    def _linear(self, out_f: int, in_f: int, gen, quant: dict | None = None) -> dict[str, torch.Tensor]:
-        """quant: the linear's block (default: the layers')."""
+    def _linear(self, out_f: int, in_f: int, gen, quant: dict | None = None, experts: int = 0) -> dict[str, torch.Tensor]:
+        """quant: the linear's block (default: the layers'); experts: stack that many copies on a leading dim."""
         quant = self.quant if quant is None else quant
+        lead = (experts,) if experts else ()
         std = in_f**-0.5
         bits, dtype = quant.get("bits"), self.config.torch_dtype
         if bits is None:
-            return {"weight": self._normal((out_f, in_f), std, gen)}
+            return {"weight": self._normal((*lead, out_f, in_f), std, gen)}
         G = quant.get("group_size") or in_f
         if in_f % G:
             raise UserError(f"group size {G} does not divide the input dim {in_f}")
-        scales = torch.full((in_f // G, out_f), std / (4.6 if bits == 4 else 73.0), dtype=dtype, device=self.device)
+        scales = torch.full((*lead, in_f // G, out_f), std / (4.6 if bits == 4 else 73.0), dtype=dtype,
+                            device=self.device)
         if bits == 8:
-            q = torch.randint(-127, 128, (in_f, out_f), generator=gen, device=self.device, dtype=torch.int8)
+            q = torch.randint(-127, 128, (*lead, in_f, out_f), generator=gen, device=self.device, dtype=torch.int8)
             return {"qweight": q, "scales": scales}
-        words = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), generator=gen, device=self.device,
+        words = torch.randint(-2**31, 2**31 - 1, (*lead, in_f // 8, out_f), generator=gen, device=self.device,
                               dtype=torch.int32)
         return {"qweight": words, "scales": scales, "zeros": torch.full_like(scales, 8.0)}
 
@@ -96,10 +98,16 @@ class RandomModel:
         ones = lambda n: torch.ones(n, dtype=c.torch_dtype, device=self.device)  # noqa: E731
         shapes = {"qkv_proj": (c.q_size + 2 * c.kv_size, c.hidden_size), "o_proj": (c.hidden_size, c.q_size),
                   "gate_up_proj": (2 * c.intermediate_size, c.hidden_size),
-                  "down_proj": (c.hidden_size, c.intermediate_size)}
+                  "down_proj": (c.hidden_size, c.intermediate_size),
+                  "experts.gate_up_proj": (2 * c.moe_intermediate_size, c.hidden_size),
+                  "experts.down_proj": (c.hidden_size, c.moe_intermediate_size)}
         out = {"input_norm.weight": ones(c.hidden_size), "post_attn_norm.weight": ones(c.hidden_size)}
-        for name in LAYER_LINEARS:
-            out.update({f"{name}.{k}": v for k, v in self._linear(*shapes[name], gen).items()})
+        moe = c.is_moe_layer(i)
+        for name in ATTENTION_LINEARS + (EXPERT_LINEARS if moe else DENSE_MLP_LINEARS):
+            experts = c.num_experts if name in EXPERT_LINEARS else 0
+            out.update({f"{name}.{k}": v for k, v in self._linear(*shapes[name], gen, experts=experts).items()})
+        if moe:
+            out[ROUTER] = self._normal((c.num_experts, c.hidden_size), c.hidden_size**-0.5, gen)
         if c.qkv_bias:
             out["qkv_proj.bias"] = self._normal((c.q_size + 2 * c.kv_size,), 0.02, gen)
         if c.qk_norm:

@@ -62,6 +62,9 @@ class QuantConfig:
             raise UserError(f"activation bits {self.activation_bits}: 16, or 8 with --w8a8")
         if self.activation_bits == 8:
             self._validate_w8a8()
+            if cfg.num_experts:
+                raise UserError("--w8a8 does not take mixture-of-experts models yet (the experts' kernels are "
+                                "weight-only): use --w4 or --w8")
         if self.quantize_lm_head and self.activation_bits == 8:
             raise UserError("--quant-lm-head goes with --w4 or --w8: W8A8 keeps lm_head in 16 bits")
         if cfg.quantization:

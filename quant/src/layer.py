@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lmconvert import kernels
 from lmconvert.config import ModelConfig
 from lmconvert.arch import LAYER_LINEARS as LINEARS
-from lmconvert.runtime.layers import causal_mask
+from lmconvert.runtime.layers import ExpertLinear, SparseMoE, causal_mask
 from lmconvert.runtime.model import LAYER_MODULES, DecoderLayer
 
 CHUNK_TOKENS = 2048  # MLP work is done in slices of this many tokens to bound the activations' memory
@@ -22,14 +22,17 @@ CHUNK_TOKENS = 2048  # MLP work is done in slices of this many tokens to bound t
 
 class CalibLayer:
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device,
-                 rope_cache: torch.Tensor, seqlen: int, quant: dict | None = None):
+                 rope_cache: torch.Tensor, seqlen: int, quant: dict | None = None, index: int = 0):
         """quant: an engine quantization block to run the layer as the engine will (its tensors then in the
-        engine layout: integer codes stay integers, the rest goes to fp32)."""
+        engine layout: integer codes stay integers, the rest goes to fp32). index: the layer's (which FFN it has)."""
         self.cfg, self.device, self.rope_cache, self.seqlen = cfg, device, rope_cache, seqlen
-        self.layer = DecoderLayer(cfg, quant or {})
+        self.layer = DecoderLayer(cfg, quant or {}, index)
         self.layer.load({k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
                          for k, v in tensors.items()})
-        self.linear = {name: self.layer.get_submodule(LAYER_MODULES[name]) for name in LINEARS}
+        # a mixture-of-experts layer: its experts are quantized apart (quant/src/moe_layer.py), the dict holds the rest
+        self.moe = self.layer.mlp if isinstance(self.layer.mlp, SparseMoE) else None
+        names = LINEARS[:2] if self.moe is not None else LINEARS
+        self.linear = {name: self.layer.get_submodule(LAYER_MODULES[name]) for name in names}
         self.norm = {"input_norm": self.layer.input_norm, "post_attn_norm": self.layer.post_attn_norm}
 
     # ---- blocks ------------------------------------------------------------------------------------
@@ -65,12 +68,15 @@ class CalibLayer:
         """MLP block on normed input x [T, hidden], in token slices."""
         outs, downs = [], []
         for part in x.split(CHUNK_TOKENS):
+            if self.moe is not None:
+                outs.append(self.moe(part))
+                continue
             act = kernels.silu_mul(self.layer.mlp.gate_up_proj(part))
             outs.append(self.layer.mlp.down_proj(act))
             if capture_down_input:
                 downs.append(act)
         out = torch.cat(outs)
-        return (out, torch.cat(downs)) if capture_down_input else out
+        return (out, torch.cat(downs) if downs else None) if capture_down_input else out
 
     def linear_inputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """fp forward of the layer on its input stream h: the input of every linear."""
@@ -78,6 +84,8 @@ class CalibLayer:
         attn, o_in = self.attention(x_attn, capture_o_input=True)
         x_mlp = self.mlp_norm(h + attn)
         del attn
+        if self.moe is not None:  # experts take their routed rows of x_mlp
+            return {"qkv_proj": x_attn, "o_proj": o_in}
         _, down_in = self.mlp(x_mlp, capture_down_input=True)
         return {"qkv_proj": x_attn, "o_proj": o_in, "gate_up_proj": x_mlp, "down_proj": down_in}
 
@@ -106,9 +114,10 @@ class CalibLayer:
             for attr in ("weight", "bias"):
                 t = getattr(module, attr, None)
                 if isinstance(t, torch.Tensor) and name:
-                    out[f"{_engine_name(name)}.{attr}"] = t
+                    out[f"{_engine_name(name, module)}.{attr}"] = t
         return out
 
 
-def _engine_name(module_path: str) -> str:
-    return module_path.rsplit(".", 1)[-1]
+def _engine_name(module_path: str, module) -> str:
+    name = module_path.rsplit(".", 1)[-1]
+    return f"experts.{name}" if isinstance(module, ExpertLinear) else name

@@ -114,7 +114,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
                 out = quantize_layer_plain(tensors, qc.bits, qc.group_size, qc.symmetric, dtype)
                 loss = ""
             else:
-                layer = CalibLayer(cfg, tensors, device, rope, qc.calib_seqlen)
+                layer = CalibLayer(cfg, tensors, device, rope, qc.calib_seqlen, index=i)
                 del tensors
                 if qc.activation_bits == 8:
                     out, h, stats = quantize_layer_w8a8(layer, h, qc, dtype)

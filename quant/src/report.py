@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from lmconvert.quant.moe_layer import MIN_EXPERT_TOKENS
 from lmconvert.quant.quantize import QuantResult
 
 
@@ -21,3 +22,7 @@ def print_summary(result: QuantResult, console: Console | None = None) -> None:
         rtn = sum(s.loss_rtn for s in result.layers) / len(result.layers)
         ours = sum(s.loss for s in result.layers) / len(result.layers)
         console.print(f"  layer error mean relative output error: round-to-nearest {rtn:.2e} -> {result.method} {ours:.2e}")
+        fallbacks = sum(s.expert_fallbacks for s in result.layers)
+        if fallbacks:
+            console.print(f"  experts     {fallbacks} expert(s) got fewer than {MIN_EXPERT_TOKENS} calibration tokens: "
+                          "rounded on a plain min/max grid (more --calib-samples routes tokens to more experts)")

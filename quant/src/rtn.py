@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmconvert.arch import EXPERT_LINEARS
 from lmconvert.quant.layer import LINEARS
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
@@ -24,12 +25,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetri
 
 def quantize_layer_plain(tensors: dict[str, torch.Tensor], bits: int, group_size: int | None, symmetric: bool,
                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Engine tensors of one layer with every decoder linear rounded to nearest; the rest cast to dtype."""
+    """Engine tensors of one layer with every decoder linear (each expert's too) rounded to nearest; the rest
+    (norms, biases, the router) cast to dtype."""
     out = {}
     for name, t in tensors.items():
         module, attr = name.rsplit(".", 1)
-        if module not in LINEARS or attr != "weight":
-            out[name] = t.to(dtype)
-        else:
+        if module in LINEARS and attr == "weight":
             out.update({f"{module}.{k}": v for k, v in quantize_weight(t, bits, group_size, symmetric, dtype).items()})
+        elif module in EXPERT_LINEARS and attr == "weight":
+            per_expert = [quantize_weight(w, bits, group_size, symmetric, dtype) for w in t]
+            out.update({f"{module}.{k}": torch.stack([p[k] for p in per_expert]) for k in per_expert[0]})
+        else:
+            out[name] = t.to(dtype)
     return out

@@ -10,7 +10,8 @@ from lmconvert.quant.awq import SCALE_GROUPS, QuantSpec, choose_scale, fold_scal
 from lmconvert.quant.config import QuantConfig
 from lmconvert.quant.gptq import gptq_round, group_gram, hessian
 from lmconvert.quant.grid import fit_grid
-from lmconvert.quant.layer import LINEARS, CalibLayer
+from lmconvert.quant.layer import CalibLayer
+from lmconvert.quant.moe_layer import quantize_experts
 from lmconvert.quant.primitives import fake_quantize, group_params, grid_values, pack_w4, round_to_grid
 
 
@@ -21,6 +22,7 @@ KEEP_QK = False
 class LayerStats:
     loss_rtn: float  # relative squared error of the attention + MLP outputs with round-to-nearest weights
     loss: float  # the same with the weights as written
+    expert_fallbacks: int = 0  # experts with too few calibration tokens, rounded on a plain grid (moe_layer.py)
 
 
 class BlockProbe:
@@ -40,12 +42,16 @@ class BlockProbe:
 
 
 def rtn_loss(layer: CalibLayer, probe: BlockProbe, spec: QuantSpec) -> float:
-    weights = {name: layer.weight(name) for name in LINEARS}
-    for name, w in weights.items():
-        layer.set_weight(name, fake_quantize(w, spec.bits, spec.group_size, spec.symmetric, 1.0, spec.dtype))
+    modules = list(layer.linear.values())
+    if layer.moe is not None:
+        modules += [layer.moe.gate_up_proj, layer.moe.down_proj]
+    weights = [m.weight for m in modules]
+    for m, w in zip(modules, weights):  # an expert stack's rows are [E * N, K]: groups run along K either way
+        rows = w.reshape(-1, w.shape[-1])
+        m.weight = fake_quantize(rows, spec.bits, spec.group_size, spec.symmetric, 1.0, spec.dtype).view_as(w)
     loss = probe.loss(layer)
-    for name, w in weights.items():
-        layer.set_weight(name, w)
+    for m, w in zip(modules, weights):
+        m.weight = w
     return loss
 
 
@@ -66,13 +72,13 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
 
     # 2. AWQ scales, folded into the op before each linear (x is rescaled with them)
     if qc.search_scale:
-        for group in SCALE_GROUPS:
+        for group in (g for g in SCALE_GROUPS if g.linear in layer.linear):
             s = choose_scale(layer, group, inputs[group.linear], n_loss, spec, qc.grid, score_steps if qc.clip else None)
             fold_scale(layer, group, s, inputs[group.linear], spec.dtype)
 
     # 3. the quantization grid of every linear (after all folds): ranges and zero points fitted to its inputs
     grids = {}  # name -> (scales, zeros)
-    for name in LINEARS:
+    for name in layer.linear:
         w = layer.weight(name)
         if qc.clip:
             keep = slice(0, layer.cfg.q_size + layer.cfg.kv_size) if name == "qkv_proj" and KEEP_QK else None
@@ -99,18 +105,28 @@ def quantize_layer_w4(layer: CalibLayer, h: torch.Tensor, qc: QuantConfig, spec:
     h = h + layer.linear["o_proj"](o_in)
     del o_in
     x_mlp = layer.mlp_norm(h)
+    if layer.moe is not None:  # experts: each on its routed tokens
+        expert_tensors, fallbacks = quantize_experts(layer, x_mlp, qc, spec, n_loss)
+        h = h + layer.mlp(x_mlp)
+        return _engine_tensors(layer, codes, grids, spec, expert_tensors), h, \
+            LayerStats(loss_rtn, probe.loss(layer), fallbacks)
     round_linear("gate_up_proj", x_mlp)
     _, down_in = layer.mlp(x_mlp, capture_down_input=True)
     del x_mlp
     round_linear("down_proj", down_in)
     h = h + layer.linear["down_proj"](down_in)
     del down_in
+    return _engine_tensors(layer, codes, grids, spec), h, LayerStats(loss_rtn, probe.loss(layer))
 
-    tensors = {}
+
+def _engine_tensors(layer: CalibLayer, codes: dict, grids: dict, spec: QuantSpec, packed: dict | None = None) -> dict:
+    """The layer's engine tensors: rounded linears packed, the rest (norms, biases, router) cast to the engine
+    dtype; packed: tensors already in the engine layout (the experts')."""
+    tensors = dict(packed or {})
     for name, t in layer.tensors().items():
         module, attr = name.rsplit(".", 1)
         if module in codes and attr == "weight":
             tensors.update({f"{module}.{k}": v.cpu() for k, v in pack_w4(codes[module], *grids[module], spec.dtype).items()})
-        else:
+        elif f"{module}.qweight" not in tensors:
             tensors[name] = t.to(device="cpu", dtype=spec.dtype)
-    return tensors, h, LayerStats(loss_rtn, probe.loss(layer))
+    return tensors

@@ -137,7 +137,10 @@ class ExpertLinear(Linear):
             setattr(self, key, value.contiguous())
         if self.bits == 8 and not self.group_size:  # per output channel: one group spanning K
             self.group_size = self.qweight.shape[1]
-        self.experts = kernels.Experts(self.bits, self.group_size, self.weight, self.qweight, self.scales, self.zeros)
+
+    @property
+    def experts(self) -> kernels.Experts:
+        return kernels.Experts(self.bits, self.group_size, self.weight, self.qweight, self.scales, self.zeros)
 
     @property
     def out_features(self) -> int:
