@@ -164,3 +164,78 @@ def test_w8a8_refuses_moe(tiny_engine, tmp_path):
     with pytest.raises(UserError, match="mixture-of-experts"):
         quantize(tiny_engine("mixtral"), tmp_path / "w8a8", QuantConfig(bits=8, activation_bits=8, device="cpu"))
     assert not (tmp_path / "w8a8").exists()
+
+
+def write_gguf(ckpt_dir, dst):
+    """The tiny HF MoE checkpoint as llama.cpp's converter lays it out (F32): experts stacked per layer
+    (ffn_{gate,up,down}_exps), router ffn_gate_inp; Mixtral as a "llama" with an expert count and permuted q/k."""
+    import gguf
+    from safetensors import safe_open
+
+    hf = json.loads((ckpt_dir / "config.json").read_text())
+    mixtral = hf["model_type"] == "mixtral"
+    arch = "llama" if mixtral else "qwen3moe"
+    with safe_open(ckpt_dir / "model.safetensors", "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    w = gguf.GGUFWriter(str(dst), arch)
+    heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+    for key, value in (("block_count", hf["num_hidden_layers"]), ("context_length", hf["max_position_embeddings"]),
+                       ("embedding_length", hf["hidden_size"]), ("feed_forward_length", hf["intermediate_size"]),
+                       ("attention.head_count", heads), ("attention.head_count_kv", kv_heads),
+                       ("expert_count", hf["num_local_experts"]), ("expert_used_count", hf["num_experts_per_tok"])):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", hf["rms_norm_eps"])
+    w.add_float32(f"{arch}.rope.freq_base", hf["rope_parameters"]["rope_theta"])
+    if not mixtral:
+        w.add_uint32(f"{arch}.expert_feed_forward_length", hf["moe_intermediate_size"])
+        w.add_uint32(f"{arch}.attention.key_length", hf["head_dim"])
+
+    def permute(t, n):  # llama.cpp's rope layout for llama-arch q/k rows (what the loader undoes)
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    moe = "block_sparse_moe" if mixtral else "mlp"
+    parts = {"w1": "gate", "w3": "up", "w2": "down"} if mixtral else {p: p[:-5] for p in ("gate_proj", "up_proj", "down_proj")}
+    tensors = {names[k]: v for k, v in sd.items() if k in names}
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+                 "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                 "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": f"{moe}.gate",
+                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+        for g, h in layer.items():
+            if p + h + ".weight" in sd:
+                t = sd[p + h + ".weight"]
+                if mixtral and g in ("attn_q", "attn_k"):
+                    t = permute(t, heads if g == "attn_q" else kv_heads)
+                tensors[f"blk.{i}.{g}.weight"] = t
+        if p + f"{moe}.gate.weight" in sd:
+            for src, dst_name in parts.items():
+                stacked = torch.stack([sd[p + f"{moe}.experts.{e}.{src}.weight"] for e in range(hf["num_local_experts"])])
+                tensors[f"blk.{i}.ffn_{dst_name}_exps.weight"] = stacked
+    for name, t in tensors.items():
+        w.add_tensor(name, t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_gguf_moe_round_trip(arch, tiny_checkpoint, tiny_engine, tmp_path):
+    """HF -> GGUF (llama.cpp's MoE layout) -> lmconvert: the same config and the same engine tensors, bit for bit."""
+    from lmconvert.convert import ConvertedModel
+    from lmconvert.load import GGUFCheckpoint
+
+    gguf_model = ConvertedModel(GGUFCheckpoint(write_gguf(tiny_checkpoint(arch), tmp_path / "m.gguf")), "fp32")
+    engine = open_engine(tiny_engine(arch))
+    assert gguf_model.ckpt.arch.name == arch
+    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers"):
+        assert getattr(gguf_model.config, field) == getattr(engine.config, field), field
+    for i in range(engine.config.num_layers):
+        got, want = gguf_model.layer_tensors(i), engine.layer_tensors(i)
+        assert set(got) == set(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (i, name)

@@ -56,7 +56,9 @@ class GGUFCheckpoint:
         self.path = path
         self.tensors = {t.name: t for t in self.reader.tensors}
         model_type = self.meta("general.architecture")
-        self.arch = resolve_arch(arch, model_type)
+        # llama.cpp writes Mixtral as a "llama" with experts
+        declared = "mixtral" if model_type == "llama" and self.meta("llama.expert_count") else model_type
+        self.arch = resolve_arch(arch, declared)
         self.config = self._model_config(model_type)
         self.generation_config = {k: v for k, v in (("bos_token_id", self.config.bos_token_id),
                                                     ("eos_token_id", self.config.eos_token_ids)) if v}
@@ -105,6 +107,21 @@ class GGUFCheckpoint:
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=merge_ids(as_id_list(self.meta("tokenizer.ggml.eos_token_id")),
                                     as_id_list(self.meta("tokenizer.ggml.eot_token_id"))),
+            **self._moe_fields(prefix, hp),
+        )
+
+    def _moe_fields(self, prefix: str, hp) -> dict:
+        """Experts from the metadata; a layer without a router tensor has a dense FFN."""
+        if not self.arch.moe:
+            return {}
+        layers = int(hp("block_count"))
+        return dict(
+            num_experts=int(hp("expert_count")),
+            num_experts_per_tok=int(hp("expert_used_count")),
+            moe_intermediate_size=int(self.meta(f"{prefix}.expert_feed_forward_length") or hp("feed_forward_length")),
+            # llama.cpp renormalizes the top-k weights of Mixtral and Qwen3-MoE unless the file says otherwise
+            norm_topk_prob=bool(self.meta(f"{prefix}.expert_weights_norm", True)),
+            dense_layers=[i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in self.tensors],
         )
 
     def has(self, name: str) -> bool:
