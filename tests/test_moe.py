@@ -239,3 +239,41 @@ def test_gguf_moe_round_trip(arch, tiny_checkpoint, tiny_engine, tmp_path):
         assert set(got) == set(want)
         for name in want:
             assert torch.equal(got[name], want[name]), (i, name)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_tp2_matches_tp1(arch, tiny_engine):
+    """Every expert's intermediate dim split over 2 ranks (gloo), router replicated: tp=1's logits and tokens."""
+    path = str(tiny_engine(arch))
+    kw = dict(device="cpu", num_cache_tokens=512, block_size=4, max_num_batched_tokens=16)
+    prompts = [random_ids(21, seed=1), random_ids(9, seed=2)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    one = LLMEngine(path, **kw)
+    ids = random_ids(40, seed=3)
+    ref_logits, ref_out = one.logits(ids), one.generate(prompts, params)
+    two = LLMEngine(path, tp=2, **kw)
+    try:
+        assert (two.logits(ids) - ref_logits).abs().max().item() <= 1e-5
+        assert [o.token_ids for o in two.generate(prompts, params)] == [o.token_ids for o in ref_out]
+    finally:
+        two.close()
+
+
+def test_tp2_w4_experts_match_tp1(tmp_path):
+    """W4 g32 experts: the row split of down_proj falls on group boundaries (I 64 / 2 ranks = one group each)."""
+    from lmconvert.config import ModelConfig
+    from lmconvert.convert import write_engine
+    from lmconvert.load.random_weights import RandomModel
+
+    cfg = ModelConfig(arch="qwen3_moe", vocab_size=321, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, dtype="fp32", max_position_embeddings=512,
+                      eos_token_ids=[256], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      norm_topk_prob=True, dense_layers=[1])
+    path = str(write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32}), tmp_path / "e", False, "tiny moe w4"))
+    ids = random_ids(30, seed=4)
+    ref = LLMEngine(path, device="cpu", num_cache_tokens=256).logits(ids)
+    two = LLMEngine(path, tp=2, device="cpu", num_cache_tokens=256)
+    try:
+        assert (two.logits(ids) - ref).abs().max().item() <= 1e-5
+    finally:
+        two.close()

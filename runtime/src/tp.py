@@ -6,6 +6,9 @@ local config (its share of heads and MLP width), loads it from a ShardedSource a
                    gate_up_proj (gate and up split separately), lm_head (vocab, padded; logits all-gathered)
   row-parallel:    o_proj, down_proj (input dim split, output all-reduced; a bias stays on rank 0)
   replicated:      norms, q/k norms, the embedding table
+Mixture-of-experts layers split every expert's intermediate dim the same way (experts.gate_up_proj column-,
+experts.down_proj row-parallel); the router is replicated, so every rank routes each token alike and the
+MoE output is a partial sum like down_proj's.
 A row-parallel output always feeds a residual add + RMSNorm (post-attention norm, the next layer's input
 norm, the final norm), so the all-reduce happens there: on GPUs with P2P access, decode-sized batches take
 one fused kernel (kernels/src/allreduce_norm.py), larger ones NCCL followed by the norm.
@@ -36,14 +39,16 @@ _gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_
 def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
     """The config one rank builds its model from: its heads and MLP width (vocab stays global)."""
     problems = [f"{what} {n}" for what, n in (("attention heads", cfg.num_heads),
-                                              ("intermediate size", cfg.intermediate_size)) if n % world]
+                                              ("intermediate size", cfg.intermediate_size),
+                                              ("expert intermediate size", cfg.moe_intermediate_size)) if n % world]
     nkv = cfg.num_kv_heads
     if (nkv % world if nkv >= world else world % nkv):
         problems.append(f"KV heads {nkv}")
     if problems:
         raise UserError(f"--tp {world} does not divide the model's {', '.join(problems)}")
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=max(1, nkv // world),
-                               intermediate_size=cfg.intermediate_size // world)
+                               intermediate_size=cfg.intermediate_size // world,
+                               moe_intermediate_size=cfg.moe_intermediate_size // world)
 
 
 def kv_heads(cfg: ModelConfig, rank: int, world: int) -> range:
@@ -62,14 +67,16 @@ def column_segments(module: str, cfg: ModelConfig, rank: int, world: int) -> lis
         heads = kv_heads(cfg, rank, world)
         k = (cfg.q_size + heads.start * D, len(heads) * D)
         return [(rank * q, q), k, (k[0] + cfg.kv_size, k[1])]
-    if module == "gate_up_proj":
-        n = cfg.intermediate_size // world
-        return [(rank * n, n), (cfg.intermediate_size + rank * n, n)]
+    if module in ("gate_up_proj", "experts.gate_up_proj"):
+        full = cfg.intermediate_size if module == "gate_up_proj" else cfg.moe_intermediate_size
+        n = full // world
+        return [(rank * n, n), (full + rank * n, n)]
     raise KeyError(module)
 
 
 def take_columns(t: torch.Tensor, attr: str, segments: list[tuple[int, int]]) -> torch.Tensor:
-    dim = -1 if attr in QUANT_ATTRS else 0  # nn.Linear weight / bias: [N, K] / [N]; quantized: [., N]
+    # nn.Linear weight / bias: [(E,) N, K] / [N]; quantized: [(E,) ., N]
+    dim = -1 if attr in QUANT_ATTRS or attr == "bias" else -2
     return torch.cat([t.narrow(dim, s, n) for s, n in segments], dim)  # a copy: the full tensor can go
 
 
@@ -77,7 +84,7 @@ def take_rows(t: torch.Tensor, attr: str, rank: int, world: int, name: str) -> t
     """Row-parallel share of the input dim K; None for a bias off rank 0 (added once, before the all-reduce)."""
     if attr == "bias":
         return t if rank == 0 else None
-    dim = 0 if attr in QUANT_ATTRS else 1
+    dim = -2 if attr in QUANT_ATTRS else -1  # quantized: [(E,) K or K/8 or K/G, N]; nn.Linear: [(E,) N, K]
     rows = t.shape[dim]
     if attr != "weight" and rows == 1:  # W8 per-channel scales: one group spanning K, the same on every rank
         return t
@@ -139,9 +146,9 @@ class ShardedSource:
             if attr == "input_perm":
                 if module in ("o_proj", "down_proj"):
                     t = shard_input_perm(t, self.rank, self.world, f"layers.{i}.{name}")
-            elif module in ("qkv_proj", "gate_up_proj"):
+            elif module in ("qkv_proj", "gate_up_proj", "experts.gate_up_proj"):
                 t = take_columns(t, attr, column_segments(module, self.full_config, self.rank, self.world))
-            elif module in ("o_proj", "down_proj"):
+            elif module in ("o_proj", "down_proj", "experts.down_proj"):
                 t = take_rows(t, attr, self.rank, self.world, f"layers.{i}.{name}")
             if t is not None:
                 out[name] = t
