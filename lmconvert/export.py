@@ -89,6 +89,8 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
     cfg, quant = engine.config, engine.config.quantization
     if quant.get("bits") != 4:
         raise UserError(f"{src} is not a W4 engine: only W4 engines can be exported to {fmt}")
+    if cfg.num_experts:
+        raise UserError(f"{src} is a mixture-of-experts engine: exporting experts to {fmt} is not supported yet")
     if cfg.lm_head_quantization:
         raise UserError(f"{src} has a quantized lm_head (--quant-lm-head), which {fmt} checkpoints keep in 16 bits; "
                         "quantize without --quant-lm-head to export")

@@ -55,6 +55,18 @@ def moe_fields(arch: Arch, cfg: dict) -> dict:
     )
 
 
+def hf_moe_fields(cfg: ModelConfig) -> dict:
+    """moe_fields' inverse: the HF config keys of a ModelConfig's experts (for a transformers model of its shape)."""
+    if not cfg.num_experts:
+        return {}
+    if cfg.arch == "mixtral":  # experts are `intermediate_size` wide, renormalized always, no dense layers
+        return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+                "intermediate_size": cfg.moe_intermediate_size}
+    return {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+            "mlp_only_layers": list(cfg.dense_layers), "decoder_sparse_step": 1}
+
+
 def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConfig:
     cfg = {**cfg, **(cfg.get("text_config") or {})}  # multimodal wrappers nest the decoder's config
     try:

@@ -42,6 +42,9 @@ class QuantizedHFCheckpoint(HFCheckpoint):
     def __init__(self, root: Path, arch: str = "auto"):
         super().__init__(root, arch)
         self.format, self.info = format_info(quantization_config(root))
+        if self.arch.moe:
+            raise UserError(f"{root}: importing a pre-quantized mixture-of-experts checkpoint ({self.format}) is not "
+                            "supported yet; convert the full-precision model and quantize it with lmconvert")
         c = self.config
         in_dims = {"q_proj": c.hidden_size, "k_proj": c.hidden_size, "v_proj": c.hidden_size, "o_proj": c.q_size,
                    "gate_proj": c.hidden_size, "up_proj": c.hidden_size, "down_proj": c.intermediate_size}

@@ -95,10 +95,12 @@ def hf_equivalent(config, device: torch.device, dtype: torch.dtype):
     """A transformers model of the same architecture and sizes (random weights: only its speed is used)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lmconvert.load.hparams import hf_moe_fields
+
     rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
     hf_config = AutoConfig.for_model(
-        config.arch, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        config.arch, **{"intermediate_size": config.intermediate_size, **hf_moe_fields(config)},
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
         rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_word_embeddings, rope_parameters=rope, rope_theta=config.rope_theta)
