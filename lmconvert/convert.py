@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.progress import TextColumn
 
-from lmconvert.arch import FUSED_MODULES
+from lmconvert.arch import FUSED_EXPERTS, FUSED_MODULES
 from lmconvert.config import DTYPE_NAMES, W4_GROUP_SIZES, ModelConfig, largest_group_size, parse_dtype
 from lmconvert.engine.format import GLOBAL_NAMES
 from lmconvert.engine.writer import EngineWriter, check_destination
@@ -27,7 +27,7 @@ def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-layer canonical suffixes -> engine suffixes: q/k/v -> qkv_proj, gate/up -> gate_up_proj (rows
     concatenated; an expert stack's rows are its dim -2)."""
     out = dict(tensors)
-    for fused, parts in FUSED_MODULES.items():
+    for fused, parts in {**FUSED_MODULES, **FUSED_EXPERTS}.items():
         for kind in ("weight", "bias"):
             names = [f"{p}.{kind}" for p in parts]
             if all(n in out for n in names):

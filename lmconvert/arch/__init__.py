@@ -17,8 +17,8 @@ from lmconvert.errors import UserError
 FUSED_MODULES = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
-    "experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj"),
 }
+FUSED_EXPERTS = {"experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj")}  # the same, every expert at once
 # The linears of a decoder layer as the engine stores them (what quantization may replace).
 LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ATTENTION_LINEARS = ("qkv_proj", "o_proj")

@@ -127,6 +127,6 @@ def _engine_tensors(layer: CalibLayer, codes: dict, grids: dict, spec: QuantSpec
         module, attr = name.rsplit(".", 1)
         if module in codes and attr == "weight":
             tensors.update({f"{module}.{k}": v.cpu() for k, v in pack_w4(codes[module], *grids[module], spec.dtype).items()})
-        elif f"{module}.qweight" not in tensors:
+        elif not (attr == "weight" and f"{module}.qweight" in tensors):  # an expert stack packed already
             tensors[name] = t.to(device="cpu", dtype=spec.dtype)
     return tensors
