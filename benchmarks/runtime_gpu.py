@@ -164,6 +164,8 @@ def compiled_triton_kernels() -> int:
 
 # (kind, name fragments): the first kind whose fragment is in a kernel's name takes its time
 KERNEL_KINDS = (("all-reduce", ("nccl", "allreduce", "all_reduce")),  # first: the fused all-reduce + norm counts here
+                ("MoE experts", ("moe", "expert")),
+                ("MoE routing", ("softmax", "topk", "sort", "bincount", "cumsum", "scatter", "index")),
                 ("attention", ("paged", "attn", "flash", "_decode", "_prefill", "_merge")),
                 ("W4/W8 GEMV/GEMM", ("gemv", "w4", "w8", "quant", "dequant")),
                 ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "sm90", "xmma")), ("norm", ("norm",)), ("rope", ("rope",)),

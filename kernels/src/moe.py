@@ -69,7 +69,7 @@ def expert_weight(w: Experts, e: int, dtype: torch.dtype) -> torch.Tensor:
 def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[T*k, H] pair outputs -> [T, H]: each token's k outputs weighted and summed in fp32, rounded once."""
     T, k = weights.shape
-    return (pair_out.view(T, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+    return (pair_out.view(T, k, pair_out.shape[-1]).float() * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
 
 
 def moe_experts_ref(x: torch.Tensor, gate_up: Experts, down: Experts, weights: torch.Tensor,
