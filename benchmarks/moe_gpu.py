@@ -86,12 +86,12 @@ def main():
         print("correctness", results["correctness"], flush=True)
         save()
     if "latency" not in skip:
-        for name, quant in (("w4g128", W4), ("w8", W8), ("bf16", None)):
+        for name, quant in (("w4g128", W4), ("bf16", None), ("w8", W8)):
             engine = engine_for(args.preset, quant, 8, 1024)
             r = run_bench(engine, "latency", 1, 512, args.out_len)
             results[f"latency_{name}"] = r.as_dict()
             print(name, f"decode {r.decode_tok_s:.1f} tok/s, ttft {r.ttft_p50_ms:.1f} ms", flush=True)
-            if "profile" not in skip:
+            if "profile" not in skip and name != "w8":
                 results[f"decode_step_profile_{name}"] = decode_step_profile(engine)
                 print("profile", name, results[f"decode_step_profile_{name}"], flush=True)
             spec = (engine.config, engine.device, engine.dtype)
