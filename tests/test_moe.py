@@ -302,3 +302,25 @@ def test_unsupported_moe_paths_are_one_line_errors(tiny_checkpoint, tiny_engine,
     w4 = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32}), tmp_path / "w4", False, "w4")
     with pytest.raises(UserError, match="mixture-of-experts engine"):
         export(w4, "autoawq", tmp_path / "out")
+
+
+def test_cli_random_moe_w4_bench_and_quantize(tiny_checkpoint, tmp_path):
+    """The issue's commands at toy size: a random W4 MoE engine from a config (largest fitting group), benched;
+    `quantize --w4` of an MoE checkpoint; `generate` on the result."""
+    from cli_helpers import run
+
+    result = run("convert", "qwen3_moe", "--from-config", tiny_checkpoint("qwen3_moe"), "--random-weights", "--w4",
+                 "--dst-path", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    quant = json.loads((tmp_path / "r" / "config.json").read_text())["quantization"]
+    assert quant["bits"] == 4 and quant["group_size"] == 32  # moe_intermediate 32 allows no larger group
+    result = run("bench", tmp_path / "r", "--mode", "latency", "--input-len", "16", "--output-len", "8", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["decode_tok_s"] > 0
+    result = run("quantize", "--w4", tiny_checkpoint("qwen3_moe"), "--dst-path", tmp_path / "q", "--calib-samples",
+                 "4", "--calib-seqlen", "32")
+    assert result.exit_code == 0, result.output
+    assert "awq W4 g32" in result.output
+    result = run("generate", tmp_path / "q", "--prompt", "The quick brown fox", "--max-new-tokens", "4",
+                 "--temperature", "0")
+    assert result.exit_code == 0 and result.stdout.strip(), result.output
