@@ -321,6 +321,8 @@ def test_cli_random_moe_w4_bench_and_quantize(tiny_checkpoint, tmp_path):
                  "4", "--calib-seqlen", "32")
     assert result.exit_code == 0, result.output
     assert "awq W4 g32" in result.output
+    result = run("info", tmp_path / "q")
+    assert "8 x 32 wide, top-2 renormalized, dense layers [1]" in result.output
     result = run("generate", tmp_path / "q", "--prompt", "The quick brown fox", "--max-new-tokens", "4",
                  "--temperature", "0")
     assert result.exit_code == 0 and result.stdout.strip(), result.output

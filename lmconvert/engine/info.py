@@ -16,9 +16,14 @@ def print_info(path: str, verify: bool = False, console: Console | None = None) 
     total = sum(f["size"] for f in files.values())
     quant = ", ".join(f"{k}={v}" for k, v in c.quantization.items()) or "none (floating point)"
     summary = Table.grid(padding=(0, 2))
+    experts = []
+    if c.num_experts:
+        dense = f", dense layers {c.dense_layers}" if c.dense_layers else ""
+        experts = [("experts", f"{c.num_experts} x {c.moe_intermediate_size} wide, top-{c.num_experts_per_tok}"
+                               f"{' renormalized' if c.norm_topk_prob else ''}{dense}")]
     for key, value in [
         ("engine", str(engine.path)), ("architecture", c.arch), ("dtype", c.dtype), ("quantization", quant),
-        ("layers", c.num_layers), ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
+        ("layers", c.num_layers), ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"), *experts,
         ("heads / kv heads / head dim", f"{c.num_heads} / {c.num_kv_heads} / {c.head_dim}"),
         ("vocab", c.vocab_size), ("max positions", c.max_position_embeddings),
         ("rope", f"theta={c.rope_theta:g}" + (f", scaling={c.rope_scaling}" if c.rope_scaling else "")),
