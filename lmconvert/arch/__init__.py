@@ -18,7 +18,9 @@ FUSED_MODULES = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
-FUSED_EXPERTS = {"experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj")}  # the same, every expert at once
+# the same for mixture-of-experts layers: every expert at once, and a shared expert (Qwen2-MoE)
+FUSED_EXPERTS = {"experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj"),
+                 "shared_expert.gate_up_proj": ("shared_expert.gate_proj", "shared_expert.up_proj")}
 # The linears of a decoder layer as the engine stores them (what quantization may replace).
 LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ATTENTION_LINEARS = ("qkv_proj", "o_proj")
@@ -27,6 +29,10 @@ DENSE_MLP_LINEARS = ("gate_up_proj", "down_proj")
 # a leading expert dim, [E, out, in] like nn.Linear's per expert.
 EXPERT_LINEARS = ("experts.gate_up_proj", "experts.down_proj")
 ROUTER = "router.weight"
+# Qwen2-MoE adds an always-on shared expert (a dense SwiGLU MLP) scaled by sigmoid(shared_expert_gate x)
+SHARED_EXPERT_LINEARS = ("shared_expert.gate_up_proj", "shared_expert.down_proj")
+SHARED_EXPERT_NAMES = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
+                       "shared_expert.down_proj.weight", "shared_expert_gate.weight")
 
 # canonical name -> HF name; identical across the llama family
 HF_GLOBALS = {
@@ -55,6 +61,10 @@ GGUF_MOE = {
     "experts.gate_proj.weight": "ffn_gate_exps.weight",
     "experts.up_proj.weight": "ffn_up_exps.weight",
     "experts.down_proj.weight": "ffn_down_exps.weight",
+    "shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
 GGUF_GLOBALS = {
     "embed_tokens.weight": "token_embd.weight",
@@ -89,6 +99,8 @@ class Arch:
     hf_router: str | None = None
     hf_expert: dict[str, str] = field(default_factory=dict)  # canonical EXPERT_NAMES -> HF suffix with {e}
     moe_renormalize: bool = False  # renormalize the top-k routing weights when the config does not say
+    gguf_moe_renormalize: bool = True  # the same for GGUF files (llama.cpp's default for the architecture)
+    shared_expert: bool = False  # Qwen2-MoE: SHARED_EXPERT_NAMES beside the routed experts
 
     @property
     def moe(self) -> bool:
@@ -96,16 +108,20 @@ class Arch:
 
     def layer_names(self, moe_layer: bool = False) -> tuple[str, ...]:
         """Canonical per-layer tensor suffixes this architecture has (in a layer whose FFN is experts or not)."""
-        ffn = (ROUTER, *EXPERT_NAMES) if moe_layer else DENSE_MLP_NAMES
+        ffn = (ROUTER, *EXPERT_NAMES, *(SHARED_EXPERT_NAMES if self.shared_expert else ())) if moe_layer \
+            else DENSE_MLP_NAMES
         return ATTENTION_NAMES + ffn + tuple(self.hf_layer_extra)
 
     def hf_name(self, canonical: str) -> str:
         """The HF name of a canonical tensor; an expert tensor's has "{e}" for the expert index."""
-        moe = {ROUTER: self.hf_router, **self.hf_expert} if self.moe else {}
+        moe = {ROUTER: self.hf_router, **self.hf_expert, **_HF_SHARED_EXPERT} if self.moe else {}
         return _source_name(canonical, HF_GLOBALS, {**HF_LAYER, **self.hf_layer_extra, **moe}, "model.layers.{i}.")
 
     def gguf_name(self, canonical: str) -> str:
         return _source_name(canonical, GGUF_GLOBALS, {**GGUF_LAYER, **self.gguf_layer_extra, **GGUF_MOE}, "blk.{i}.")
+
+
+_HF_SHARED_EXPERT = {name: f"mlp.{name}" for name in SHARED_EXPERT_NAMES}
 
 
 def _source_name(canonical: str, globals_: dict, layer: dict, layer_prefix: str) -> str:

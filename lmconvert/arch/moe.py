@@ -1,4 +1,5 @@
 from lmconvert.arch import Arch, register
+from lmconvert.arch.qwen2 import QWEN2
 from lmconvert.arch.qwen3 import QWEN3
 
 # Mixture-of-experts families: a dense family's table plus where the router and each expert's linears live.
@@ -14,6 +15,20 @@ QWEN3_MOE = register(Arch(
     gguf_layer_extra=QWEN3.gguf_layer_extra,
     hf_router="mlp.gate.weight",
     hf_expert=_QWEN_EXPERTS,
+))
+# Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (q/k/v biases), top-k weights not renormalized,
+# plus a shared expert every token goes through.
+QWEN2_MOE = register(Arch(
+    name="qwen2_moe",
+    hf_architectures=("Qwen2MoeForCausalLM",),
+    model_types=("qwen2_moe", "qwen2moe"),  # HF, GGUF
+    qkv_bias=True,
+    hf_layer_extra=QWEN2.hf_layer_extra,
+    gguf_layer_extra=QWEN2.gguf_layer_extra,
+    hf_router="mlp.gate.weight",
+    hf_expert=_QWEN_EXPERTS,
+    gguf_moe_renormalize=False,
+    shared_expert=True,
 ))
 # Mixtral: Mistral's attention, 8 experts top-2, routing weights always renormalized. llama.cpp writes it as a
 # "llama" GGUF with an expert count (GGUFCheckpoint tells the two apart).

@@ -119,9 +119,11 @@ class GGUFCheckpoint:
             num_experts=int(hp("expert_count")),
             num_experts_per_tok=int(hp("expert_used_count")),
             moe_intermediate_size=int(self.meta(f"{prefix}.expert_feed_forward_length") or hp("feed_forward_length")),
-            # llama.cpp renormalizes the top-k weights of Mixtral and Qwen3-MoE unless the file says otherwise
-            norm_topk_prob=bool(self.meta(f"{prefix}.expert_weights_norm", True)),
+            # llama.cpp's default per architecture (Mixtral, Qwen3-MoE renormalize; Qwen2-MoE does not)
+            norm_topk_prob=bool(self.meta(f"{prefix}.expert_weights_norm", self.arch.gguf_moe_renormalize)),
             dense_layers=[i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in self.tensors],
+            shared_expert_intermediate_size=int(self.meta(f"{prefix}.expert_shared_feed_forward_length") or 0)
+            if self.arch.shared_expert else 0,
         )
 
     def has(self, name: str) -> bool:
@@ -146,6 +148,8 @@ class GGUFCheckpoint:
         if self.arch.gguf_permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_heads if name.endswith("q_proj.weight") else self.config.num_kv_heads
             out = unpermute_rows(out, heads)
+        if name.endswith("shared_expert_gate.weight") and out.dim() == 1:  # llama.cpp stores this [1, hidden] row as a vector
+            out = out.unsqueeze(0)
         return out
 
     def load_tokenizer(self):

@@ -52,6 +52,7 @@ def moe_fields(arch: Arch, cfg: dict) -> dict:
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", arch.moe_renormalize)),
         dense_layers=[i for i in range(layers) if i in dense_only or (i + 1) % step],
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if arch.shared_expert else 0,
     )
 
 
@@ -62,9 +63,10 @@ def hf_moe_fields(cfg: ModelConfig) -> dict:
     if cfg.arch == "mixtral":  # experts are `intermediate_size` wide, renormalized always, no dense layers
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
                 "intermediate_size": cfg.moe_intermediate_size}
+    shared = {"shared_expert_intermediate_size": cfg.shared_expert_intermediate_size} if cfg.arch == "qwen2_moe" else {}
     return {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
             "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
-            "mlp_only_layers": list(cfg.dense_layers), "decoder_sparse_step": 1}
+            "mlp_only_layers": list(cfg.dense_layers), "decoder_sparse_step": 1, **shared}
 
 
 def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmconvert.arch import ATTENTION_LINEARS, DENSE_MLP_LINEARS, EXPERT_LINEARS, ROUTER, get_arch
+from lmconvert.arch import ATTENTION_LINEARS, DENSE_MLP_LINEARS, EXPERT_LINEARS, ROUTER, SHARED_EXPERT_LINEARS, get_arch
 from lmconvert.config import ModelConfig, with_quantized_head
 from lmconvert.errors import UserError
 from lmconvert.presets import PRESETS
@@ -100,14 +100,19 @@ class RandomModel:
                   "gate_up_proj": (2 * c.intermediate_size, c.hidden_size),
                   "down_proj": (c.hidden_size, c.intermediate_size),
                   "experts.gate_up_proj": (2 * c.moe_intermediate_size, c.hidden_size),
-                  "experts.down_proj": (c.hidden_size, c.moe_intermediate_size)}
+                  "experts.down_proj": (c.hidden_size, c.moe_intermediate_size),
+                  "shared_expert.gate_up_proj": (2 * c.shared_expert_intermediate_size, c.hidden_size),
+                  "shared_expert.down_proj": (c.hidden_size, c.shared_expert_intermediate_size)}
         out = {"input_norm.weight": ones(c.hidden_size), "post_attn_norm.weight": ones(c.hidden_size)}
         moe = c.is_moe_layer(i)
-        for name in ATTENTION_LINEARS + (EXPERT_LINEARS if moe else DENSE_MLP_LINEARS):
+        shared = SHARED_EXPERT_LINEARS if moe and c.shared_expert_intermediate_size else ()
+        for name in ATTENTION_LINEARS + (EXPERT_LINEARS + shared if moe else DENSE_MLP_LINEARS):
             experts = c.num_experts if name in EXPERT_LINEARS else 0
             out.update({f"{name}.{k}": v for k, v in self._linear(*shapes[name], gen, experts=experts).items()})
         if moe:
             out[ROUTER] = self._normal((c.num_experts, c.hidden_size), c.hidden_size**-0.5, gen)
+        if shared:
+            out["shared_expert_gate.weight"] = self._normal((1, c.hidden_size), c.hidden_size**-0.5, gen)
         if c.qkv_bias:
             out["qkv_proj.bias"] = self._normal((c.q_size + 2 * c.kv_size,), 0.02, gen)
         if c.qk_norm:

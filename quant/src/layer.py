@@ -119,5 +119,8 @@ class CalibLayer:
 
 
 def _engine_name(module_path: str, module) -> str:
-    name = module_path.rsplit(".", 1)[-1]
+    """The inverse of runtime.model.LAYER_MODULES: "self_attn.q_norm" -> "q_norm", "mlp.shared_expert.down_proj"
+    -> "shared_expert.down_proj", the MoE's "mlp.gate_up_proj" (an ExpertLinear) -> "experts.gate_up_proj"."""
+    head, _, rest = module_path.partition(".")
+    name = rest if head in ("self_attn", "mlp") else module_path
     return f"experts.{name}" if isinstance(module, ExpertLinear) else name

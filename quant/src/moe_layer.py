@@ -6,6 +6,7 @@ attention produced, as the engine will route):
      up), picked by the error of e's down output over a grid of exponents;
   2. the grid (scales, zero points) of gate_up and down fitted to e's inputs, as for a dense linear;
   3. rounding: GPTQ on e's Hessian, or to nearest.
+Qwen2-MoE's shared expert goes the same way on every token.
 gate_up gets no input scaling: its inputs come from the post-attention norm that every expert and the router
 share, so one scale would have to suit all experts at once.
 An expert that receives fewer than MIN_EXPERT_TOKENS calibration tokens falls back to a plain min/max grid
@@ -59,36 +60,45 @@ def _round_plain(w, spec: QuantSpec):
     return round_to_grid(w, scales, zeros, spec.bits), scales, zeros
 
 
+def quantize_mlp(w_gu: torch.Tensor, w_dn: torch.Tensor, x: torch.Tensor, qc: QuantConfig, spec: QuantSpec,
+                 n_loss: int):
+    """One SwiGLU MLP (gate_up [2I, H], down [H, I]) on its inputs x: ((codes, scales, zeros) of gate_up, of down)."""
+    if x.shape[0] < MIN_EXPERT_TOKENS:
+        return _round_plain(w_gu, spec), _round_plain(w_dn, spec)
+    fit_steps = max(1, qc.grid // 2)
+    if qc.search_scale:
+        I = w_dn.shape[1]
+        s = down_scale(w_dn, kernels.silu_mul(F.linear(x, w_gu)), spec, qc.grid, n_loss)
+        w_dn, w_gu = w_dn * s, w_gu.clone()
+        w_gu[I:] /= s.unsqueeze(1)
+    gu = _round(w_gu, x, qc, spec, fit_steps)
+    act_q = kernels.silu_mul(F.linear(x, grid_values(*gu)))  # down sees the quantized gate_up's output
+    return gu, _round(w_dn, act_q, qc, spec, fit_steps)
+
+
 @torch.no_grad()
 def quantize_experts(layer: CalibLayer, x: torch.Tensor, qc: QuantConfig, spec: QuantSpec, n_loss: int):
-    """x [T, hidden]: the MoE block's normed input. Sets the layer's experts to their quantized values and
-    returns (engine tensors "experts.*", number of experts that fell back to the plain grid)."""
+    """x [T, hidden]: the MoE block's normed input. Sets the layer's experts (and shared expert) to their quantized
+    values and returns (engine tensors "experts.*" / "shared_expert.*", experts that fell back to the plain grid)."""
     moe = layer.moe
-    gate_up, down = moe.gate_up_proj, moe.down_proj
     _, ids = moe.route(x)
-    I = down.weight.shape[-1]
-    fit_steps = max(1, qc.grid // 2)
     packed = {"experts.gate_up_proj": [], "experts.down_proj": []}
-    w_gu_all, w_dn_all = gate_up.weight.clone(), down.weight.clone()
+    w_gu_all, w_dn_all = moe.gate_up_proj.weight.clone(), moe.down_proj.weight.clone()
     fallbacks = 0
     for e in range(w_gu_all.shape[0]):
         xe = x[(ids == e).any(dim=-1)]
-        w_gu, w_dn = w_gu_all[e], w_dn_all[e]
-        if xe.shape[0] < MIN_EXPERT_TOKENS:
-            fallbacks += 1
-            gu, dn = _round_plain(w_gu, spec), _round_plain(w_dn, spec)
-        else:
-            if qc.search_scale:
-                act = kernels.silu_mul(F.linear(xe, w_gu))
-                s = down_scale(w_dn, act, spec, qc.grid, n_loss)
-                w_dn, w_gu = w_dn * s, w_gu.clone()
-                w_gu[I:] /= s.unsqueeze(1)
-            gu = _round(w_gu, xe, qc, spec, fit_steps)
-            act_q = kernels.silu_mul(F.linear(xe, grid_values(*gu)))  # down sees the quantized gate_up's output
-            dn = _round(w_dn, act_q, qc, spec, fit_steps)
-        for name, (q, scales, zeros), full in (("experts.gate_up_proj", gu, w_gu_all), ("experts.down_proj", dn, w_dn_all)):
+        fallbacks += xe.shape[0] < MIN_EXPERT_TOKENS
+        quantized = quantize_mlp(w_gu_all[e], w_dn_all[e], xe, qc, spec, n_loss)
+        for name, (q, scales, zeros), full in zip(packed, quantized, (w_gu_all, w_dn_all)):
             full[e] = grid_values(q, scales, zeros)
             packed[name].append({k: v.cpu() for k, v in pack_w4(q, scales, zeros, spec.dtype).items()})
-    gate_up.weight, down.weight = w_gu_all, w_dn_all
+    moe.gate_up_proj.weight, moe.down_proj.weight = w_gu_all, w_dn_all
     tensors = {f"{name}.{k}": torch.stack([p[k] for p in parts]) for name, parts in packed.items() for k in parts[0]}
+    if moe.shared_expert is not None:  # every token reaches it: a dense MLP without the norm-side scale
+        shared = moe.shared_expert
+        quantized = quantize_mlp(shared.gate_up_proj.weight, shared.down_proj.weight, x, qc, spec, n_loss)
+        for name, (q, scales, zeros) in zip(("gate_up_proj", "down_proj"), quantized):
+            getattr(shared, name).weight = grid_values(q, scales, zeros)
+            tensors.update({f"shared_expert.{name}.{k}": v.cpu()
+                            for k, v in pack_w4(q, scales, zeros, spec.dtype).items()})
     return tensors, fallbacks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmconvert.arch import EXPERT_LINEARS
+from lmconvert.arch import EXPERT_LINEARS, SHARED_EXPERT_LINEARS
 from lmconvert.quant.layer import LINEARS
 from lmconvert.quant.primitives import quantize_w4, quantize_w8
 
@@ -30,7 +30,7 @@ def quantize_layer_plain(tensors: dict[str, torch.Tensor], bits: int, group_size
     out = {}
     for name, t in tensors.items():
         module, attr = name.rsplit(".", 1)
-        if module in LINEARS and attr == "weight":
+        if module in LINEARS + SHARED_EXPERT_LINEARS and attr == "weight":
             out.update({f"{module}.{k}": v for k, v in quantize_weight(t, bits, group_size, symmetric, dtype).items()})
         elif module in EXPERT_LINEARS and attr == "weight":
             per_expert = [quantize_weight(w, bits, group_size, symmetric, dtype) for w in t]

@@ -45,6 +45,8 @@ def rtn_loss(layer: CalibLayer, probe: BlockProbe, spec: QuantSpec) -> float:
     modules = list(layer.linear.values())
     if layer.moe is not None:
         modules += [layer.moe.gate_up_proj, layer.moe.down_proj]
+        if layer.moe.shared_expert is not None:
+            modules += [layer.moe.shared_expert.gate_up_proj, layer.moe.shared_expert.down_proj]
     weights = [m.weight for m in modules]
     for m, w in zip(modules, weights):  # an expert stack's rows are [E * N, K]: groups run along K either way
         rows = w.reshape(-1, w.shape[-1])

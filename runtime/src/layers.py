@@ -158,6 +158,9 @@ class SparseMoE(nn.Module):
         self.router = Linear()
         self.gate_up_proj = ExpertLinear(quant)
         self.down_proj = ExpertLinear(quant)
+        # Qwen2-MoE: a dense MLP every token goes through, scaled by sigmoid(shared_expert_gate x)
+        self.shared_expert = MLP(quant) if cfg.shared_expert_intermediate_size else None
+        self.shared_expert_gate = Linear() if cfg.shared_expert_intermediate_size else None
 
     def route(self, x):
         """(weights fp32 [T, k], expert ids [T, k]); logits in the model dtype, as HF's router computes them."""
@@ -165,7 +168,10 @@ class SparseMoE(nn.Module):
 
     def forward(self, x):
         weights, ids = self.route(x)
-        return kernels.moe_experts(x, self.gate_up_proj.experts, self.down_proj.experts, weights, ids)
+        out = kernels.moe_experts(x, self.gate_up_proj.experts, self.down_proj.experts, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * kernels.take(self.shared_expert(x))
+        return out
 
 
 class MLP(nn.Module):

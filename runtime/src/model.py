@@ -28,6 +28,9 @@ LAYER_MODULES = {
     "router": "mlp.router",
     "experts.gate_up_proj": "mlp.gate_up_proj",
     "experts.down_proj": "mlp.down_proj",
+    "shared_expert.gate_up_proj": "mlp.shared_expert.gate_up_proj",
+    "shared_expert.down_proj": "mlp.shared_expert.down_proj",
+    "shared_expert_gate": "mlp.shared_expert_gate",
 }
 
 

@@ -32,6 +32,8 @@ from lmconvert.errors import UserError
 from lmconvert.kernels.allreduce_norm import PeerBuffers, all_reduce_rms_norm
 
 QUANT_ATTRS = ("qweight", "scales", "zeros")
+COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj", "experts.gate_up_proj", "shared_expert.gate_up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj", "experts.down_proj", "shared_expert.down_proj")
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
 _gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -40,7 +42,9 @@ def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
     """The config one rank builds its model from: its heads and MLP width (vocab stays global)."""
     problems = [f"{what} {n}" for what, n in (("attention heads", cfg.num_heads),
                                               ("intermediate size", cfg.intermediate_size),
-                                              ("expert intermediate size", cfg.moe_intermediate_size)) if n % world]
+                                              ("expert intermediate size", cfg.moe_intermediate_size),
+                                              ("shared expert intermediate size", cfg.shared_expert_intermediate_size))
+                if n % world]
     nkv = cfg.num_kv_heads
     if (nkv % world if nkv >= world else world % nkv):
         problems.append(f"KV heads {nkv}")
@@ -48,7 +52,8 @@ def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
         raise UserError(f"--tp {world} does not divide the model's {', '.join(problems)}")
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=max(1, nkv // world),
                                intermediate_size=cfg.intermediate_size // world,
-                               moe_intermediate_size=cfg.moe_intermediate_size // world)
+                               moe_intermediate_size=cfg.moe_intermediate_size // world,
+                               shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // world)
 
 
 def kv_heads(cfg: ModelConfig, rank: int, world: int) -> range:
@@ -67,8 +72,9 @@ def column_segments(module: str, cfg: ModelConfig, rank: int, world: int) -> lis
         heads = kv_heads(cfg, rank, world)
         k = (cfg.q_size + heads.start * D, len(heads) * D)
         return [(rank * q, q), k, (k[0] + cfg.kv_size, k[1])]
-    if module in ("gate_up_proj", "experts.gate_up_proj"):
-        full = cfg.intermediate_size if module == "gate_up_proj" else cfg.moe_intermediate_size
+    if module in ("gate_up_proj", "experts.gate_up_proj", "shared_expert.gate_up_proj"):
+        full = {"gate_up_proj": cfg.intermediate_size, "experts.gate_up_proj": cfg.moe_intermediate_size,
+                "shared_expert.gate_up_proj": cfg.shared_expert_intermediate_size}[module]
         n = full // world
         return [(rank * n, n), (full + rank * n, n)]
     raise KeyError(module)
@@ -146,9 +152,9 @@ class ShardedSource:
             if attr == "input_perm":
                 if module in ("o_proj", "down_proj"):
                     t = shard_input_perm(t, self.rank, self.world, f"layers.{i}.{name}")
-            elif module in ("qkv_proj", "gate_up_proj", "experts.gate_up_proj"):
+            elif module in COLUMN_PARALLEL:
                 t = take_columns(t, attr, column_segments(module, self.full_config, self.rank, self.world))
-            elif module in ("o_proj", "down_proj", "experts.down_proj"):
+            elif module in ROW_PARALLEL:
                 t = take_rows(t, attr, self.rank, self.world, f"layers.{i}.{name}")
             if t is not None:
                 out[name] = t
