@@ -24,7 +24,7 @@ def test_convert_errors(case, tiny_checkpoint, tmp_path, request):
     expected = {
         "no_such_path": "no such file or directory",
         "not_a_model": "is not a model",
-        "unsupported_arch": "supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe",
+        "unsupported_arch": "supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe",
         "arch_mismatch": "mismatch",
         "unknown_dtype": "unknown dtype 'int3'",
         "unwritable_dst": "not a writable directory",

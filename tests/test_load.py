@@ -72,7 +72,7 @@ def test_old_style_rope_and_generation_eos():
 def test_arch_mismatch(tiny_checkpoint):
     with pytest.raises(UserError, match="mismatch"):
         open_checkpoint(tiny_checkpoint("qwen2"), arch="llama")
-    with pytest.raises(UserError, match="supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
+    with pytest.raises(UserError, match="supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         open_checkpoint(tiny_checkpoint("qwen2"), arch="gpt2")
 
 
