@@ -190,10 +190,9 @@ def serve(model: str, server_name: str, server_port: int, served_model_name: str
 @click.option("--compare-hf", is_flag=True, help="Also time transformers' generate on an equivalent model.")
 @click.option("--hf-batch", type=click.IntRange(min=1), default=None, help="Batch of the --compare-hf run (default: 1, or 16 for throughput).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one last JSON line.")
-@click.option("--eager", is_flag=True, help="Do not capture CUDA graphs.")
 @engine_options
 def bench(model: str, mode: str, num_prompts: int | None, input_len: int | None, output_len: int | None,
-          compare_hf: bool, hf_batch: int | None, as_json: bool, eager: bool, **opts):
+          compare_hf: bool, hf_batch: int | None, as_json: bool, **opts):
     """Measure time to first token, decode speed and throughput of MODEL on random prompts."""
     import json
 
@@ -209,7 +208,7 @@ def bench(model: str, mode: str, num_prompts: int | None, input_len: int | None,
     if mode == "throughput":
         opts["max_batch_size"] = max(opts["max_batch_size"], num_prompts)
     opts["session_len"] = opts["session_len"] or input_len + output_len + 16
-    engine = build_engine(model, opts, use_cuda_graphs=not eager)
+    engine = build_engine(model, opts)
     result = run_bench(engine, mode, num_prompts, input_len, output_len)
     if compare_hf:
         result.hf_tok_s = hf_generate_tok_s(engine.config, engine.device, engine.dtype,

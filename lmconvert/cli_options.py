@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import click
+
+EAGER_ENV = "LMCONVERT_EAGER"  # tests set it: dozens of short-lived CPU engines need no compiled step
 
 MODEL_OPTIONS = [  # what to run and where: every command that runs a model
     click.option("--arch", default="auto", show_default=True, help="Architecture check when MODEL is a checkpoint."),
@@ -16,6 +20,11 @@ MODEL_OPTIONS = [  # what to run and where: every command that runs a model
                  help="Store the KV cache as int8 with per-token, per-head scales: about twice the tokens."),
     click.option("--quant-policy", type=click.Choice(["0", "8"]), default=None,
                  help="LMDeploy's spelling of the KV cache type: 8 = --kv-int8, 0 = the compute dtype."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU: compute threads (default: one per physical core)."),
+    click.option("--eager", is_flag=True, default=False,
+                 help="Run the decode step op by op: no CUDA graphs (GPU), no compiled step (CPU). "
+                      f"{EAGER_ENV}=1 makes it the default."),
 ]
 
 SCHEDULER_OPTIONS = [  # sessions, batches and the KV cache: chat, generate, bench, serve
@@ -86,10 +95,11 @@ def build_engine(model: str, opts: dict, **extra):
     from lmconvert.templates import read_chat_template
 
     keys = ("arch", "model_source", "device", "dtype", "session_len", "max_batch_size", "max_num_batched_tokens",
-            "cache_max_entry_count", "block_size", "num_cache_tokens", "tp", "overlap")
+            "cache_max_entry_count", "block_size", "num_cache_tokens", "tp", "overlap", "threads")
     template = read_chat_template(opts["chat_template"]) if opts.get("chat_template") else None
+    eager = opts.get("eager") or os.environ.get(EAGER_ENV, "") not in ("", "0")
     return LLMEngine(model, **{k: opts[k] for k in keys if k in opts}, kv_int8=kv_int8_option(opts),
-                     chat_template=template, **extra)
+                     chat_template=template, use_cuda_graphs=not eager, compile_decode=not eager, **extra)
 
 
 def build_sampling(engine, opts: dict):

@@ -1,6 +1,10 @@
-"""--device for every command: one rule for the default and one line for a device this host cannot use."""
+"""--device for every command: one rule for the default and one line for a device this host cannot use; the
+CPU's defaults (compute dtype, threads)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -27,3 +31,33 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: this host has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 natively (oneDNN's check), so bf16 runs there at full speed."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_dtype(device: torch.device, engine_dtype: torch.dtype) -> torch.dtype:
+    """GPUs compute in the engine's dtype; CPUs too where they have native bf16 (a bf16 / fp16 engine runs bf16),
+    else fp32, as llama.cpp does (emulated bf16 / fp16 matmuls are several times slower than fp32)."""
+    if device.type == "cuda" or engine_dtype == torch.float32:
+        return engine_dtype
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, one per physical core (hyper-threads share a core's vector units: a second
+    thread per core slows matmul-bound decoding down)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores))

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 from tiny_models import build_checkpoint
+
+# CLI commands and servers started by tests decode op by op: compiling the CPU step costs each short-lived engine
+# tens of seconds; tests/test_compiled_decode.py checks the compiled step against this path
+os.environ.setdefault("LMCONVERT_EAGER", "1")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,10 @@ from lmconvert.runtime import LLMEngine
 from lmconvert.runtime.serve_launch import BackgroundServer
 from lmconvert.runtime.server import create_app
 
+# fp32 compute: what these tests check exactly (logprobs vs the forward pass, batched == solo tokens) holds in
+# fp32; CPUs with native bf16 now run a bf16 engine in bf16 by default
+FP32 = "fp32"
+
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
@@ -17,7 +21,7 @@ QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
 @pytest.fixture(scope="module")
 def client(smollm2_engine):
     # overlapped stepping (a GPU's default) on CPU too: streaming, stop strings and limits go through lookaheads
-    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024, overlap=True)
+    engine = LLMEngine(str(smollm2_engine), device="cpu", dtype=FP32, session_len=1024, overlap=True)
     with BackgroundServer(create_app(engine, "smollm2", api_keys=("sk-local",))) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-local", max_retries=0, timeout=300)
 
@@ -74,7 +78,7 @@ def reference(smollm2_engine):
     """The engine's own cache-free forward pass: log-softmax of the logits of prompt + answer."""
     import torch
 
-    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024)
+    engine = LLMEngine(str(smollm2_engine), device="cpu", dtype=FP32, session_len=1024)
 
     def logprobs(messages, answer_ids):
         prompt = engine.apply_chat_template(messages) if messages else []

@@ -14,6 +14,10 @@ from lmconvert.runtime.serve_tools import ToolCallStream, parse_tool_calls, reso
 from lmconvert.runtime.server import create_app
 from lmconvert.templates import read_chat_template
 
+# fp32 compute: what these tests check exactly (logprobs vs the forward pass, batched == solo tokens) holds in
+# fp32; CPUs with native bf16 now run a bf16 engine in bf16 by default
+FP32 = "fp32"
+
 QWEN3 = ('I will check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
          '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
 LLAMA3 = '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}'
@@ -80,7 +84,7 @@ def test_auto_parser_follows_the_template():
 # ---- through the server ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client(smollm2_engine):
-    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=2048,
+    engine = LLMEngine(str(smollm2_engine), device="cpu", dtype=FP32, session_len=2048,
                        chat_template=read_chat_template("chatml-tools"))
     with BackgroundServer(create_app(engine, "smollm2", tool_call_parser="auto")) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)

@@ -17,6 +17,10 @@ from lmconvert.runtime.grammar import Guided
 from lmconvert.runtime.serve_launch import BackgroundServer
 from lmconvert.runtime.server import create_app
 
+# fp32 compute: what these tests check exactly (logprobs vs the forward pass, batched == solo tokens) holds in
+# fp32; CPUs with native bf16 now run a bf16 engine in bf16 by default
+FP32 = "fp32"
+
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +47,7 @@ CITIES = ["Paris", "Berlin", "Rome", "Madrid", "Lisbon", "Vienna", "Prague", "Wa
 
 @pytest.fixture(scope="module")
 def client(smollm2_engine):
-    engine = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024)
+    engine = LLMEngine(str(smollm2_engine), device="cpu", dtype=FP32, session_len=1024)
     with BackgroundServer(create_app(engine, "smollm2")) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=600)
 
@@ -78,7 +82,7 @@ def test_json_object_and_bad_schemas(client):
 
 def test_constrained_and_free_requests_share_a_batch(smollm2_engine):
     """8 constrained + 8 free requests in one batch: each free answer is its solo answer, token for token."""
-    smol = LLMEngine(str(smollm2_engine), device="cpu", session_len=1024)
+    smol = LLMEngine(str(smollm2_engine), device="cpu", dtype=FP32, session_len=1024)
     prompts = [smol.apply_chat_template([{"role": "user", "content": f"Tell me about {c}."}]) for c in CITIES[:8]]
     free = SamplingParams(max_tokens=12, temperature=0)
     constrained = SamplingParams(max_tokens=40, temperature=0, guided=Guided.json(City.model_json_schema()))

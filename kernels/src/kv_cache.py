@@ -40,7 +40,9 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=N
     slots = slot_mapping.long()
     k_rows = k.reshape(k.shape[0], *k_cache.shape[2:])
     v_rows = v.reshape(v.shape[0], *v_cache.shape[2:])
-    if bool((slots < 0).any()):  # padding rows (CUDA-graph batches): drop them; plain CPU steps have none
+    # padding rows (CUDA-graph batches): drop them; CPU steps, compiled or not, have none (and a compiled
+    # graph cannot branch on data)
+    if not torch.compiler.is_compiling() and bool((slots < 0).any()):
         keep = slots >= 0
         slots, k_rows, v_rows = slots[keep], k_rows[keep], v_rows[keep]
     for rows, cache, scales in ((k_rows, k_cache, k_scales), (v_rows, v_cache, v_scales)):

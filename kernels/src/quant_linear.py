@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from . import cpu_linear
 from ._triton import INTERPRET, next_pow2, num_sms, pdl_args, triton, use_triton
 from .autotune import Autotuner, cold_launcher
 from .pending import PendingSum
@@ -83,16 +84,22 @@ def _pack_w8(qweight, G):
 
 
 def prepare_w4(qweight, scales, zeros, group_size):
-    """Once per layer at load. CUDA: repack for the kernels; CPU: the engine tensors, unchanged."""
+    """Once per layer at load. CUDA: repack for the kernels; CPU: ATen's int4 pack (cpu_linear.py) where its
+    kernel takes the shape, else the engine tensors, unchanged."""
     if use_triton(qweight):
         qweight = _pack_w4(qweight.contiguous(), group_size)
+    elif qweight.device.type == "cpu" and cpu_linear.w4_packable(qweight.shape[0] * 8, qweight.shape[1], group_size):
+        return (*cpu_linear.pack_w4(_w4_codes(qweight), scales, zeros), None)
     return qweight.contiguous(), scales.contiguous(), zeros.contiguous()
 
 
 def prepare_w8(qweight, scales, group_size):
-    """Once per layer at load. CUDA: repack for the kernels; CPU: the engine tensors, unchanged."""
+    """Once per layer at load. CUDA: repack for the kernels; CPU: ATen's int8 layout (cpu_linear.py) for
+    per-channel scales, else the engine tensors, unchanged."""
     if use_triton(qweight):
         qweight = _pack_w8(qweight.contiguous(), group_size)
+    elif qweight.device.type == "cpu" and cpu_linear.w8_packable(*qweight.shape, group_size):
+        return cpu_linear.pack_w8(qweight, scales)
     return qweight.contiguous(), scales.contiguous()
 
 
@@ -275,6 +282,8 @@ def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, defer=False):
     launch may return a PendingSum for the next kernel to finish (pending.py; CUDA only)."""
     if use_triton(x):
         return w4a16_linear_triton(x, qweight, scales, zeros, group_size, bias, defer)
+    if cpu_linear.is_packed_w4(qweight):
+        return cpu_linear.w4_linear(x, qweight, scales, group_size, bias)
     return w4a16_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
 
@@ -283,4 +292,6 @@ def w8a16_linear(x, qweight, scales, group_size, bias=None, defer=False):
     w4a16_linear."""
     if use_triton(x):
         return w8a16_linear_triton(x, qweight, scales, group_size, bias, defer)
+    if cpu_linear.is_packed_w8(scales):
+        return cpu_linear.w8_linear(x, qweight, scales, bias)
     return w8a16_linear_ref(x, qweight, scales, group_size, bias)

@@ -81,10 +81,12 @@ def engine_defaults(opts: dict, seq_len: int) -> dict:
         opts["dtype"] = "fp32"
     opts["session_len"] = opts.get("session_len") or seq_len + 1
     opts["num_cache_tokens"] = opts.get("num_cache_tokens") or seq_len + 16
+    opts["eager"] = True  # scoring is prefill only: no decode step to compile or capture
     return opts
 
 
 def open_for_eval(model: str, seq_len: int = 512, **opts):
     from lmconvert.runtime import LLMEngine
 
-    return LLMEngine(model, **engine_defaults(opts, seq_len))
+    opts = engine_defaults(opts, seq_len)
+    return LLMEngine(model, **{k: v for k, v in opts.items() if k != "eager"})  # LLMEngine decodes eagerly by default

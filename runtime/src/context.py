@@ -1,10 +1,11 @@
 """Per-step attention metadata, set by the model runner and read by every attention layer.
 
-Keeping it in one module-level slot (as nano-vllm does) keeps each layer's forward `(positions, hidden)`.
+Keeping it in one module-level slot (as nano-vllm does; one per thread) keeps each layer's forward `(positions, hidden)`.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,17 +29,18 @@ class Context:
         return self.slot_mapping is not None
 
 
-_CONTEXT: Context | None = None
+# one slot per thread: the CPU decode step is compiled on a thread of its own while steps run eagerly
+_local = threading.local()
 
 
 def set_context(ctx: Context | None) -> None:
-    global _CONTEXT
-    _CONTEXT = ctx
+    _local.ctx = ctx
 
 
 def get_context() -> Context:
-    assert _CONTEXT is not None, "model called outside a step: no attention context set"
-    return _CONTEXT
+    ctx = getattr(_local, "ctx", None)
+    assert ctx is not None, "model called outside a step: no attention context set"
+    return ctx
 
 
 def reset_context() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmconvert.config import parse_dtype
-from lmconvert.devices import resolve_device
+from lmconvert.devices import default_dtype, physical_cores, resolve_device
 from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
@@ -60,15 +60,17 @@ class LLMEngine:
                  num_cache_tokens: int | None = None, cache_max_entry_count: float = 0.8,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
                  model_source: str | None = None, tp: int = 1, kv_int8: bool = False, overlap: bool | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, compile_decode: bool = False, threads: int | None = None):
+        """compile_decode (CPU): torch.compile the decode step on a background thread (runtime/src/compiled_decode.py);
+        threads (CPU): intra-op threads, default one per physical core."""
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         self.device = resolve_device(device)  # before the model loads: a bad --device fails at once
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
         self.config = source.config
-        # CPUs run bf16/fp16 matmuls far slower than fp32 (as llama.cpp, compute in fp32 there by default)
-        default = self.config.torch_dtype if self.device.type == "cuda" else torch.float32
-        self.dtype = parse_dtype(dtype) if dtype else default
+        self.dtype = parse_dtype(dtype) if dtype else default_dtype(self.device, self.config.torch_dtype)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or physical_cores())
         self.tokenizer = source.load_tokenizer()
         if chat_template is not None:  # --chat-template: replaces the model's own
             self.tokenizer.chat_template = chat_template
@@ -80,7 +82,8 @@ class LLMEngine:
             num_cache_tokens = max(self.session_len, 4 * 1024)
         self.kv_int8 = kv_int8  # K/V stored as int8 with per-(token, head) scales: about twice the tokens
         runner_args = (self.device, self.dtype, block_size, num_cache_tokens, cache_max_entry_count,
-                       max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs, kv_int8)
+                       max_batch_size, max_num_batched_tokens, self.session_len, use_cuda_graphs, kv_int8,
+                       compile_decode and tp == 1)  # tensor-parallel ranks must take the same path every step
         if tp > 1:  # workers (spawned here, or torchrun's other ranks) rebuild the source themselves
             from lmconvert.runtime.tp_runner import start_tp
 

@@ -8,6 +8,7 @@ import torch
 
 from lmconvert.config import ModelConfig
 from lmconvert.runtime.context import Context, dense_context, query_hints, use_context
+from lmconvert.runtime.compiled_decode import CompiledDecode
 from lmconvert.runtime.cuda_graphs import DecodeGraphs
 from lmconvert.runtime.model import Transformer
 from lmconvert.runtime.sampling import Sampler, StepLogprobs, TokenLogprob
@@ -77,19 +78,25 @@ class ModelRunner:
     def __init__(self, source, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_cache_tokens: int | None, cache_max_entry_count: float, max_batch_size: int = 128,
                  max_num_batched_tokens: int = 2048, session_len: int = 4096, use_cuda_graphs: bool = True,
-                 kv_int8: bool = False):
+                 kv_int8: bool = False, compile_decode: bool = False):
+        """use_cuda_graphs: replay the decode step from CUDA graphs (GPU); compile_decode: torch.compile it, on a
+        background thread (CPU)."""
         self.cfg: ModelConfig = source.config
         self.device, self.dtype, self.block_size, self.kv_int8 = device, dtype, block_size, kv_int8
         self.model = self._load_model(source)
         if device.type == "cuda":
             self._warm_up(min(max_num_batched_tokens, session_len))
         self.num_blocks = self._count_blocks(num_cache_tokens, cache_max_entry_count)
-        for layer in self.model.layers:
-            attach_kv_cache(layer.self_attn, self.num_blocks, block_size, dtype, kv_int8, device)
+        compile_decode = compile_decode and device.type == "cpu"
+        for layer in self.model.layers:  # the compiled CPU step's warm-up writes one scratch block past the rest
+            attach_kv_cache(layer.self_attn, self.num_blocks + compile_decode, block_size, dtype, kv_int8, device)
         self.sampler = Sampler()
-        self.graphs = None
+        self.graphs = None  # the decode fast path: CUDA graphs or the compiled CPU step, same interface
+        max_blocks = -(-session_len // block_size)
         if device.type == "cuda" and use_cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, max_batch_size, -(-session_len // block_size), device)
+            self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
+        elif compile_decode:
+            self.graphs = CompiledDecode(self.model, max_batch_size, max_blocks, self.num_blocks, block_size)
 
     def _load_model(self, source) -> Transformer:
         model = Transformer(self.cfg)
