@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmconvert import kernels
+from lmconvert.kernels import cpu_linear
 from lmconvert.runtime.context import get_context
 
 
@@ -55,6 +56,8 @@ class Linear(nn.Module):
             return kernels.w8a8_linear(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return kernels.w8a16_linear(x, self.qweight, self.scales, self.group_size, self.bias, defer)
+        if cpu_linear.streams_as_reduction(x, self.weight.shape[0]):  # the compiled CPU step's lm_head
+            return cpu_linear.reduction_linear(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
