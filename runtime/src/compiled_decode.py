@@ -52,6 +52,11 @@ class CompiledDecode:
         # for a longer first compile)
         self._step = torch.compile(self._forward, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
+        for layer in model.layers:  # the KV pools' size follows --session-len / --num-cache-tokens: compile once
+            for pool in (layer.self_attn.k_cache, layer.self_attn.v_cache, layer.self_attn.k_scales,
+                         layer.self_attn.v_scales):
+                if pool is not None:
+                    torch._dynamo.mark_dynamic(pool, 0)
         self._threads: dict[bool, threading.Thread] = {}
         self._compiling = threading.Lock()  # one compile at a time
         self._start(False)  # batch 1 now (chat); larger batches when the first one shows up (serve)

@@ -53,3 +53,17 @@ def test_w8_grouped_or_odd_k_keeps_the_engine_layout():
     assert ql.prepare_w8(qw, s, 32)[0].shape == (128, 64)
     qw, s = quantize_w8(torch.randn(64, 40), None, dtype=torch.float32)
     assert ql.prepare_w8(qw, s, 40)[0].shape == (40, 64)
+
+
+def test_streamed_gemv_in_a_compiled_step_matches_linear():
+    """The compiled step's lm_head (M = 1, >= STREAMED_ROWS rows) as inductor's fused reduction: F.linear's result
+    within bf16 rounding; eager (not compiling) keeps F.linear itself."""
+    from lmconvert.runtime.layers import Linear
+
+    head = Linear()
+    head.load({"weight": torch.randn(cpu_linear.STREAMED_ROWS, 64, dtype=torch.bfloat16)})
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x, head.weight)
+    assert torch.equal(head(x), ref) and not cpu_linear.streams_as_reduction(x, head.weight.shape[0])
+    out = torch.compile(head, dynamic=False)(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < TOL[torch.bfloat16]
