@@ -138,7 +138,7 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
     """Complete PROMPT with MODEL and print only the generated text."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    engine = build_engine(model, opts)
+    engine = build_engine(model, opts, compile_decode=False)
     ids = engine.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat else prompt
     for out in engine.stream(ids, build_sampling(engine, opts)):
         click.echo(out.delta, nl=False)

@@ -90,7 +90,9 @@ def kv_int8_option(opts: dict) -> bool:
     return bool(opts.get("kv_int8")) or policy == "8"
 
 
-def build_engine(model: str, opts: dict, **extra):
+def build_engine(model: str, opts: dict, compile_decode: bool = True, **extra):
+    """compile_decode: on CPU, compile the decode step in the background (chat, serve, bench: long-lived; a
+    one-shot `generate` would mostly wait for it at exit)."""
     from lmconvert.runtime import LLMEngine
     from lmconvert.templates import read_chat_template
 
@@ -99,7 +101,7 @@ def build_engine(model: str, opts: dict, **extra):
     template = read_chat_template(opts["chat_template"]) if opts.get("chat_template") else None
     eager = opts.get("eager") or os.environ.get(EAGER_ENV, "") not in ("", "0")
     return LLMEngine(model, **{k: opts[k] for k in keys if k in opts}, kv_int8=kv_int8_option(opts),
-                     chat_template=template, use_cuda_graphs=not eager, compile_decode=not eager, **extra)
+                     chat_template=template, use_cuda_graphs=not eager, compile_decode=compile_decode and not eager, **extra)
 
 
 def build_sampling(engine, opts: dict):
