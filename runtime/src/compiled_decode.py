@@ -6,9 +6,11 @@ fused, around the matmuls (oneDNN, ATen's packed int4 / int8). Its artifacts are
 (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/lmconvert/inductor): the first run on a machine compiles for a
 minute or so on two cores, later starts only trace (seconds).
 
-Compiling happens on a thread of its own, on a scratch KV block, while steps run eagerly: the first answer
-never waits for it, and once a batch shape is compiled its decode steps switch over. The batch-1 graph is
-compiled at start, the larger batches' graph when the first such step comes (a chat never needs it).
+Compiling happens on a thread of its own, on a scratch KV block, while steps run eagerly: no answer waits for
+it, and once a batch shape is compiled its decode steps switch over. A graph starts compiling once the engine
+has decoded COMPILE_AFTER_STEPS steps eagerly (a one-question chat never compiles, and its first answer does
+not share the cores with the compiler); the batch-1 and larger-batch graphs separately (a chat never needs
+the second).
 
 Shapes: the block-table width is dynamic (one graph whatever the context length; padded to at least 2
 columns, as a dimension of 1 would get a graph of its own); batch 1 has its graph, larger batches share one
@@ -31,6 +33,9 @@ from lmconvert.runtime.context import Context, use_context
 log = logging.getLogger(__name__)
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 MIN_WIDTH = 2
+# Decode steps run eagerly before a graph starts compiling: a short exchange (a one-question chat, a first short
+# answer) is not slowed by the compile competing for the cores, and never waits for it at exit.
+COMPILE_AFTER_STEPS = 32
 
 
 def default_cache_dir() -> Path:
@@ -47,19 +52,10 @@ class CompiledDecode:
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.ready: set[bool] = set()  # compiled so far: False = the batch-1 graph, True = the larger batches'
         self.error: BaseException | None = None
-        # the model's modules never change after load: guarding their ~1,000 attributes would cost ~1 ms a step.
-        # cpp_wrapper: the generated step calls its ~500 kernels from C++, not Python (SmolLM2 W4: +13% tok/s,
-        # for a longer first compile)
-        self._step = torch.compile(self._forward, options={
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
-        for layer in model.layers:  # the KV pools' size follows --session-len / --num-cache-tokens: compile once
-            for pool in (layer.self_attn.k_cache, layer.self_attn.v_cache, layer.self_attn.k_scales,
-                         layer.self_attn.v_scales):
-                if pool is not None:
-                    torch._dynamo.mark_dynamic(pool, 0)
+        self._step = None  # made on the compile thread: importing torch's compiler takes ~2 s
         self._threads: dict[bool, threading.Thread] = {}
         self._compiling = threading.Lock()  # one compile at a time
-        self._start(False)  # batch 1 now (chat); larger batches when the first one shows up (serve)
+        self.eager_steps = 0
         threading._register_atexit(self._finish_at_exit)
         if not background:
             self.wait()
@@ -90,11 +86,26 @@ class CompiledDecode:
         if self.error is not None:
             raise self.error
 
+    def _compiled_step(self):
+        if self._step is None:
+            for layer in self.model.layers:  # the KV pools' size follows --session-len / --num-cache-tokens
+                for pool in (layer.self_attn.k_cache, layer.self_attn.v_cache, layer.self_attn.k_scales,
+                             layer.self_attn.v_scales):
+                    if pool is not None:
+                        torch._dynamo.mark_dynamic(pool, 0)
+            # the model's modules never change after load: guarding their ~1,000 attributes would cost ~1 ms a
+            # step. cpp_wrapper: the step calls its ~500 kernels from C++, not Python (SmolLM2 W4: +13% tok/s,
+            # for a longer first compile)
+            self._step = torch.compile(self._forward, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
+        return self._step
+
     def _warm_up(self, bs: int) -> None:
         slots = torch.full((bs,), self.scratch_slot, dtype=torch.int64)
         tables = torch.full((bs, MIN_WIDTH), self.scratch_block, dtype=torch.int32)
         try:
             with self._compiling, torch.inference_mode():
+                self._compiled_step()
                 self.run(torch.zeros(bs, dtype=torch.int64), torch.zeros(bs, dtype=torch.int64), slots,
                          torch.ones(bs, dtype=torch.int32), tables)
             self.ready.add(bs > 1)
@@ -110,7 +121,9 @@ class CompiledDecode:
         if bs > self.max_batch_size or width > self.max_blocks:
             return False
         if (bs > 1) not in self.ready:
-            self._start(bs > 1)
+            self.eager_steps += 1
+            if self.eager_steps > COMPILE_AFTER_STEPS:
+                self._start(bs > 1)
             return False
         return True
 
