@@ -43,8 +43,7 @@ def default_cache_dir() -> Path:
 
 
 class CompiledDecode:
-    def __init__(self, model, max_batch_size: int, max_blocks: int, scratch_block: int, block_size: int,
-                 background: bool = True):
+    def __init__(self, model, max_batch_size: int, max_blocks: int, scratch_block: int, block_size: int):
         """scratch_block: a KV block no sequence owns, written by the compiling warm-up steps."""
         os.environ.setdefault(CACHE_ENV, str(default_cache_dir()))  # read when inductor first compiles
         self.model = model
@@ -57,8 +56,6 @@ class CompiledDecode:
         self._compiling = threading.Lock()  # one compile at a time
         self.eager_steps = 0
         threading._register_atexit(self._finish_at_exit)
-        if not background:
-            self.wait()
 
     def _start(self, many: bool) -> None:
         if many not in self._threads:

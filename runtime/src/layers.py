@@ -32,7 +32,6 @@ class Linear(nn.Module):
             setattr(self, key, value)
         if self.bits == 8 and not self.group_size:  # per output channel: one group spanning K
             self.group_size = self.qweight.shape[0]
-        self._out_features = self.weight.shape[0] if self.weight is not None else self.scales.shape[-1]  # before repacking
         # repack once into the kernels' layout (CUDA: Triton's; CPU: ATen's packed int4 / int8 where it fits)
         if self.bits == 4:
             self.qweight, self.scales, self.zeros = kernels.prepare_w4(self.qweight, self.scales, self.zeros, self.group_size)
@@ -40,10 +39,6 @@ class Linear(nn.Module):
             self.qweight, self.scales = kernels.prepare_w8a8(self.qweight, self.scales)
         elif self.bits == 8:
             self.qweight, self.scales = kernels.prepare_w8(self.qweight, self.scales, self.group_size)
-
-    @property
-    def out_features(self) -> int:
-        return self._out_features
 
     def forward(self, x: torch.Tensor, defer: bool = False):
         """defer: the caller's next kernel takes a kernels.PendingSum (RMSNorm, SiLU-mul, RoPE + KV store),
