@@ -16,6 +16,11 @@ part() {  # part NAME SECONDS COMMAND...
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc $? in $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
 }
-part moe_kernels ${LIMIT_KERNELS:-110} python3 benchmarks/moe_kernels.py
-part moe_runtime ${LIMIT_RUNTIME:-330} python3 benchmarks/moe_gpu.py --skip throughput ${RUNTIME_ARGS:-} --json "$OUT/moe_runtime.json"
-part moe_throughput ${LIMIT_THROUGHPUT:-130} python3 benchmarks/moe_gpu.py --skip correctness,latency --json "$OUT/moe_throughput.json"
+# the kernel sweep's best decode configs go on to the runtime parts (benchmarks only: the library keeps its table)
+part moe_kernels ${LIMIT_KERNELS:-240} python3 benchmarks/moe_kernels.py \
+    --configs-out "$OUT/moe_configs.json" ${KERNEL_ARGS:-}
+configs=(); [ -s "$OUT/moe_configs.json" ] && configs=(--configs "$OUT/moe_configs.json")
+part moe_runtime ${LIMIT_RUNTIME:-330} python3 benchmarks/moe_gpu.py --skip throughput "${configs[@]}" ${RUNTIME_ARGS:-} \
+    --json "$OUT/moe_runtime.json"
+part moe_throughput ${LIMIT_THROUGHPUT:-160} python3 benchmarks/moe_gpu.py --skip correctness,latency \
+    --max-batch ${MAX_BATCH:-128,256} --json "$OUT/moe_throughput.json"

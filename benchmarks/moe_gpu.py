@@ -73,7 +73,14 @@ def main():
     ap.add_argument("--skip", default="", help="comma list: correctness,latency,hf,profile,throughput")
     ap.add_argument("--out-len", type=int, default=256)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", help="decode configs from moe_kernels.py --configs-out (its sweep's best)")
+    ap.add_argument("--max-batch", default="128", help="throughput: comma list of max batch sizes")
     args = ap.parse_args()
+    if args.configs:
+        from lmconvert.kernels import moe_triton
+
+        for key, cfg in json.loads(Path(args.configs).read_text())["decode"]:
+            moe_triton.DECODE_CONFIGS[tuple(key)] = moe_triton.DecodeConfig(*cfg)
     skip = set(args.skip.split(","))
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
 
@@ -103,13 +110,15 @@ def main():
                 free()
             save()
     if "throughput" not in skip:
-        engine = engine_for(args.preset, None, 128, 1024)
-        r = run_bench(engine, "throughput", 256, 512, args.out_len)
-        results["throughput_bf16_256x512_256"] = r.as_dict()
-        print("throughput bf16", f"{r.output_tok_s:.0f} output tok/s", flush=True)
-        del engine
-        free()
-        save()
+        for max_batch in map(int, args.max_batch.split(",")):
+            engine = engine_for(args.preset, None, max_batch, 1024)
+            r = run_bench(engine, "throughput", 256, 512, args.out_len)
+            key = "throughput_bf16_256x512_256" + ("" if max_batch == 128 else f"_batch{max_batch}")
+            results[key] = r.as_dict()
+            print("throughput bf16 max batch", max_batch, f"{r.output_tok_s:.0f} output tok/s", flush=True)
+            del engine
+            free()
+            save()
     save()
 
 

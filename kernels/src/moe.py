@@ -45,14 +45,22 @@ class Experts(NamedTuple):
         return Experts(self.bits, self.group_size, *(t[e] if t is not None else None for t in self[2:]))
 
 
-def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights fp32 [T, k], expert ids int64 [T, k]): softmax over all experts in fp32,
-    the k largest, renormalized to sum 1 where the model says so (Qwen3-MoE's norm_topk_prob; Mixtral always)."""
+def route_topk_ref(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights fp32 [T, k], expert ids int64 [T, k]): softmax over all experts in fp32,
+    the k largest, renormalized to sum 1 where the model says so (Qwen3-MoE's norm_topk_prob; Mixtral always)."""
+    if use_triton(logits):
+        from .moe_triton import route_topk_triton
+
+        return route_topk_triton(logits, k, renormalize)
+    return route_topk_ref(logits, k, renormalize)
 
 
 def expert_weight(w: Experts, e: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,10 +94,11 @@ def moe_experts_ref(x: torch.Tensor, gate_up: Experts, down: Experts, weights: t
 
 
 def moe_experts(x: torch.Tensor, gate_up: Experts, down: Experts, weights: torch.Tensor,
-                ids: torch.Tensor) -> torch.Tensor:
-    """x [T, H]; routing weights [T, k] (fp32) and expert ids [T, k] from route_topk -> [T, H] in x's dtype."""
+                ids: torch.Tensor, defer: bool = False):
+    """x [T, H]; routing weights [T, k] (fp32) and expert ids [T, k] from route_topk -> [T, H] in x's dtype.
+    defer (CUDA): a PendingSum for the next RMSNorm to finish (pending.py)."""
     if use_triton(x):
         from .moe_triton import moe_experts_triton
 
-        return moe_experts_triton(x, gate_up, down, weights, ids)
+        return moe_experts_triton(x, gate_up, down, weights, ids, defer=defer)
     return moe_experts_ref(x, gate_up, down, weights, ids)

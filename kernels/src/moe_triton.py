@@ -9,37 +9,62 @@ linears (gate_up on x, down on the activations) is one launch of one of two kern
   BLOCK_M x BLOCK_N tile C[pairs] = A[rows(pairs)] @ W_e^T with tl.dot over K, gathering A's rows through the
   pair list and scattering C to the pairs' own rows; sentinel rows are masked off.
 - gemv (decode, few pairs): one program per (pair, BLOCK_N columns) reads its own expert's columns only, so a
-  decode step streams just the selected experts' weights.
+  decode step streams just the selected experts' weights. The gate_up program takes matching gate and up
+  columns and writes silu(gate) * up itself; no silu_mul launch.
 
 Both take the engine's three weight formats (moe.py): fp [E, N, K], W4 (int32 [E, K/8, N], 8 consecutive k a
-word, scales / zeros [E, K/G, N]) and W8 (int8 [E, K, N], scales [E, K/G, N]), dequantized a [BLOCK_K,
-BLOCK_N] tile at a time inside one quant group (BLOCK_K divides G), rounded as the reference rounds: to the
-scales' dtype, then to the activations'. Sums in fp32, outputs rounded to x's dtype; silu_mul between the
-linears and the weighted combine after them are the shared ones.
+word, scales / zeros [E, K/G, N]) and W8 (int8 [E, K, N], scales [E, K/G, N]), dequantized a tile at a time
+inside one quant group (BLOCK_K divides G). Sums in fp32; h, the activations, each pair's output and the
+dequantized weights rounded where the reference rounds them (the gemv may skip the weights':
+DECODE_ROUND_WEIGHTS). The combine is the down launch's epilogue on both paths: each pair's output, rounded,
+times its routing weight, atomically added into its token's fp32 row, rounded by whoever reads the sums (a
+PendingSum's reader, or moe_experts_triton).
+Routing (softmax, top-k, renormalize) is one launch too: _route_topk_kernel.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ._triton import INTERPRET, dot_acc, tl, triton
+from ._triton import INTERPRET, dot_acc, pdl_args, pdl_wait, tl, triton
 from .activation import silu_mul
-from .moe import Experts, combine
+from .moe import Experts
+from .pending import PendingSum
+from .quant_gemv import _lop3
+from .quant_linear import _workspace
 
 GEMV_MAX_PAIRS = 32  # n = T * k at most this: gemv (weights read per pair), else grouped (per expert block)
-# grouped: BLOCK_M 64 once experts average a full block of pairs, else 16 (less padding at small batches)
-GROUPED_BLOCK_M, GROUPED_BLOCK_M_SMALL = 64, 16
-GROUPED_BLOCK_N, GROUPED_BLOCK_K = 128, 64
-GROUPED_WARPS, GROUPED_STAGES = 4, 3
-GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 128
-GEMV_WARPS = 4
+
+
+class GroupedConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+class DecodeConfig(NamedTuple):
+    block_n: int  # output columns a program (gate_up: gate and up columns each)
+    block_k: int  # k a step (quantized: at most a quant group)
+    warps: int
+    stages: int  # Triton's software pipeline over the k steps (cp.async): loads in flight
+
+
+# (min pairs an expert on average, config), first match wins; BLOCK_M small while experts get few pairs
+# (less padding), larger once they fill blocks
+GROUPED_CONFIGS = [(64, GroupedConfig(64, 128, 64, 4, 3)), (0, GroupedConfig(16, 128, 64, 4, 3))]
+# gemv: dequantized weights rounded to the scales' dtype as the reference (False: exact fp32, fewer instructions)
+DECODE_ROUND_WEIGHTS = True
+# (bits, swiglu) -> config
+DECODE_CONFIGS = {(16, True): DecodeConfig(16, 128, 4, 3), (16, False): DecodeConfig(32, 128, 4, 3),
+                  (4, True): DecodeConfig(32, 128, 4, 3), (4, False): DecodeConfig(32, 128, 4, 3),
+                  (8, True): DecodeConfig(32, 64, 4, 3), (8, False): DecodeConfig(64, 64, 4, 3)}
 
 
 # ---- routing: pairs sorted by expert, in blocks of one expert ------------------------------------------
-
-def grouped_block_m(n_pairs: int, num_experts: int) -> int:
-    return GROUPED_BLOCK_M if n_pairs >= GROUPED_BLOCK_M * num_experts else GROUPED_BLOCK_M_SMALL
-
 
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [T, k] -> (sorted_pairs int32 [L], block_expert int32 [L / block_m]).
@@ -66,6 +91,45 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     block_expert = torch.searchsorted(padded_end, block_start, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_pairs, block_expert
+
+
+# ---- routing kernel: softmax, top-k, renormalize in one launch -------------------------------------------
+
+@triton.jit
+def _route_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                  RENORMALIZE: tl.constexpr):
+    """One token: softmax over its E logits in fp32, the TOP_K largest probabilities (ties: the lower expert,
+    as the first of equal maxima), renormalized to sum 1 or not, in descending order."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    live = offs < E
+    logits = tl.load(logits_ptr + t * E + offs, mask=live, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    probs = p / tl.sum(p, axis=0)
+    left = tl.where(live, probs, -1.0)  # probabilities not taken yet
+    rank = tl.full((BLOCK_E,), -1, tl.int32)  # each taken expert's slot
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        pick = tl.min(tl.where(left == best, offs, BLOCK_E), axis=0)
+        rank = tl.where(offs == pick, j, rank)
+        left = tl.where(offs == pick, -1.0, left)
+    taken = rank >= 0
+    w = tl.where(taken, probs, 0.0)
+    if RENORMALIZE:
+        w = w / tl.sum(w, axis=0)
+    tl.store(w_ptr + t * TOP_K + rank, w, mask=taken)
+    tl.store(ids_ptr + t * TOP_K + rank, offs.to(tl.int64), mask=taken)
+
+
+def route_topk_triton(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.route_topk in one launch (torch's softmax + topk + renormalize take 5-6)."""
+    T, E = logits.shape
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    if T:
+        _route_topk_kernel[(T,)](logits.contiguous(), weights, ids, E, TOP_K=k, BLOCK_E=triton.next_power_of_2(E),
+                            RENORMALIZE=renormalize, num_warps=1 if E <= 128 else 4)
+    return weights, ids
 
 
 # ---- kernels -------------------------------------------------------------------------------------------
@@ -111,11 +175,13 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, e, k0, offs_n, n_mask, N, K, G, BITS: tl.c
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ptr, block_expert_ptr, n_pairs, N, K, G,
-                    TOP_K: tl.constexpr, A_TOKENS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _moe_grouped_kernel(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, route_w_ptr, sorted_ptr, block_expert_ptr, n_pairs, N, K,
+                    G, TOP_K: tl.constexpr, A_TOKENS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr, UPCAST: tl.constexpr):
     """out[pairs] = A[rows(pairs)] @ W_e^T for one block of BLOCK_M sorted pairs (one expert e) and BLOCK_N
-    columns. A_TOKENS: A is x and a pair's row is its token (gate_up), else the pair's own row (down)."""
+    columns. A_TOKENS (gate_up): A is x and a pair's row is its token; else (down) the pair's own row, and the
+    outputs, rounded to the model dtype and times their routing weights, are added into their tokens' fp32
+    rows of out [T, N] (the combine, without a [T*k, N] round trip)."""
     pid_m = tl.program_id(0)  # fastest: the blocks sharing a column block run together, reusing W_e in L2
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -141,32 +207,110 @@ def _grouped_kernel(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ptr, block_exper
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = dot_acc(a, w, acc, UPCAST)
-    out = out_ptr + pairs.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(out, _round(acc, out_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & n_mask[None, :])
+    mask = valid[:, None] & n_mask[None, :]
+    if A_TOKENS:
+        tl.store(out_ptr + pairs.to(tl.int64)[:, None] * N + offs_n[None, :], _round(acc, a_ptr.dtype.element_ty,
+                 UPCAST), mask=mask)
+    else:
+        y = _round(acc, a_ptr.dtype.element_ty, UPCAST).to(tl.float32)
+        y *= tl.load(route_w_ptr + pairs, mask=valid, other=0.0)[:, None]
+        tl.atomic_add(out_ptr + (pairs // TOP_K).to(tl.int64)[:, None] * N + offs_n[None, :], y, mask=mask,
+                      sem="relaxed")
 
 
 @triton.jit
-def _gemv_kernel(a_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, TOP_K: tl.constexpr,
-                 A_TOKENS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """out[pair, cols] = A[row(pair)] . W_e[cols, :] for one pair and BLOCK_N columns, e = ids[pair]."""
+def _nibble(words, J: tl.constexpr, ASM: tl.constexpr):
+    """Code J (bits 4J .. 4J+3) of every int32 word as fp32 128 + code: shifted to bit 16, then one LOP3 puts
+    it under the exponent of 128.0 (no int -> float convert)."""
+    A: tl.constexpr = 16 - 4 * J
+    if A > 0:
+        v = words << A
+    elif A < 0:
+        v = words >> (-A)  # arithmetic: the sign bits land outside the mask
+    else:
+        v = words
+    return _lop3(v, 0xF0000, 0x43000000, ASM)
+
+
+@triton.jit
+def _gemv_step(acc, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols, n_mask, N, K, G, BITS: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROUND_W: tl.constexpr, ASM: tl.constexpr,
+                 BY_HAND: tl.constexpr):
+    """acc [ROWS, BN] += the products of k0 .. k0 + BLOCK_K for expert e's weight rows `cols` (fp32).
+    BLOCK_K divides G: the step has one row of scales (and zeros). ROUND_W: dequantized weights rounded to
+    the scales' dtype, as the reference; else exact in fp32 (as the dense W4 / W8 GEMVs), fewer instructions."""
+    if BITS == 16:  # [E, N, K]: k contiguous; the K tail masked
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + e * N * K + cols[None, :] * K + offs_k[:, None],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        x = tl.load(a_row + offs_k, mask=k_mask, other=0.0)
+        acc += x.to(tl.float32)[:, None] * w.to(tl.float32)
+    else:
+        g_off = e * (K // G) * N + (k0 // G) * N + cols
+        s = tl.load(s_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if BITS == 8:  # [E, K, N] int8
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(w_ptr + e * K * N + offs_k[:, None] * N + cols[None, :], mask=n_mask[None, :], other=0)
+            x = tl.load(a_row + offs_k).to(tl.float32)
+            if ROUND_W:
+                acc += _round(q.to(tl.float32) * s, s_ptr.dtype.element_ty, BY_HAND).to(tl.float32) * x[:, None]
+            else:
+                acc += q.to(tl.float32) * (x[:, None] * s)
+        else:  # [E, K/8, N] int32, k = 8 r + j in bits 4j of word r
+            rows = k0 // 8 + tl.arange(0, ROWS)
+            words = tl.load(w_ptr + e * (K // 8) * N + rows[:, None] * N + cols[None, :], mask=n_mask[None, :],
+                            other=0)
+            z = tl.load(z_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if ROUND_W:  # each weight (q - z) * s rounded to the scales' dtype, as the reference
+                for j in tl.static_range(8):
+                    w = _round((_nibble(words, j, ASM) - (128.0 + z)) * s, s_ptr.dtype.element_ty, BY_HAND)
+                    acc += w.to(tl.float32) * tl.load(a_row + rows * 8 + j).to(tl.float32)[:, None]
+            else:  # part = sum_j (128 + q_j) x_j, an FMA a weight; the 128 + z offsets removed once a word
+                part = tl.zeros(acc.shape, dtype=tl.float32)
+                xsum = tl.zeros((ROWS,), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    xj = tl.load(a_row + rows * 8 + j).to(tl.float32)
+                    part += _nibble(words, j, ASM) * xj[:, None]
+                    xsum += xj
+                acc += s * (part - (128.0 + z) * xsum[:, None])
+    return acc
+
+
+@triton.jit
+def _moe_gemv_kernel(a_ptr, ids_ptr, route_w_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, TOP_K: tl.constexpr,
+                   BITS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ROUND_W: tl.constexpr, ASM: tl.constexpr,
+                   BY_HAND: tl.constexpr, PDL: tl.constexpr):
+    """One pair, BLOCK_N output columns, e = ids[pair]: the decode path's two launches.
+    SWIGLU (gate_up, A = x by token): the program takes gate rows cols and up rows I + cols of W_e (N = 2I),
+    rounds both as the reference rounds h and writes silu(gate) * up to out [pairs, I].
+    else (down, A = the pair's activation row): y = A . W_e[cols]^T rounded to the model dtype (the pair's
+    output), times the pair's routing weight, atomically added to its token's fp32 row of out [T, N]."""
+    pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     e = tl.load(ids_ptr + pair).to(tl.int64)
-    if A_TOKENS:
-        row = pair // TOP_K
+    N_OUT = N // 2 if SWIGLU else N
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < N_OUT
+    a_row = a_ptr + (pair // TOP_K if SWIGLU else pair) * K
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over its rows once, after the loop
+    acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # stages: loads in flight (cp.async), no tl.dot
+        acc = _gemv_step(acc, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols, n_mask, N, K, G, BITS, ROWS, BLOCK_K,
+                           ROUND_W, ASM, BY_HAND)
+        if SWIGLU:
+            acc_up = _gemv_step(acc_up, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols + N_OUT, n_mask, N, K, G, BITS,
+                                  ROWS, BLOCK_K, ROUND_W, ASM, BY_HAND)
+    dtype = a_ptr.dtype.element_ty
+    y = _round(tl.sum(acc, axis=0), dtype, BY_HAND).to(tl.float32)
+    if SWIGLU:  # as silu_mul_ref on h rounded to the model dtype: silu rounded, then the product
+        up = _round(tl.sum(acc_up, axis=0), dtype, BY_HAND).to(tl.float32)
+        act = _round(y / (1.0 + tl.exp(-y)), dtype, BY_HAND).to(tl.float32)
+        tl.store(out_ptr + pair * N_OUT + cols, _round(act * up, dtype, BY_HAND), mask=n_mask)
     else:
-        row = pair
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over k once, after the loop
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + row * K + offs_k, mask=offs_k < K, other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, e, k0, offs_n, n_mask, N, K, G, BITS, BLOCK_K, BLOCK_N,
-                         a_ptr.dtype.element_ty, UPCAST)
-        acc += a.to(tl.float32)[:, None] * w.to(tl.float32)
-    y = tl.sum(acc, axis=0)
-    tl.store(out_ptr + pair * N + offs_n, _round(y, out_ptr.dtype.element_ty, UPCAST), mask=n_mask)
+        w = tl.load(route_w_ptr + pair)
+        tl.atomic_add(out_ptr + (pair // TOP_K) * N + cols, y * w, mask=n_mask, sem="relaxed")
 
 
 # ---- launch --------------------------------------------------------------------------------------------
@@ -203,26 +347,47 @@ def _check(w: Experts):
         raise ValueError(f"unsupported expert bits {w.bits}")
 
 
+def grouped_config(n_pairs: int, num_experts: int) -> GroupedConfig:
+    """The first config whose min_pairs (pairs an expert on average) the batch reaches."""
+    per_expert = n_pairs / num_experts
+    return next(cfg for min_pairs, cfg in GROUPED_CONFIGS if per_expert >= min_pairs)
+
+
 def _grouped_linear(a: torch.Tensor, w: Experts, sorted_pairs, block_expert, n_pairs: int, top_k: int,
-                    a_tokens: bool, block_m: int) -> torch.Tensor:
+                    cfg: GroupedConfig, route_w: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """gate_up (route_w None): h [n_pairs, N] in a's dtype; down: the weighted outputs added into out [T, N]."""
     K, N = _in_features(w), w.out_features
-    out = torch.empty(n_pairs, N, dtype=a.dtype, device=a.device)
-    bk = _block_k(w, K, GROUPED_BLOCK_K)
-    grid = (block_expert.numel(), triton.cdiv(N, GROUPED_BLOCK_N))
-    _grouped_kernel[grid](a, *_weight_args(w), out, sorted_pairs, block_expert, n_pairs, N, K, w.group_size,
-                          TOP_K=top_k, A_TOKENS=a_tokens, BITS=w.bits, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N,
-                          BLOCK_K=bk, EXACT=a.dtype == torch.float32, UPCAST=INTERPRET,
-                          num_warps=GROUPED_WARPS, num_stages=GROUPED_STAGES)
+    if route_w is None:
+        out = torch.empty(n_pairs, N, dtype=a.dtype, device=a.device)
+    grid = (block_expert.numel(), triton.cdiv(N, cfg.block_n))
+    _moe_grouped_kernel[grid](a, *_weight_args(w), out, route_w if route_w is not None else out, sorted_pairs,
+                          block_expert, n_pairs, N, K, w.group_size, TOP_K=top_k, A_TOKENS=route_w is None,
+                          BITS=w.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(w, K, cfg.block_k),
+                          EXACT=a.dtype == torch.float32, UPCAST=INTERPRET, num_warps=cfg.warps,
+                          num_stages=cfg.stages)
     return out
 
 
-def _gemv_linear(a: torch.Tensor, w: Experts, flat_ids, n_pairs: int, top_k: int, a_tokens: bool) -> torch.Tensor:
+def decode_config(w: Experts, swiglu: bool) -> DecodeConfig:
+    return DECODE_CONFIGS[(w.bits, swiglu)]
+
+
+def _decode_linear(a: torch.Tensor, w: Experts, flat_ids, n_pairs: int, top_k: int, route_w=None, out=None,
+                   cfg: DecodeConfig | None = None):
+    """gate_up (route_w None): silu(gate) * up [n_pairs, N/2] in a's dtype; down: the weighted outputs added
+    into out [T, N] (fp32)."""
     K, N = _in_features(w), w.out_features
-    out = torch.empty(n_pairs, N, dtype=a.dtype, device=a.device)
-    bk = _block_k(w, K, GEMV_BLOCK_K)
-    grid = (n_pairs, triton.cdiv(N, GEMV_BLOCK_N))
-    _gemv_kernel[grid](a, flat_ids, *_weight_args(w), out, N, K, w.group_size, TOP_K=top_k, A_TOKENS=a_tokens,
-                       BITS=w.bits, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=bk, UPCAST=INTERPRET, num_warps=GEMV_WARPS)
+    swiglu = route_w is None
+    cfg = cfg or decode_config(w, swiglu)
+    bk = _block_k(w, K, cfg.block_k)
+    if swiglu:
+        out = torch.empty(n_pairs, N // 2, dtype=a.dtype, device=a.device)
+    grid = (n_pairs, triton.cdiv(N // 2 if swiglu else N, cfg.block_n))
+    _moe_gemv_kernel[grid](a, flat_ids, route_w if route_w is not None else a, *_weight_args(w), out, N, K,
+                         w.group_size, TOP_K=top_k, BITS=w.bits, SWIGLU=swiglu, ROWS=bk // 8 if w.bits == 4 else bk,
+                         BLOCK_N=cfg.block_n, BLOCK_K=bk, STAGES=cfg.stages, ROUND_W=DECODE_ROUND_WEIGHTS,
+                         ASM=not INTERPRET, BY_HAND=INTERPRET,
+                         num_warps=cfg.warps, **pdl_args(a.device))
     return out
 
 
@@ -230,10 +395,20 @@ def select_path(n_pairs: int) -> str:
     return "gemv" if n_pairs <= GEMV_MAX_PAIRS else "grouped"
 
 
+def _sums(T: int, H: int, device, defer: bool) -> torch.Tensor:
+    """A zeroed fp32 [T, H] for the combine's atomic adds: deferred, the split-K linears' shared workspace,
+    which the next kernel reads and zeroes again (pending.py)."""
+    if not defer:
+        return torch.zeros(T, H, dtype=torch.float32, device=device)
+    ws, _ = _workspace(device, T * H, 0)
+    return ws[:T * H].view(T, H)
+
+
 def moe_experts_triton(x: torch.Tensor, gate_up: Experts, down: Experts, weights: torch.Tensor, ids: torch.Tensor,
-                       path: str | None = None) -> torch.Tensor:
+                       path: str | None = None, defer: bool = False):
     """x [T, H]; routing weights [T, k] fp32, expert ids [T, k] -> [T, H] in x's dtype. path: "gemv" or
-    "grouped" (default by the pair count, select_path)."""
+    "grouped" (default by the pair count, select_path). defer: a PendingSum of the fp32 sums instead, for the
+    next RMSNorm to round (and zero): no launch of its own for the combine."""
     _check(gate_up)
     _check(down)
     T, H = x.shape
@@ -243,15 +418,17 @@ def moe_experts_triton(x: torch.Tensor, gate_up: Experts, down: Experts, weights
         return x.new_empty(T, H)
     path = path or select_path(n)
     x = x.contiguous()
+    route_w = weights.reshape(-1).contiguous().float()
+    sums = _sums(T, down.out_features, x.device, defer)
     if path == "gemv":
         flat = ids.reshape(-1).contiguous()
-        h = _gemv_linear(x, gate_up, flat, n, k, a_tokens=True)
-        pair_out = _gemv_linear(silu_mul(h), down, flat, n, k, a_tokens=False)
+        act = _decode_linear(x, gate_up, flat, n, k)
+        _decode_linear(act, down, flat, n, k, route_w, sums)
     elif path == "grouped":
-        bm = grouped_block_m(n, gate_up.num_experts)
-        sorted_pairs, block_expert = align_pairs(ids, gate_up.num_experts, bm)  # one sort serves both linears
-        h = _grouped_linear(x, gate_up, sorted_pairs, block_expert, n, k, True, bm)
-        pair_out = _grouped_linear(silu_mul(h), down, sorted_pairs, block_expert, n, k, False, bm)
+        cfg = grouped_config(n, gate_up.num_experts)
+        sorted_pairs, block_expert = align_pairs(ids, gate_up.num_experts, cfg.block_m)  # one sort, both linears
+        h = _grouped_linear(x, gate_up, sorted_pairs, block_expert, n, k, cfg)
+        _grouped_linear(silu_mul(h), down, sorted_pairs, block_expert, n, k, cfg, route_w, sums)
     else:
         raise ValueError(f"unknown MoE path {path!r}")
-    return combine(pair_out, weights, x.dtype)
+    return PendingSum(sums, x.dtype) if defer else sums.to(x.dtype)

@@ -165,9 +165,12 @@ class SparseMoE(nn.Module):
         """(weights fp32 [T, k], expert ids [T, k]); logits in the model dtype, as HF's router computes them."""
         return kernels.route_topk(self.router(x), self.top_k, self.renormalize)
 
-    def forward(self, x):
+    def forward(self, x, defer: bool = False):
+        """defer: as MLP (the decoder layer's next RMSNorm finishes the experts' fp32 sums); not with a shared
+        expert, whose output is added here."""
         weights, ids = self.route(x)
-        out = kernels.moe_experts(x, self.gate_up_proj.experts, self.down_proj.experts, weights, ids)
+        defer = defer and self.shared_expert is None
+        out = kernels.moe_experts(x, self.gate_up_proj.experts, self.down_proj.experts, weights, ids, defer)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * kernels.take(self.shared_expert(x))
         return out
@@ -179,6 +182,6 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(quant)
         self.down_proj = Linear(quant)
 
-    def forward(self, x):
+    def forward(self, x, defer: bool = True):
         # each output goes to a kernel that finishes split-K sums: SiLU-mul, the next RMSNorm
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x, defer=True)), defer=True)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x, defer=True)), defer=defer)

@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, rope_cache)
         hidden, residual = self.post_attn_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, defer=True), residual  # the next RMSNorm finishes split-K / expert sums
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         """tensors: engine suffix names ("qkv_proj.weight", "o_proj.qweight", ...) of this layer."""

@@ -2,16 +2,17 @@
 
 Both Triton paths are forced explicitly (gemv: one program per pair; grouped: pairs sorted into per-expert
 blocks). Tolerances (relative Frobenius error): fp32 1e-5 (same products, another summation order); bf16
-1e-2: the kernels round h, the dequantized weights and the outputs to bf16 where the reference does, so a
-different summation order only flips a rounding here and there (interpreted, with bf16 rounded by hand as on
-the GPU, they measure 0); a wrong expert, row, group or zero point costs > 0.1.
+1e-2: the kernels round h, the activations, the dequantized weights and each pair's output to bf16 where
+the reference does, so a different summation order only flips a rounding here and there (interpreted, with
+bf16 rounded by hand as on the GPU, they measure 0); a wrong expert, row, group or zero point costs > 0.1.
 """
 
 import pytest
 import torch
 
 from lmconvert.kernels import moe_triton as mt
-from lmconvert.kernels.moe import Experts, moe_experts_ref, route_topk
+from lmconvert.kernels.moe import Experts, moe_experts_ref, route_topk, route_topk_ref
+from lmconvert.kernels.pending import PendingSum, take
 from lmconvert.quant.primitives import dequantize_w4, dequantize_w8, quantize_w4, quantize_w8
 
 from kernel_testing import rel_err
@@ -136,10 +137,35 @@ def test_grouped_matches_reference(case):
 
 
 def test_grouped_full_blocks():
-    """Enough pairs a expert for BLOCK_M 64 (several blocks an expert, the last one ragged)."""
+    """Enough pairs a expert for the largest BLOCK_M (several blocks an expert, the last one ragged)."""
     T, k, E = 150, 2, 4
-    assert mt.grouped_block_m(T * k, E) == mt.GROUPED_BLOCK_M
+    assert mt.grouped_config(T * k, E) == mt.GROUPED_CONFIGS[0][1]
     _check_case(None, T, k, E, None, 64, 32, "w4g32", torch.bfloat16)
+
+
+def test_deferred_sums_are_the_output():
+    """defer: the fp32 sums in the shared split-K workspace, which their reader (take) rounds and zeroes."""
+    gate_up, down = _layer(8, 64, 32, "w4g32", torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    weights, ids = _routing(3, 8, 2)
+    for path in ("gemv", "grouped"):
+        pending = mt.moe_experts_triton(x, gate_up, down, weights, ids, path=path, defer=True)
+        assert isinstance(pending, PendingSum)
+        sums = pending.sums.clone()
+        take(pending)
+        assert not pending.sums.any()  # zeroed for the workspace's next user
+        assert torch.equal(sums.to(x.dtype), mt.moe_experts_triton(x, gate_up, down, weights, ids, path=path))
+
+
+@pytest.mark.parametrize("T,E,k,renormalize,dtype", [(1, 128, 8, True, torch.bfloat16), (7, 60, 4, False, torch.float32),
+                                                      (5, 8, 2, True, torch.float32), (3, 16, 1, True, torch.bfloat16)])
+def test_route_kernel_matches_reference(T, E, k, renormalize, dtype):
+    logits = (torch.randn(T, E) * 3).to(dtype)
+    weights, ids = mt.route_topk_triton(logits, k, renormalize)
+    ref_w, ref_ids = route_topk_ref(logits, k, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
 
 
 def test_path_selection_and_empty_batch():
