@@ -156,10 +156,15 @@ def generate(model: str, prompt: str, use_chat: bool, **opts):
               help="Serve `tools`: turn the model's tool calls into message.tool_calls (auto: by the chat template).")
 @click.option("--api-keys", multiple=True, envvar="LMCONVERT_API_KEYS",
               help="Accepted bearer key (repeatable, or comma-separated; env LMCONVERT_API_KEYS, space-separated).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Requests that may wait for the engine; beyond it the server answers 429 with Retry-After.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM: seconds the requests in flight get to finish (keep it under the pod's grace period).")
 @CHAT_TEMPLATE_OPTION
 @engine_options
 def serve(model: str, server_name: str, server_port: int, served_model_name: str | None,
-          reasoning_parser: str | None, tool_call_parser: str | None, api_keys: tuple[str, ...], **opts):
+          reasoning_parser: str | None, tool_call_parser: str | None, api_keys: tuple[str, ...], max_queue: int,
+          drain_timeout: float, **opts):
     """Serve MODEL (engine dir or checkpoint) over an OpenAI-compatible HTTP API."""
     from lmconvert.devices import resolve_device
     from lmconvert.engine import open_model
@@ -175,7 +180,7 @@ def serve(model: str, server_name: str, server_port: int, served_model_name: str
     keys = tuple(k for value in api_keys for k in value.split(",") if k)
     run_server(model, lambda: build_engine(model, opts), host=server_name, port=server_port,
                model_name=served_model_name, reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
-               api_keys=keys, check_model=check_model)
+               api_keys=keys, max_queue=max_queue, drain_timeout_s=drain_timeout, check_model=check_model)
 
 
 @main.command()

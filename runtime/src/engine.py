@@ -19,7 +19,8 @@ from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
 from lmconvert.runtime.model_runner import ModelRunner, Sampled
-from lmconvert.runtime.sampling import SamplingParams, TokenLogprob
+from lmconvert.runtime.faults import FaultInjector
+from lmconvert.runtime.sampling import NON_FINITE, SamplingParams, TokenLogprob
 from lmconvert.runtime.scheduler import Scheduler, SchedulerConfig
 from lmconvert.runtime.sequence import Sequence
 
@@ -32,7 +33,7 @@ class RequestOutput:
     token_ids: list[int]
     prompt_tokens: int
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # stop, length, abort, or error (the model's logits held NaN)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when SamplingParams.logprobs asked
 
 
@@ -103,6 +104,7 @@ class LLMEngine:
         self._in_flight: _Step | None = None
         self._token_texts: dict[int, str] = {}
         self._grammars, self._grammars_lock = None, threading.Lock()
+        self.faults = FaultInjector.from_env()  # test-only: LMCONVERT_INJECT_FAULT
 
     # ---- requests --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -142,6 +144,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token."""
         current, self._in_flight = self._in_flight, None
+        self.faults.before_step(self.runner.sampler)
         if current is None:
             batch = self.scheduler.schedule()
             if not batch:
@@ -199,7 +202,9 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         reason = None
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if token == NON_FINITE:
+            reason = "error"
+        elif (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         else:
             seq.output_ids.append(token)

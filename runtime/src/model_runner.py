@@ -11,7 +11,7 @@ from lmconvert.runtime.context import Context, dense_context, query_hints, use_c
 from lmconvert.runtime.compiled_decode import CompiledDecode
 from lmconvert.runtime.cuda_graphs import DecodeGraphs
 from lmconvert.runtime.model import Transformer
-from lmconvert.runtime.sampling import Sampler, StepLogprobs, TokenLogprob
+from lmconvert.runtime.sampling import NON_FINITE, Sampler, StepLogprobs, TokenLogprob
 from lmconvert.runtime.sequence import Sequence
 
 
@@ -38,6 +38,7 @@ def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, 
 class Sampled:
     """A step's sampled token ids: on the device (where a lookahead step reads them as its input) and in
     pinned host memory once `done` has fired, so reading them waits for this step only, not later ones.
+    On the host a row whose logits held NaN reads NON_FINITE (the device keeps a valid id for the lookahead).
     Their log-probabilities (when a sequence asked) come to the host the same way."""
     device: torch.Tensor
     host: torch.Tensor
@@ -45,10 +46,12 @@ class Sampled:
     logprobs: StepLogprobs | None = None  # host copies
 
     @classmethod
-    def of(cls, tokens: torch.Tensor, logprobs: StepLogprobs | None = None) -> Sampled:
+    def of(cls, tokens: torch.Tensor, logprobs: StepLogprobs | None = None,
+           broken: torch.Tensor | None = None) -> Sampled:
+        flagged = tokens if broken is None else torch.where(broken, NON_FINITE, tokens)
         if tokens.device.type != "cuda":
-            return cls(tokens, tokens, None, logprobs)
-        host = _to_pinned(tokens)
+            return cls(tokens, flagged, None, logprobs)
+        host = _to_pinned(flagged)
         if logprobs is not None:
             logprobs = StepLogprobs(*map(_to_pinned, (logprobs.chosen, logprobs.top_values, logprobs.top_ids)),
                                     logprobs.ks)

@@ -10,6 +10,7 @@ from lmconvert.runtime.grammar import Guided, mask_logits_
 
 
 MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's top_logprobs limit)
+NON_FINITE = -1  # the host's token id for a row whose logits held NaN: its request ends with an error
 
 
 @dataclass(slots=True)
@@ -96,6 +97,7 @@ class Sampler:
 
     def __init__(self):
         self._generators: dict[int, torch.Generator] = {}  # seq id -> generator, for seeded requests
+        self.inject_nan = False  # test-only (runtime/src/faults.py): the next call's first row turns NaN
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
@@ -107,8 +109,13 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs) -> tuple[torch.Tensor, StepLogprobs | None]:
-        """int64 [B] token ids on the logits' device (no host sync), and their logprobs when a row asks."""
+    def __call__(self, logits: torch.Tensor, seqs) -> tuple[torch.Tensor, StepLogprobs | None, torch.Tensor]:
+        """int64 [B] token ids on the logits' device (no host sync), their logprobs when a row asks, and a
+        [B] bool of rows whose logits held NaN (a broken step: their tokens are meaningless)."""
+        if self.inject_nan:
+            logits[0] = float("nan")
+            self.inject_nan = False
+        broken = logits.isnan().any(dim=-1)  # before grammar masks and penalties, which only write -inf / finite
         ks = [s.params.logprobs for s in seqs]
         logprobs = None
         if any(k is not None for k in ks):  # the model's distribution: before the penalties change logits
@@ -116,8 +123,8 @@ class Sampler:
             top_values, top_ids = logprobs.topk(max(1, *(k for k in ks if k is not None)), dim=-1)
         tokens = self._sample(logits, seqs)
         if logprobs is None:
-            return tokens, None
-        return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids, ks)
+            return tokens, None, broken
+        return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids, ks), broken
 
     def _sample(self, logits: torch.Tensor, seqs) -> torch.Tensor:
         if any(seq.matcher is not None for seq in seqs):  # structured outputs: the one grammar hook

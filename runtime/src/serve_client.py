@@ -18,6 +18,9 @@ class StreamResult:
     usage: dict | None = None
     chunks: int = 0
     problems: list[str] = field(default_factory=list)  # empty for a well-formed stream
+    status: int | None = None  # the HTTP status (None: no response)
+    retry_after: str | None = None  # a refusal's Retry-After header
+    errors: list[dict] = field(default_factory=list)  # error events inside the stream
     latency_s: float = 0.0
     first_token_s: float | None = None
 
@@ -57,6 +60,7 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict) -> St
     done = False
     try:
         async with client.stream("POST", path, json={**body, "stream": True}) as response:
+            result.status, result.retry_after = response.status_code, response.headers.get("retry-after")
             if response.status_code != 200 or not response.headers["content-type"].startswith("text/event-stream"):
                 result.problems.append(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
                 return result
@@ -71,6 +75,7 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict) -> St
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
+                    result.errors.append(chunk["error"])
                     result.problems.append(f"error event: {chunk['error'].get('message')}")
                     continue
                 result.chunks += 1

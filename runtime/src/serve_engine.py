@@ -20,13 +20,26 @@ from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.serve_metrics import ServeStats
 
 log = logging.getLogger("lmconvert.serve")
+# Failing steps in a row after which the engine is taken for broken (the device, not one request's input):
+# its thread stops, /health turns 503 and the server exits non-zero so the orchestrator restarts it.
+MAX_FAILED_STEPS = 3
 
 # build(engine) -> (prompt token ids, one SamplingParams per choice); runs on the engine thread
 PromptBuilder = Callable[[LLMEngine], tuple[list[int], list[SamplingParams]]]
 
 
 class EngineFailure(Exception):
-    """Put on a request's queue when a step failed; the request is over."""
+    """Put on a request's queue when a step failed or the server stops; the request is over.
+    status: the HTTP status its client sees (500: the engine failed; 503: the server is shutting down)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+def _device_lost(error: Exception) -> bool:
+    """A CUDA error poisons its context: no later step can succeed, so there is no point in retrying."""
+    return type(error).__name__ == "AcceleratorError" or "CUDA error" in str(error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -47,8 +60,10 @@ def _send(items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) 
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_fatal: Callable[[str], None] | None = None):
         self.engine = engine
+        self.on_fatal = on_fatal  # called (on the engine thread) once the engine is taken for broken
+        self.fatal: str | None = None
         self.stats = ServeStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # request id -> (event loop, queue, choice index)
@@ -68,6 +83,15 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def idle(self) -> bool:
+        """No request in the engine and none being added (read from the event loop: a step stale at most)."""
+        return not self._sinks and not self.engine.has_unfinished()
+
+    def fail_all(self, message: str, status: int) -> asyncio.Future:
+        """Ends every request in flight with this error (the drain's deadline)."""
+        return self.call(lambda engine: self._fail_all(EngineFailure(message, status)))
 
     def call(self, fn: Callable[[LLMEngine], object]) -> asyncio.Future:
         """Runs fn(engine) on the engine thread between two steps; await the result."""
@@ -124,6 +148,24 @@ class AsyncEngine:
                 return
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside a step: nobody may be left waiting on a dead engine
+            log.exception("the engine thread failed")
+            self._die(f"engine thread failed: {type(e).__name__}: {e}")
+        ending = EngineFailure(f"the engine stopped: {self.fatal}" if self.fatal else "the server is shutting down",
+                               500 if self.fatal else 503)
+        self._fail_all(ending)
+        while True:  # nobody will run what is still queued: release whoever awaits it
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                future.set_exception(ending)
+
+    def _loop(self) -> None:
+        failed_in_a_row = 0
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
             if self._stop.is_set() or not self.engine.has_unfinished():
@@ -131,18 +173,23 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:
+                failed_in_a_row += 1
+                self.stats.step_failed()
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(e)
+                if failed_in_a_row >= MAX_FAILED_STEPS or _device_lost(e):
+                    self._die(f"{failed_in_a_row} step(s) in a row failed, the last with {type(e).__name__}: {e}")
+                    return
                 continue
+            failed_in_a_row = 0
             self._deliver(outputs)
-        self._fail_all(EngineFailure("server shutting down"))
-        while True:  # nobody will run what is still queued: release whoever awaits it
-            try:
-                _, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if future is not None:
-                future.set_exception(EngineFailure("server shutting down"))
+
+    def _die(self, reason: str) -> None:
+        self.fatal = reason
+        self._stop.set()
+        log.error("the engine is broken (%s); stopping the server", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         items = []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import signal
 import socket
 import threading
 import time
@@ -14,7 +16,46 @@ from uvicorn.config import LOGGING_CONFIG
 
 from lmconvert.errors import UserError
 from lmconvert.runtime.serve_reasoning import check_reasoning_parser
-from lmconvert.runtime.server import create_app
+from lmconvert.runtime.serve_admission import DEFAULT_MAX_QUEUE
+from lmconvert.runtime.server import DRAIN_TIMEOUT_S, create_app
+
+log = logging.getLogger("lmconvert.serve")
+SHUTDOWN_GRACE_S = 5  # after the drain: for responses still being written when uvicorn closes the connections
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM drains before the usual shutdown (ServerState.drain: readiness off, no new
+    work, the requests in flight get drain_timeout_s) and the process then exits 0 — uvicorn would re-raise the
+    SIGTERM it caught and die of it. A second SIGTERM, or Ctrl-C, shuts down at once as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout_s: float = DRAIN_TIMEOUT_S):
+        super().__init__(config)
+        self.state = config.app.state.serve  # the app's ServerState (server.create_app)
+        self.drain_timeout_s = drain_timeout_s
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """A signal handler (main thread), also called from other threads by tests: only schedules the drain."""
+        if sig == signal.SIGTERM and not self.draining and not self.should_exit and self._loop is not None:
+            self.draining = True
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        async def drain_then_exit():
+            try:
+                await self.state.drain(self.drain_timeout_s)
+            finally:
+                self.should_exit = True
+
+        self._drain_task = self._loop.create_task(drain_then_exit())
 
 
 def default_model_name(model: str) -> str:
@@ -47,10 +88,11 @@ def log_config(log_level: str) -> dict:
 
 def run_server(model: str, build_engine, *, host: str, port: int, model_name: str | None = None,
                reasoning_parser: str | None = None, tool_call_parser: str | None = None,
-               api_keys: tuple[str, ...] = (), log_level: str = "info", check_model=None) -> None:
-    """Serves until interrupted; the model loads after the port opens. check_model() runs first (a cheap look
-    at the model: a missing or broken engine is reported before the server starts). A failed load stops the
-    server and raises UserError with the reason."""
+               api_keys: tuple[str, ...] = (), max_queue: int = DEFAULT_MAX_QUEUE,
+               drain_timeout_s: float = DRAIN_TIMEOUT_S, log_level: str = "info", check_model=None) -> None:
+    """Serves until interrupted or drained (SIGTERM); the model loads after the port opens. check_model() runs
+    first (a cheap look at the model: a missing or broken engine is reported before the server starts). A failed
+    load, or an engine that breaks while serving, stops the server and raises UserError with the reason."""
     check_reasoning_parser(reasoning_parser)
     sock = listening_socket(host, port)
     if check_model is not None:
@@ -66,11 +108,10 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
         holder["server"].should_exit = True
 
     app = create_app(build_engine, model_name or default_model_name(model), reasoning_parser=reasoning_parser,
-                     tool_call_parser=tool_call_parser, api_keys=api_keys, on_load_error=stop)
-    server = holder["server"] = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                              log_config=log_config(log_level),
-                                                              timeout_graceful_shutdown=5))
-    log = logging.getLogger("lmconvert.serve")
+                     tool_call_parser=tool_call_parser, api_keys=api_keys, max_queue=max_queue, on_error=stop)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config(log_level),
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    server = holder["server"] = DrainingServer(config, drain_timeout_s)
     log.info("lmconvert serve: http://%s:%d/v1 (OpenAI API); the model loads now, /health answers 503 until "
              "it is ready", host, port)
     if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
@@ -81,23 +122,25 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
         pass
     if "error" in holder:
-        raise UserError(f"could not load {model}: {holder['error']}")
+        raise UserError(f"{model}: {holder['error']}")
 
 
 class BackgroundServer:
     """`with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")`: uvicorn on a thread, on a free
     127.0.0.1 port chosen by the OS, entered once the model is loaded; leaving the block stops it."""
 
-    def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 60.0):
-        self.app, self.host, self.start_timeout_s = app, host, start_timeout_s
-        self.server: uvicorn.Server | None = None
+    def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 60.0,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S):
+        self.app, self.host, self.start_timeout_s, self.drain_timeout_s = app, host, start_timeout_s, drain_timeout_s
+        self.server: DrainingServer | None = None
 
     def __enter__(self) -> "BackgroundServer":
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        self.server = DrainingServer(config, self.drain_timeout_s)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s
@@ -115,6 +158,10 @@ class BackgroundServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def sigterm(self) -> None:
+        """What SIGTERM does to `lmconvert serve` (signals reach only the main thread; this server runs on another)."""
+        self.server.handle_exit(signal.SIGTERM, None)
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

@@ -17,7 +17,9 @@ class ServeStats:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: Counter[str] = Counter()
+        self.failed_steps = 0
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic time, tokens generated in that step)
+        self._finish_times: deque[float] = deque()  # monotonic times of recent finishes (for Retry-After)
 
     def add_prompt(self, tokens: int) -> None:
         with self._lock:
@@ -30,13 +32,28 @@ class ServeStats:
             self._recent.append((now, tokens))
             self._trim(now)
 
-    def finish(self, reason: str | None) -> None:
+    def step_failed(self) -> None:
+        with self._lock:
+            self.failed_steps += 1
+
+    def finish(self, reason: str | None, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         with self._lock:
             self.finished[reason or "unknown"] += 1
+            self._finish_times.append(now)
+            self._trim(now)
 
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
             self._recent.popleft()
+        while self._finish_times and self._finish_times[0] < now - RATE_WINDOW_S:
+            self._finish_times.popleft()
+
+    def finishes_per_second(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            return len(self._finish_times) / RATE_WINDOW_S
 
     def tokens_per_second(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
@@ -47,12 +64,13 @@ class ServeStats:
     def snapshot(self) -> dict:
         with self._lock:
             return {"prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
-                    "finished": dict(self.finished)}
+                    "finished": dict(self.finished), "failed_steps": self.failed_steps}
 
 
-def prometheus_text(engine, stats: ServeStats, model_name: str) -> str:
-    """The engine's queue and cache gauges plus the server's counters. The scheduler's lists are read from the
-    event loop while the engine thread may be changing them: len() is atomic, and a gauge one step stale is fine."""
+def prometheus_text(engine, stats: ServeStats, admission, model_name: str) -> str:
+    """The engine's queue and cache gauges, the admission's (what an autoscaler keys on) and the server's counters.
+    The scheduler's lists are read from the event loop while the engine thread may be changing them: len() is
+    atomic, and a gauge one step stale is fine."""
     label = f'model_name="{_escape(model_name)}"'
     snap = stats.snapshot()
     lines: list[str] = []
@@ -63,14 +81,24 @@ def prometheus_text(engine, stats: ServeStats, model_name: str) -> str:
 
     metric("requests_running", "gauge", "Sequences in the running batch.", [(label, len(engine.scheduler.running))])
     metric("requests_waiting", "gauge", "Sequences queued for admission.", [(label, len(engine.scheduler.waiting))])
-    metric("kv_blocks_used", "gauge", "KV cache blocks held by sequences.", [(label, engine.block_manager.num_used)])
-    metric("kv_blocks_total", "gauge", "KV cache blocks in the pool.", [(label, len(engine.block_manager.blocks))])
+    metric("requests_queued", "gauge", "Requests waiting for the engine, counted against --max-queue.",
+           [(label, admission.queued(engine))])
+    metric("queue_limit", "gauge", "--max-queue: requests beyond it are answered 429.", [(label, admission.max_queue)])
+    metric("draining", "gauge", "1 once SIGTERM started the drain.", [(label, int(admission.draining))])
+    used, total = engine.block_manager.num_used, len(engine.block_manager.blocks)
+    metric("kv_blocks_used", "gauge", "KV cache blocks held by sequences.", [(label, used)])
+    metric("kv_blocks_total", "gauge", "KV cache blocks in the pool.", [(label, total)])
+    metric("kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks held.", [(label, used / max(total, 1))])
     metric("generation_tokens_per_second", "gauge", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s.",
            [(label, stats.tokens_per_second())])
     metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [(label, snap["prompt_tokens"])])
     metric("generation_tokens_total", "counter", "Tokens generated.", [(label, snap["generation_tokens"])])
     metric("requests_finished_total", "counter", "Finished sequences by reason (stop, length, abort).",
            [(f'{label},finish_reason="{_escape(reason)}"', count) for reason, count in sorted(snap["finished"].items())])
+    metric("requests_rejected_total", "counter", "Requests refused at admission (queue_full: 429, draining: 503).",
+           [(f'{label},reason="{reason}"', admission.rejected[reason]) for reason in ("queue_full", "draining")])
+    metric("engine_failed_steps_total", "counter", "Engine steps that raised (their requests ended with an error).",
+           [(label, snap["failed_steps"])])
     return "\n".join(lines) + "\n"
 
 

@@ -36,9 +36,9 @@ class ServeConfig:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 @dataclass(slots=True)
@@ -56,7 +56,10 @@ class Job:
         index, out = await self.sink.get()
         if isinstance(out, EngineFailure):
             self.done.update(range(len(self.request_ids)))  # the engine dropped them all already
-            raise ApiError(500, str(out), "server_error")
+            raise ApiError(out.status, str(out), "server_error")
+        if out.finish_reason == "error":  # this request's logits held NaN; the others in the batch go on
+            self.done.add(index)
+            raise ApiError(500, "the model produced NaN logits for this request; it was stopped", "server_error")
         if out.finished:
             self.done.add(index)
         return index, out

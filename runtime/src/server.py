@@ -3,7 +3,8 @@
     app = create_app(lambda: LLMEngine("./engine"), model_name="smol")   # the model loads after startup
     uvicorn.run(app, port=23333)
 
-/health answers 503 until the model is loaded, so a readiness probe can watch a slow load.
+/health answers 503 until the model is loaded, so a readiness probe can watch a slow load, and again from the
+moment a drain starts (SIGTERM, see serve_launch.DrainingServer), so the balancer stops sending work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lmconvert.errors import debug_enabled, one_line
 from lmconvert.runtime.engine import LLMEngine
 from lmconvert.runtime.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body
 from lmconvert.runtime.sampling import SamplingParams, generation_defaults as sampling_defaults
-from lmconvert.runtime.serve_engine import AsyncEngine
+from lmconvert.runtime.serve_admission import DEFAULT_MAX_QUEUE, Admission
+from lmconvert.runtime.serve_engine import AsyncEngine, EngineFailure
 from lmconvert.runtime.serve_metrics import prometheus_text
 from lmconvert.runtime.serve_tools import resolve_parser
 from lmconvert.runtime.serve_routes import (ApiError, ServeConfig, chat_reply, chat_stream, check_request, collect,
@@ -34,6 +36,7 @@ from lmconvert.runtime.serve_routes import (ApiError, ServeConfig, chat_reply, c
 
 log = logging.getLogger("lmconvert.serve")
 MAX_BODY_BYTES = 8 * 1024 * 1024
+DRAIN_TIMEOUT_S = 30.0  # Kubernetes' default grace period is 30 s; the shipped manifest gives 45
 
 
 @dataclass(slots=True)
@@ -41,10 +44,33 @@ class ServerState:
     model_name: str
     reasoning_parser: str | None
     tool_call_parser: str | None = None
+    admission: Admission = None
     aengine: AsyncEngine | None = None
     cfg: ServeConfig | None = None
     load_error: str | None = None
     created: int = 0
+
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM's first half: readiness and admission close at once; the requests in flight get timeout_s
+        to finish, then end with a 503 error event. The caller then shuts the server down."""
+        self.admission.draining = True
+        aengine = self.aengine
+        if aengine is None or not aengine.alive:
+            return
+        log.info("draining: /health answers 503, new requests 503; waiting up to %g s for the requests in flight",
+                 timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not (aengine.idle and self.admission.entering == 0) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not aengine.idle:
+            log.warning("drain timeout (%g s): ending the requests still in flight", timeout_s)
+            try:
+                await aengine.fail_all(f"the server is shutting down (its {timeout_s:g} s drain ended)", 503)
+            except EngineFailure:  # the engine stopped meanwhile: its requests ended with it
+                pass
+        else:
+            log.info("drained: every request in flight finished")
 
 
 def generation_defaults(engine: LLMEngine) -> SamplingParams:
@@ -53,18 +79,20 @@ def generation_defaults(engine: LLMEngine) -> SamplingParams:
 
 
 def _load(state: ServerState, load: Callable[[], LLMEngine], on_error: Callable[[str], None] | None) -> None:
+    """on_error(message) on a failed load, and later if the engine breaks (the server should then exit)."""
     try:
         engine = load()
         tools = state.tool_call_parser and resolve_parser(state.tool_call_parser, engine.tokenizer.chat_template)
         cfg = ServeConfig(state.model_name, state.reasoning_parser, generation_defaults(engine), tools or None)
-        aengine = AsyncEngine(engine)
+        on_fatal = on_error and (lambda reason: on_error(f"the engine failed: {reason}"))
+        aengine = AsyncEngine(engine, on_fatal=on_fatal)
         aengine.start()
     except Exception as e:  # reported as one line, as the CLI reports errors; the traceback with --debug
         if debug_enabled():
             log.exception("loading the model failed")
         state.load_error = one_line(e)
         if on_error is not None:
-            on_error(state.load_error)
+            on_error(f"could not load the model: {state.load_error}")
         return
     state.cfg, state.aengine = cfg, aengine  # cfg first: handlers check aengine
     log.info("model %s loaded; ready", state.model_name)
@@ -167,7 +195,7 @@ def _param(error: dict) -> str | None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body, status_code=e.status)
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):
@@ -193,37 +221,44 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(load: Callable[[], LLMEngine] | LLMEngine, model_name: str, *, reasoning_parser: str | None = None,
                tool_call_parser: str | None = None, api_keys: tuple[str, ...] = (), max_body_bytes: int = MAX_BODY_BYTES,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
-    """The app; `load` builds the engine on a thread after startup (or is an engine already built)."""
-    state = ServerState(model_name, reasoning_parser, tool_call_parser, created=int(time.time()))
+               max_queue: int = DEFAULT_MAX_QUEUE, on_error: Callable[[str], None] | None = None) -> FastAPI:
+    """The app; `load` builds the engine on a thread after startup (or is an engine already built).
+    on_error(message): the model failed to load, or the engine broke later; the server should stop."""
+    state = ServerState(model_name, reasoning_parser, tool_call_parser, Admission(max_queue), created=int(time.time()))
     loader = load if callable(load) else (lambda: load)
 
     async def lifespan(app: FastAPI):
-        threading.Thread(target=_load, args=(state, loader, on_load_error), name="lmconvert-load", daemon=True).start()
+        threading.Thread(target=_load, args=(state, loader, on_error), name="lmconvert-load", daemon=True).start()
         yield
         if state.aengine is not None:
             await asyncio.to_thread(state.aengine.shutdown)
 
-    app = FastAPI(title="lmconvert", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json is published (clients and API fuzzers read it); the docs pages would fetch scripts from a CDN
+    app = FastAPI(title="lmconvert", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
     app.add_middleware(RequestGate, api_keys=tuple(api_keys), max_bytes=max_body_bytes)
     _install_error_handlers(app)
 
     def ready() -> tuple[ServeConfig, AsyncEngine]:
         if state.aengine is None or not state.aengine.alive:
-            message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
+            if state.aengine is not None and state.aengine.fatal:
+                message = f"the engine failed: {state.aengine.fatal}"
+            else:
+                message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
             raise ApiError(503, message, "server_error")
         return state.cfg, state.aengine
 
     @app.get("/health")
     async def health():
         ready()
+        if state.admission.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
         cfg, aengine = ready()
-        return PlainTextResponse(prometheus_text(aengine.engine, aengine.stats, cfg.model_name),
+        return PlainTextResponse(prometheus_text(aengine.engine, aengine.stats, state.admission, cfg.model_name),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -233,24 +268,22 @@ def create_app(load: Callable[[], LLMEngine] | LLMEngine, model_name: str, *, re
                 "max_model_len": aengine.engine.session_len}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def generate(body, request: Request, start, stream, reply):
         cfg, aengine = ready()
         check_request(body, cfg)
-        job = await start_chat(body, cfg, aengine)
+        with state.admission.enter(aengine):
+            job = await start(body, cfg, aengine)
         if body.stream:
-            return EventStream(chat_stream(job, cfg, body.include_usage))
+            return EventStream(stream(job, cfg, body.include_usage))
         outs = await until_disconnect(request, collect(job))
-        return chat_reply(job, outs, cfg) if outs is not None else Response(status_code=499)
+        return reply(job, outs, cfg) if outs is not None else Response(status_code=499)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await generate(body, request, start_chat, chat_stream, chat_reply)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        cfg, aengine = ready()
-        check_request(body, cfg)
-        job = await start_completion(body, cfg, aengine)
-        if body.stream:
-            return EventStream(completion_stream(job, cfg, body.include_usage))
-        outs = await until_disconnect(request, collect(job))
-        return completion_reply(job, outs, cfg) if outs is not None else Response(status_code=499)
+        return await generate(body, request, start_completion, completion_stream, completion_reply)
 
     return app
