@@ -126,3 +126,21 @@ def test_server_still_serves_after_errors(server):
     reply = server.post("/v1/completions", json={"prompt": "The quick", "max_tokens": 3, "temperature": 0}).json()
     assert reply["choices"][0]["finish_reason"] == "length"
     assert reply["usage"]["completion_tokens"] == 3
+
+
+def test_api_keys_are_compared_in_constant_time(monkeypatch):
+    """Every configured key is compared with secrets.compare_digest, whatever the token, so neither the time
+    taken nor an early exit tells which key (or prefix) was close."""
+    import secrets
+
+    from lmconvert.runtime.server import RequestGate
+
+    calls = []
+    real = secrets.compare_digest
+    monkeypatch.setattr(secrets, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    gate = RequestGate(None, ("k-one", "k-two", "k-three"), 1024)
+    for header, allowed in ((b"Bearer k-one", True), (b"Bearer k-three", True), (b"Bearer k-tw", False),
+                            (b"Basic k-two", False)):
+        calls.clear()
+        assert gate._authorized({"headers": [(b"authorization", header)]}) is allowed
+        assert [key for _, key in calls] == [b"k-one", b"k-two", b"k-three"]
