@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -123,13 +124,103 @@ class ModelConfig:
                 raise UserError(f"engine config: {name} must be a positive integer, got {value!r}")
         if self.num_experts:
             _check_moe(self)
+        if self.head_dim % 2:
+            raise UserError(f"engine config: head_dim must be even (rotary embeddings pair its dims), got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_finite(value) or value <= 0:
+                raise UserError(f"engine config: {name} must be a positive number, got {value!r}")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            raise UserError("engine config: max_position_embeddings must be a positive integer, got "
+                            f"{self.max_position_embeddings!r}")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
+            raise UserError(f"engine config: sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise UserError(f"engine config: rope_scaling must be an object or null, got {self.rope_scaling!r}")
+        if self.bos_token_id is not None and (not _is_int(self.bos_token_id) or self.bos_token_id < 0):
+            raise UserError(f"engine config: bos_token_id must be a token id or null, got {self.bos_token_id!r}")
+        if not isinstance(self.eos_token_ids, list) or not all(_is_int(i) and i >= 0 for i in self.eos_token_ids):
+            raise UserError(f"engine config: eos_token_ids must list token ids, got {self.eos_token_ids!r}")
+        for name in ("tie_word_embeddings", "qkv_bias", "qk_norm", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"engine config: {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.quantization, dict):
+            raise UserError(f"engine config: quantization must be an object, got {self.quantization!r}")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"engine config: {self.num_kv_heads} KV heads do not divide {self.num_heads} heads")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise UserError(f"engine config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for where, block in (("quantization", self.quantization), ("quantization.lm_head", self.lm_head_quantization)):
             if block:
                 _check_quant_block(where, block, self.linear_input_dims if where == "quantization" else {})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """A JSON number the runtime can compute with: no bool, NaN, infinity or integer too large for a float."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return _is_int(value) and abs(value) < 2**63
+
+
+def check_generation_config(gen: dict, where: str) -> None:
+    """UserError for a generation_config.json whose sampling defaults or token ids the runtime cannot use."""
+    if not isinstance(gen, dict):
+        raise UserError(f"{where}: generation config must be a JSON object")
+    for name, low, high in (("temperature", 0, math.inf), ("top_p", 0, 1), ("repetition_penalty", 0, math.inf)):
+        value = gen.get(name, 1.0)
+        if not _is_finite(value) or not (low <= value <= high) or \
+                (name != "temperature" and value == 0):
+            raise UserError(f"{where}: generation config {name} must be a number in "
+                            f"{'[' if name == 'temperature' else '('}{low}, {high}], got {value!r}")
+    top_k = gen.get("top_k", 0)
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise UserError(f"{where}: generation config top_k must be a non-negative integer, got {top_k!r}")
+    if not isinstance(gen.get("do_sample", True), bool):
+        raise UserError(f"{where}: generation config do_sample must be true or false, got {gen['do_sample']!r}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = gen.get(name)
+        ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+        if value is not None and not all(_is_int(i) and i >= 0 for i in ids):
+            raise UserError(f"{where}: generation config {name} must be a token id"
+                            f"{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
+
+
+def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The shape a floating-point tensor of this canonical or engine name ("layers.3.q_proj.weight",
+    "layers.3.qkv_proj.weight", "embed_tokens.weight") must have under cfg; None for a name this does not know
+    (quantized tensors, input_perm): loaders check every tensor they read against it."""
+    H, V, D, q, kv, inter = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim, cfg.q_size, cfg.kv_size,
+                             cfg.intermediate_size)
+    E, Im, Is = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    suffix = name.split(".", 2)[2] if name.startswith("layers.") and name.count(".") >= 2 else name
+    return {
+        "embed_tokens.weight": (V, H), "lm_head.weight": (V, H), "norm.weight": (H,),
+        "input_norm.weight": (H,), "post_attn_norm.weight": (H,), "q_norm.weight": (D,), "k_norm.weight": (D,),
+        "q_proj.weight": (q, H), "k_proj.weight": (kv, H), "v_proj.weight": (kv, H), "qkv_proj.weight": (q + 2 * kv, H),
+        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "qkv_proj.bias": (q + 2 * kv,),
+        "o_proj.weight": (H, q), "gate_proj.weight": (inter, H), "up_proj.weight": (inter, H),
+        "gate_up_proj.weight": (2 * inter, H), "down_proj.weight": (H, inter),
+        "router.weight": (E, H), "experts.gate_proj.weight": (E, Im, H), "experts.up_proj.weight": (E, Im, H),
+        "experts.gate_up_proj.weight": (E, 2 * Im, H), "experts.down_proj.weight": (E, H, Im),
+        "shared_expert.gate_proj.weight": (Is, H), "shared_expert.up_proj.weight": (Is, H),
+        "shared_expert.gate_up_proj.weight": (2 * Is, H), "shared_expert.down_proj.weight": (H, Is),
+        "shared_expert_gate.weight": (1, H),
+    }.get(suffix)
+
+
+def check_tensor(cfg: ModelConfig, name: str, tensor, where: str) -> None:
+    """UserError unless tensor (of a known floating-point name) has the shape cfg gives it and a float dtype."""
+    want = expected_shape(cfg, name)
+    if want is None:
+        return
+    if tuple(tensor.shape) != want:
+        raise UserError(f"{where}: tensor {name} has shape {list(tensor.shape)}, the config says {list(want)}")
+    if not tensor.is_floating_point():
+        raise UserError(f"{where}: tensor {name} has dtype {tensor.dtype}, expected floating point")
 
 
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers",

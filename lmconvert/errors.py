@@ -15,6 +15,11 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of e's message (third-party errors wrapped into a UserError may span several)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def one_line(e: BaseException) -> str:
     """The line a user sees for e: a UserError or OS error as it is, anything else with its type (an
     internal error) and a hint where the traceback is."""

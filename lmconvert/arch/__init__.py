@@ -155,6 +155,11 @@ def get_arch(name: str) -> Arch:
 
 def arch_for_model_type(model_type: str | None, hf_architectures: list[str] | None = None) -> Arch:
     """Find the architecture a checkpoint declares (config model_type, or its architectures list)."""
+    if model_type is not None and not isinstance(model_type, str):
+        raise UserError(f"the checkpoint's model_type must be a name, got {model_type!r:.80}")
+    if hf_architectures is not None and (not isinstance(hf_architectures, list)
+                                         or not all(isinstance(a, str) for a in hf_architectures)):
+        raise UserError(f"the checkpoint's architectures must be a list of names, got {hf_architectures!r:.80}")
     for arch in _REGISTRY.values():
         if model_type in arch.model_types:
             return arch

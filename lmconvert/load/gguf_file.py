@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from lmconvert.arch import resolve_arch
-from lmconvert.config import ModelConfig
-from lmconvert.errors import UserError
+from lmconvert.config import ModelConfig, check_tensor
+from lmconvert.errors import UserError, first_line
 from lmconvert.load.hparams import as_id_list, merge_ids
 
 # stored as-is; every other type is dequantized to float32 by gguf.quants
@@ -44,10 +44,70 @@ def _plain_ndarray_maps():
     return mock.patch.object(gguf.gguf_reader, "np", fast)
 
 
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def check_layout(path: Path) -> None:
+    """Walk a GGUF file's header and key-value table with every length and count checked against the bytes
+    left, before gguf.GGUFReader parses it: the reader trusts them, and reads past the end of the file come back
+    empty, so a damaged count (2**40 strings, arrays of arrays) keeps it looping for hours."""
+    import mmap
+    import os
+    import struct
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not a readable GGUF file: {why}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise bad(f"{size} bytes")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                raise bad(f"magic {bytes(data[:4])!r}, not b'GGUF'")
+            n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+            pos = 24
+
+            def take(n: int) -> int:
+                nonlocal pos
+                if n > size - pos:
+                    raise bad(f"a length or count at byte {pos} runs past the end of the file")
+                pos += n
+                return pos - n
+
+            def string() -> None:
+                take(struct.unpack_from("<Q", data, take(8))[0])
+
+            def value(vtype: int, depth: int) -> None:
+                if vtype in GGUF_SCALAR_SIZES:
+                    take(GGUF_SCALAR_SIZES[vtype])
+                elif vtype == GGUF_STRING:
+                    string()
+                elif vtype == GGUF_ARRAY and depth < 2:
+                    etype, count = struct.unpack_from("<IQ", data, take(12))
+                    if etype in GGUF_SCALAR_SIZES:
+                        take(count * GGUF_SCALAR_SIZES[etype])
+                        return
+                    if count > (size - pos) // 8:  # a string or an array takes at least 8 bytes
+                        raise bad(f"an array of {count} elements at byte {pos} is longer than the file")
+                    for _ in range(count):
+                        value(etype, depth + 1)
+                else:
+                    raise bad(f"unsupported value type {vtype} at byte {pos}")
+
+            for _ in range(n_kv):  # each entry takes bytes: a damaged n_kv ends at the end of the file
+                string()
+                value(struct.unpack_from("<I", data, take(4))[0], 0)
+            if n_tensors > (size - pos) // 24:  # name length, rank, type, offset: 24 bytes at least
+                raise bad(f"{n_tensors} tensors do not fit in the file")
+
+
 class GGUFCheckpoint:
     def __init__(self, path: Path, arch: str = "auto"):
         import gguf
 
+        check_layout(path)
         try:
             with _plain_ndarray_maps():
                 self.reader = gguf.GGUFReader(path)
@@ -59,7 +119,16 @@ class GGUFCheckpoint:
         # llama.cpp writes Mixtral as a "llama" with experts
         declared = "mixtral" if model_type == "llama" and self.meta("llama.expert_count") else model_type
         self.arch = resolve_arch(arch, declared)
-        self.config = self._model_config(model_type)
+        if "token_embd.weight" not in self.tensors:
+            raise UserError(f"{path.name}: GGUF file lacks tensor token_embd.weight")
+        try:
+            self.config = self._model_config(model_type)
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as e:  # int("x"), int(inf), ...
+            raise UserError(f"{path.name}: bad GGUF metadata value: {e}") from None
+        self.config.check()
+        if not self.has(f"layers.{self.config.num_layers - 1}.input_norm.weight"):
+            raise UserError(f"{path.name}: the metadata says {self.config.num_layers} layers, the file has no "
+                            f"tensors for layer {self.config.num_layers - 1}")
         self.generation_config = {k: v for k, v in (("bos_token_id", self.config.bos_token_id),
                                                     ("eos_token_id", self.config.eos_token_ids)) if v}
         self._tokenizer = None
@@ -115,6 +184,9 @@ class GGUFCheckpoint:
         if not self.arch.moe:
             return {}
         layers = int(hp("block_count"))
+        if not self.has(f"layers.{layers - 1}.input_norm.weight"):  # before a list as long as the layer count
+            raise UserError(f"{self.path.name}: the metadata says {layers} layers, the file has no tensors for "
+                            f"layer {layers - 1}")
         return dict(
             num_experts=int(hp("expert_count")),
             num_experts_per_tok=int(hp("expert_used_count")),
@@ -145,11 +217,14 @@ class GGUFCheckpoint:
                 out = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
             except NotImplementedError:
                 raise UserError(f"{self.path.name}: tensor {source} has unsupported GGUF type {kind}") from None
+            except ValueError as e:  # a size that is no whole number of blocks
+                raise UserError(f"{self.path.name}: cannot dequantize tensor {source} ({kind}): {e}") from None
+        if name.endswith("shared_expert_gate.weight") and out.dim() == 1:  # llama.cpp stores this [1, hidden] row as a vector
+            out = out.unsqueeze(0)
+        check_tensor(self.config, name, out, self.path.name)
         if self.arch.gguf_permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_heads if name.endswith("q_proj.weight") else self.config.num_kv_heads
             out = unpermute_rows(out, heads)
-        if name.endswith("shared_expert_gate.weight") and out.dim() == 1:  # llama.cpp stores this [1, hidden] row as a vector
-            out = out.unsqueeze(0)
         return out
 
     def load_tokenizer(self):
@@ -161,7 +236,7 @@ class GGUFCheckpoint:
                 with self._reader_reused():
                     tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
             except Exception as e:  # transformers raises assorted errors for vocabularies it cannot rebuild
-                raise UserError(f"cannot build a tokenizer from {self.path.name}: {e}") from None
+                raise UserError(f"cannot build a tokenizer from {self.path.name}: {first_line(e)}") from None
             template = self.meta("tokenizer.chat_template")
             if template and not tok.chat_template:
                 tok.chat_template = template

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lmconvert.arch import resolve_arch
-from lmconvert.errors import UserError
+from lmconvert.config import check_generation_config, check_tensor, expected_shape
+from lmconvert.errors import UserError, first_line
 from lmconvert.load.hparams import hf_model_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -20,10 +21,24 @@ TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from path (config.json, generation_config.json, the index, tokenizer configs)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
+    return data
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except SafetensorError as e:  # a damaged header: lengths, offsets, dtypes, shapes
+        raise UserError(f"cannot read {file}: {str(e).strip().splitlines()[0]}") from None
 
 
 def weight_files(root: Path) -> dict[str, Path]:
@@ -31,6 +46,8 @@ def weight_files(root: Path) -> dict[str, Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: weight_map must map tensor names to file names")
         return {name: root / file for name, file in weight_map.items()}
     files = sorted(root.glob("*.safetensors"))
     if not files:
@@ -41,8 +58,7 @@ def weight_files(root: Path) -> dict[str, Path]:
         raise UserError(f"{root} has config.json but no *.safetensors weights")
     names = {}
     for file in files:
-        with safe_open(file, "pt") as f:
-            names.update(dict.fromkeys(f.keys(), file))
+        names.update(dict.fromkeys(safetensors_keys(file), file))
     return names
 
 
@@ -57,8 +73,12 @@ class HFCheckpoint:
         self.arch = resolve_arch(arch, raw.get("model_type"), raw.get("architectures"))
         gen = root / "generation_config.json"
         self.generation_config = read_json(gen) if gen.is_file() else {}
+        check_generation_config(self.generation_config, str(gen))
         self.files = weight_files(root)
         self.config = hf_model_config(self.arch, raw, self.generation_config)
+        last = self.config.num_layers - 1
+        if not self.has(f"layers.{last}.input_norm.weight"):
+            raise UserError(f"{root}: config.json says {last + 1} layers, the checkpoint has no tensors for layer {last}")
         if not self.has("lm_head.weight"):  # some checkpoints tie without saying so
             self.config.tie_word_embeddings = True
 
@@ -69,8 +89,17 @@ class HFCheckpoint:
         """Tensor by engine-canonical name; an expert tensor is every expert's, stacked [E, out, in]."""
         source = self.arch.hf_name(name)
         if "{e}" in source:
-            return torch.stack([self.raw_tensor(source.replace("{e}", str(e))) for e in range(self.config.num_experts)])
-        return self.raw_tensor(source)
+            want = expected_shape(self.config, name)
+            experts = [self.raw_tensor(source.replace("{e}", str(e))) for e in range(self.config.num_experts)]
+            for e, t in enumerate(experts):
+                if want is not None and tuple(t.shape) != want[1:]:
+                    raise UserError(f"checkpoint {self.path}: tensor {source.replace('{e}', str(e))} has shape "
+                                    f"{list(t.shape)}, the config says {list(want[1:])}")
+            tensor = torch.stack(experts)
+        else:
+            tensor = self.raw_tensor(source)
+        check_tensor(self.config, name, tensor, f"checkpoint {self.path}")
+        return tensor
 
     def raw_tensor(self, source: str) -> torch.Tensor:
         """Tensor by the checkpoint's own name."""
@@ -96,6 +125,23 @@ class HFCheckpoint:
                 shutil.copyfile(self.path / name, dst / name)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
+        return load_hf_tokenizer(self.path)
 
-        return AutoTokenizer.from_pretrained(self.path)
+
+TOKENIZER_JSONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.json")
+
+
+def load_hf_tokenizer(path: Path):
+    """AutoTokenizer of a checkpoint's (or an engine's) tokenizer files; a damaged one is a one-line UserError."""
+    from transformers import AutoTokenizer
+
+    for name in TOKENIZER_JSONS:
+        if (path / name).is_file():
+            read_json(path / name)  # bad syntax, deep nesting, not an object: named here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.decode(tokenizer("Hello 1")["input_ids"])  # what every prompt goes through
+        return tokenizer
+    except Exception as e:  # transformers raises assorted errors for a damaged tokenizer; tokenizers (Rust) a bare Exception
+        raise UserError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None

@@ -7,6 +7,17 @@ from lmconvert.config import DTYPE_NAMES, ModelConfig, parse_dtype
 from lmconvert.errors import UserError
 
 
+MAX_LAYERS = 100_000  # far beyond any model; a damaged count must not size a list
+
+
+def text_config(cfg: dict) -> dict:
+    """A multimodal wrapper's nested decoder config ({} when there is none)."""
+    nested = cfg.get("text_config") or {}
+    if not isinstance(nested, dict):
+        raise UserError(f"config.json: text_config must be an object, got {type(nested).__name__}")
+    return nested
+
+
 def as_id_list(value) -> list[int]:
     if value is None:
         return []
@@ -43,6 +54,8 @@ def moe_fields(arch: Arch, cfg: dict) -> dict:
     if not arch.moe:
         return {}
     layers = int(cfg["num_hidden_layers"])
+    if not 0 < layers <= MAX_LAYERS:  # before a list as long as the layer count
+        raise UserError(f"config.json: num_hidden_layers {layers} is not in 1..{MAX_LAYERS}")
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense_only = {int(i) for i in cfg.get("mlp_only_layers") or ()}
     return dict(
@@ -70,12 +83,12 @@ def hf_moe_fields(cfg: ModelConfig) -> dict:
 
 
 def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConfig:
-    cfg = {**cfg, **(cfg.get("text_config") or {})}  # multimodal wrappers nest the decoder's config
+    cfg = {**cfg, **text_config(cfg)}  # multimodal wrappers nest the decoder's config
     try:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         theta, scaling = split_rope(cfg)
         window = cfg.get("sliding_window") if arch.sliding_window else None
-        return ModelConfig(
+        config = ModelConfig(
             arch=arch.name,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -98,5 +111,7 @@ def hf_model_config(arch: Arch, cfg: dict, generation_config: dict) -> ModelConf
                                     as_id_list(generation_config.get("eos_token_id"))),
             **moe_fields(arch, cfg),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:  # int(inf) overflows
         raise UserError(f"config.json is missing or has a bad hyper-parameter: {e}") from None
+    config.check()
+    return config

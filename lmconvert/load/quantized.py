@@ -19,6 +19,7 @@ import torch
 from lmconvert.arch import FUSED_MODULES
 from lmconvert.errors import UserError
 from lmconvert.load.hf import HFCheckpoint, read_json
+from lmconvert.load.hparams import text_config
 from lmconvert.load.quantized_formats import W4Source, format_info, read_awq, read_ct, read_gptq
 
 ENGINE_GROUP_SIZES = (128, 64, 32)
@@ -32,7 +33,7 @@ def quantization_config(root: Path) -> dict | None:
     if not (root / "config.json").is_file():
         return None
     cfg = read_json(root / "config.json")
-    cfg = {**cfg, **(cfg.get("text_config") or {})}
+    cfg = {**cfg, **text_config(cfg)}
     return cfg.get("quantization_config")
 
 
