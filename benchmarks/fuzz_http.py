@@ -46,7 +46,7 @@ def fuzz(url: str, cases: int, timeout_s: float) -> dict:
             statuses[str(response.status_code)] += 1
             try:
                 case.validate_response(response, checks=[not_a_server_error])
-            except AssertionError as e:  # schemathesis' failure: a 5xx
+            except Exception as e:  # schemathesis' failure (a group of them): a 5xx
                 findings.append({"operation": operation.label, "status": response.status_code,
                                  "error": str(e).splitlines()[0][:300], "curl": case.as_curl_command()})
 

@@ -93,6 +93,7 @@ def report(results, wall_s: float, before: float, after: float, after_metrics: d
         "requests_queued_after": after_metrics.get("lmconvert_requests_queued"),
         "rejected_metric": after_metrics.get('lmconvert_requests_rejected_total{reason="queue_full"}'),
         "first_problems": [r.problems[0] for r in accepted if r.problems][:3],
+        "no_response_problems": [r.problems[0] for r in results if r.status is None][:3],
     }
 
 

@@ -65,9 +65,27 @@ def test_right_key_works_and_probes_need_none(server):
     ({**CHAT, "n": 1000}, "n"),
     ({**CHAT, "stop": 7}, "stop"),
     ({**CHAT, "stream_options": "yes"}, "stream_options"),
+    # found by fuzzing (benchmarks/fuzz_http.py): integers past what the sampler's tensors hold were a 500
+    ({**CHAT, "top_k": 2**70}, "top_k"),
+    ({**CHAT, "seed": 2**70}, "seed"),
+    ({**CHAT, "seed": -(2**64)}, "seed"),
 ])
 def test_wrong_types_and_ranges_are_400(server, body, param):
     assert_error(server.post("/v1/chat/completions", json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("field, literal", [("temperature", "NaN"), ("repetition_penalty", "Infinity"),
+                                            ("top_p", "-Infinity")])
+def test_non_finite_numbers_are_400(server, field, literal):
+    """Python's json reads NaN / Infinity, which JSON itself does not have; an infinite penalty broke sampling."""
+    content = json.dumps(CHAT)[:-1] + f', "{field}": {literal}}}'
+    response = server.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    assert_error(response, 400, param=field)
+
+
+def test_extreme_but_valid_seed_and_top_k_work(server):
+    for extra in ({"seed": 2**64 - 9, "n": 2}, {"seed": -(2**63)}, {"top_k": 2**31 - 1, "temperature": 1}):
+        assert server.post("/v1/chat/completions", json={**CHAT, **extra}).status_code == 200, extra
 
 
 @pytest.mark.parametrize("content", [b"{bad json", b"", b"[1, 2]", b"null", b'"text"', b"\xff\xfe"])

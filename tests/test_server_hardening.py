@@ -130,6 +130,7 @@ def test_a_broken_engine_turns_health_503_and_stops_the_server(tiny_engine):
         engine.faults = FaultInjector("raise-from", engine.faults.steps + 1)
         reply = httpx.post(f"{srv.url}/v1/completions", json=SHORT, timeout=60)
         assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        assert reply.json()["error"]["message"] == "engine error: InjectedFault"  # not a bare "internal server error"
         for _ in range(2):  # every step fails (one request each): the third in a row takes the engine down
             streams(srv.url, [SHORT])
         assert wait_until(lambda: failures != [])

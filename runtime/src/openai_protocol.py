@@ -12,6 +12,8 @@ from lmconvert.runtime.grammar import Guided
 from lmconvert.runtime.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 MAX_CHOICES = 8  # n > 1 runs n sequences sharing the prompt's cached blocks; cap it to keep one request bounded
+MAX_INT32 = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1 - MAX_CHOICES)  # what torch.Generator.manual_seed takes, choice i adding i
 
 
 class ErrorInfo(BaseModel):
@@ -33,21 +35,21 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions; unknown fields are ignored, as OpenAI's are."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # Python's json reads NaN and Infinity
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: disabled
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # -1 or 0: disabled
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
     ignore_eos: bool = False
 
     @property

@@ -166,17 +166,24 @@ class EventStream(StreamingResponse):
 
 
 async def until_disconnect(request: Request, work):
-    """Awaits work unless the client disconnects first; then cancels it (its `finally` aborts) and returns None."""
-    result = []
+    """Awaits work unless the client disconnects first; then cancels it (its `finally` aborts) and returns None.
+    An error from work is raised as itself (not wrapped in the task group's ExceptionGroup), so its handler
+    answers it."""
+    result, errors = [], []
     async with anyio.create_task_group() as group:
         async def run():
-            result.append(await work)
+            try:
+                result.append(await work)
+            except Exception as e:
+                errors.append(e)
             group.cancel_scope.cancel()
 
         group.start_soon(run)
         while (await request.receive())["type"] != "http.disconnect":
             pass
         group.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
     return result[0] if result else None
 
 
