@@ -138,8 +138,9 @@ def test_grouped_matches_reference(case):
 
 def test_grouped_full_blocks():
     """Enough pairs a expert for the largest BLOCK_M (several blocks an expert, the last one ragged)."""
-    T, k, E = 150, 2, 4
+    T, k, E = 520, 2, 4
     assert mt.grouped_config(T * k, E) == mt.GROUPED_CONFIGS[0][1]
+    assert mt.grouped_config(T * k, E, element_size=4) == mt.GROUPED_CONFIGS[1][1]  # fp32: the big tile won't fit
     _check_case(None, T, k, E, None, 64, 32, "w4g32", torch.bfloat16)
 
 
