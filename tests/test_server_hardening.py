@@ -221,3 +221,24 @@ def _health(url: str) -> int | None:
         return httpx.get(f"{url}/health", timeout=5).status_code
     except httpx.TransportError:
         return None
+
+
+def test_sigterm_does_not_wait_for_a_cpu_compile(tiny_engine, tmp_path):
+    """A first CPU compile takes minutes; a drained server exits at once instead of joining it (a pod's grace
+    period would otherwise end in SIGKILL)."""
+    from test_server_cli import free_port, serve
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"LMCONVERT_EAGER": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold-cache")}  # compile, from cold
+    proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port),
+                 "--device", "cpu", "--session-len", "512", env=env)
+    try:
+        assert wait_until(lambda: proc.poll() is not None or _health(url) == 200, 120), "never healthy"
+        reply = httpx.post(f"{url}/v1/completions", json=dict(SHORT, max_tokens=40), timeout=120)
+        assert reply.status_code == 200  # 40 decode steps: the compile has started behind them
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "exiting without waiting for the CPU decode step's compile" in output

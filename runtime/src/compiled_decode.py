@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -36,6 +37,14 @@ MIN_WIDTH = 2
 # Decode steps run eagerly before a graph starts compiling: a short exchange (a one-question chat, a first short
 # answer) is not slowed by the compile competing for the cores, and never waits for it at exit.
 COMPILE_AFTER_STEPS = 32
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every CompiledDecode, for compiling()
+
+
+def compiling() -> bool:
+    """A compile is running on some engine's background thread (a process leaving now would wait for it)."""
+    return any(t.is_alive() for compiled in list(_LIVE) for t in compiled._threads.values())
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +65,7 @@ class CompiledDecode:
         self._compiling = threading.Lock()  # one compile at a time
         self.eager_steps = 0
         threading._register_atexit(self._finish_at_exit)
+        _LIVE.add(self)
 
     def _start(self, many: bool) -> None:
         if many not in self._threads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from lmconvert.errors import UserError
+from lmconvert.runtime.compiled_decode import compiling
 from lmconvert.runtime.serve_reasoning import check_reasoning_parser
 from lmconvert.runtime.serve_admission import DEFAULT_MAX_QUEUE
 from lmconvert.runtime.server import DRAIN_TIMEOUT_S, create_app
@@ -123,6 +125,10 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
         pass
     if "error" in holder:
         raise UserError(f"{model}: {holder['error']}")
+    if compiling():  # a first CPU compile takes minutes: a drained server must not outlast its grace period
+        log.info("exiting without waiting for the CPU decode step's compile (it starts over next time)")
+        logging.shutdown()
+        os._exit(0)  # no interpreter teardown: Python would join the compile thread (compiled_decode.py)
 
 
 class BackgroundServer:
