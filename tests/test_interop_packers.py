@@ -15,6 +15,10 @@ from safetensors.torch import load_file, save_file
 
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                    "up_proj.weight", "down_proj.weight")
+# what the packers quantize: every decoder linear, Mixtral's experts (w1 gate, w3 up, w2 down) included; never
+# a router (`mlp.gate` / `block_sparse_moe.gate`) or Qwen2-MoE's shared_expert_gate, as AutoAWQ / GPTQ /
+# llm-compressor leave them
+QUANT_SUFFIXES = LINEAR_SUFFIXES + ("w1.weight", "w3.weight", "w2.weight")
 AWQ_COLUMN_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a word holds column AWQ_COLUMN_ORDER[i]
 
 
@@ -74,10 +78,10 @@ def _write(src: Path, dst: Path, tensors: dict, qcfg: dict) -> Path:
     return dst
 
 
-def write_awq(src: Path, dst: Path, G: int = 32, version: str = "gemm"):
+def write_awq(src: Path, dst: Path, G: int = 32, version: str = "gemm", not_convert: list | None = None):
     tensors, refs = {}, {}
     for name, w in load_file(src / "model.safetensors").items():
-        if not name.endswith(LINEAR_SUFFIXES) or "layers" not in name:
+        if not name.endswith(QUANT_SUFFIXES) or "layers" not in name:
             tensors[name] = w
             continue
         q, s, z = rtn(w, G, sym=False)
@@ -86,7 +90,7 @@ def write_awq(src: Path, dst: Path, G: int = 32, version: str = "gemm"):
                         f"{prefix}.scales": s.t().contiguous()})
         refs[name] = dequant(q, s, z, G)
     qcfg = {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": version,
-            "modules_to_not_convert": None}
+            "modules_to_not_convert": not_convert}
     return _write(src, dst, tensors, qcfg), refs
 
 
@@ -100,7 +104,7 @@ def write_gptq(src: Path, dst: Path, G: int = 32, sym: bool = True, fmt: str = "
     gen = torch.Generator().manual_seed(seed)
     tensors, refs, orders = {}, {}, {}
     for name, w in load_file(src / "model.safetensors").items():
-        if not name.endswith(LINEAR_SUFFIXES) or "layers" not in name:
+        if not name.endswith(QUANT_SUFFIXES) or "layers" not in name:
             tensors[name] = w
             continue
         N, K = w.shape
@@ -128,8 +132,8 @@ def write_gptq(src: Path, dst: Path, G: int = 32, sym: bool = True, fmt: str = "
 
 
 def shared_input_key(name: str) -> str:
-    """Linears that read the same input map to one key: k/v_proj -> q_proj, up_proj -> gate_proj."""
-    for sibling, first in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
+    """Linears that read the same input map to one key: k/v_proj -> q_proj, up_proj -> gate_proj, w3 -> w1."""
+    for sibling, first in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj"), ("w3", "w1")):
         name = name.replace(f".{sibling}.", f".{first}.")
     return name
 
@@ -174,3 +178,34 @@ def load_ct_dequantized(path: Path):
 
     return transformers.AutoModelForCausalLM.from_pretrained(
         path, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+
+
+def write_compressed_tensors_moe(src: Path, dst: Path, G: int | None = 32, sym: bool = False):
+    """W4A16 pack-quantized, tensor by tensor through compressed-tensors' own compressor (transformers 5 holds
+    MoE experts as fused 3D parameters, not the per-expert nn.Linear llm-compressor quantizes, so the
+    whole-model path above does not reach them). Min-max scales; routers and shared_expert_gate left out
+    (`ignore`, as llm-compressor's MoE recipes do). Returns the dir and the library-decompressed weights."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="group" if G else "channel", group_size=G)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    tensors, refs = {}, {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if not name.endswith(QUANT_SUFFIXES) or "layers" not in name:
+            tensors[name] = w
+            continue
+        N, K = w.shape
+        scale, zp = calculate_qparams(w.reshape(N, K // (G or K), G or K).amin(-1),
+                                      w.reshape(N, K // (G or K), G or K).amax(-1), args)
+        state = {"weight": w, "weight_scale": scale.to(w.dtype).reshape(N, -1),
+                 "weight_zero_point": zp.reshape(N, -1)}
+        packed = PackedQuantizationCompressor.compress(state, scheme)
+        prefix = name.removesuffix(".weight")
+        tensors.update({f"{prefix}.{k}": v for k, v in packed.items() if k.startswith("weight_")})
+        refs[name] = PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"].float()
+    ignore = ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shared_expert_gate$"]
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized", ignore=ignore)
+    qcfg = {**qc.model_dump(), "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+    return _write(src, dst, tensors, qcfg), refs

@@ -8,6 +8,12 @@ The engine has one group size for all linears and groups of contiguous input row
   otherwise the input rows are sorted by group. For down_proj that is absorbed exactly into gate/up's output
   columns; q/k/v, o_proj and gate/up get an `input_perm` tensor, gathered from the input at run time (fused
   siblings share one input, so their g_idx must agree, as GPTQ's same-Hessian orders do).
+
+Mixture-of-experts layers (qwen3_moe, qwen2_moe, mixtral): each expert's gate/up/down is read like a dense MLP's
+and the per-expert engine tensors are stacked on a leading expert dim (`experts.gate_up_proj.qweight` [E, K/8, 2I],
+...), the layout lmconvert's own W4 MoE engines have. The router and Qwen2-MoE's `shared_expert_gate` must be
+full precision (as AutoAWQ / GPTQ / llm-compressor leave them); the shared expert is a dense MLP. An expert's
+act-order down_proj is folded into its gate/up rows; its gate/up cannot be sorted (experts have no input_perm).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from lmconvert.load.quantized_formats import W4Source, format_info, read_awq, re
 
 ENGINE_GROUP_SIZES = (128, 64, 32)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# engine linears whose input rows may carry an act-order permutation (input_perm), with the source linears
-# that read that input; down_proj's is absorbed into gate/up's output columns instead (permute_down_proj)
-INPUTS = {"qkv_proj": FUSED_MODULES["qkv_proj"], "o_proj": ("o_proj",), "gate_up_proj": FUSED_MODULES["gate_up_proj"]}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+# canonical prefixes of a MoE layer's FFN linears: the routed experts ("{e}" in their HF names) and the shared one
+EXPERTS, SHARED = "experts.", "shared_expert."
 
 
 def quantization_config(root: Path) -> dict | None:
@@ -43,17 +50,21 @@ class QuantizedHFCheckpoint(HFCheckpoint):
     def __init__(self, root: Path, arch: str = "auto"):
         super().__init__(root, arch)
         self.format, self.info = format_info(quantization_config(root))
-        if self.arch.moe:
-            raise UserError(f"{root}: importing a pre-quantized mixture-of-experts checkpoint ({self.format}) is not "
-                            "supported yet; convert the full-precision model and quantize it with lmconvert")
         c = self.config
         in_dims = {"q_proj": c.hidden_size, "k_proj": c.hidden_size, "v_proj": c.hidden_size, "o_proj": c.q_size,
                    "gate_proj": c.hidden_size, "up_proj": c.hidden_size, "down_proj": c.intermediate_size}
         out_dims = {"q_proj": c.q_size, "k_proj": c.kv_size, "v_proj": c.kv_size, "o_proj": c.hidden_size,
                     "gate_proj": c.intermediate_size, "up_proj": c.intermediate_size, "down_proj": c.hidden_size}
         self.shapes = {m: (in_dims[m], out_dims[m]) for m in LINEARS}
-        sources = [K if self.info.group_size <= 0 else self.info.group_size for K in in_dims.values()]
-        if self.info.group_size > 0 and any(K % self.info.group_size for K in in_dims.values()):
+        for prefix, inter in ((EXPERTS, c.moe_intermediate_size), (SHARED, c.shared_expert_intermediate_size)):
+            if inter:
+                self.shapes.update({f"{prefix}gate_proj": (c.hidden_size, inter),
+                                    f"{prefix}up_proj": (c.hidden_size, inter),
+                                    f"{prefix}down_proj": (inter, c.hidden_size)})
+        # input sizes of the linears this checkpoint has (a MoE model without dense layers has no dense MLP)
+        dims = list(c.linear_input_dims.values())
+        sources = [K if self.info.group_size <= 0 else self.info.group_size for K in dims]
+        if self.info.group_size > 0 and any(K % self.info.group_size for K in dims):
             raise UserError(f"group size {self.info.group_size} does not divide every linear's input size")
         fits = [g for g in ENGINE_GROUP_SIZES if all(s % g == 0 for s in sources)]
         if not fits:
@@ -67,9 +78,10 @@ class QuantizedHFCheckpoint(HFCheckpoint):
     def source_name(self, canonical: str) -> str:
         return self.arch.hf_name(canonical)
 
-    def read_linear(self, i: int, module: str) -> W4Source:
+    def read_linear(self, i: int, module: str, e: int | None = None) -> W4Source:
+        """One source linear as a W4Source; module is canonical ("q_proj", "experts.down_proj", ...), e the expert."""
         K, N = self.shapes[module]
-        prefix = self.source_name(f"layers.{i}.{module}.weight").removesuffix(".weight")
+        prefix = self.source_name(f"layers.{i}.{module}.weight").removesuffix(".weight").replace("{e}", str(e))
         if f"{prefix}.weight" in self.files:
             raise UserError(f"{prefix} is not quantized in {self.path}: every decoder linear must be 4-bit")
         get, has = self.raw_tensor, lambda name: name in self.files
@@ -79,30 +91,71 @@ class QuantizedHFCheckpoint(HFCheckpoint):
             return read_gptq(get, prefix, K, N, self.info, has)
         return read_ct(get, prefix, K, N, self.info, has)
 
+    def full_precision(self, i: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor the engine keeps in its dtype (norms, biases, the router); refused when the source quantized it."""
+        source = self.source_name(f"layers.{i}.{name}")
+        base = source.removesuffix(".weight")
+        if source not in self.files and any(f"{base}.{t}" in self.files for t in ("qweight", "weight_packed")):
+            raise UserError(f"{base} is quantized in {self.path}: the engine keeps it in {dtype} (the router and "
+                            "shared_expert_gate are never quantized); re-quantize with it left out")
+        return self.get(f"layers.{i}.{name}").to(dtype)
+
     def layer_tensors(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Engine tensors of decoder layer i: fp norms/biases cast to dtype, linears in the W4 layout."""
-        out = {s: self.get(f"layers.{i}.{s}").to(dtype) for s in self.arch.layer_names()
-               if not s.endswith(".weight") or s.split(".")[0] not in LINEARS}
-        lin = {m: self.read_linear(i, m) for m in LINEARS}
-        permute_down_proj(lin, f"layer {i}")
-        for module, parts in INPUTS.items():
+        """Engine tensors of decoder layer i: fp norms/biases/router cast to dtype, linears in the W4 layout."""
+        moe = self.config.is_moe_layer(i)
+        linear = {f"{m}.weight" for m in self.shapes}
+        out = {s: self.full_precision(i, s, dtype) for s in self.arch.layer_names(moe) if s not in linear}
+        lin = {m: self.read_linear(i, m) for m in ATTENTION}
+        mlps = {"": [{m: self.read_linear(i, m) for m in MLP}]} if not moe else {
+            EXPERTS: [{m: self.read_linear(i, EXPERTS + m, e) for m in MLP} for e in range(self.config.num_experts)],
+            **({SHARED: [{m: self.read_linear(i, SHARED + m) for m in MLP}]}
+               if self.config.shared_expert_intermediate_size else {})}
+        attn = {"qkv_proj": FUSED_MODULES["qkv_proj"], "o_proj": ("o_proj",)}
+        for module, parts in attn.items():
             perm = sort_shared_input(lin, parts, f"layer {i} {module}")
             if perm is not None:
                 out[f"{module}.input_perm"] = perm.to(torch.int32)
         for m, src in lin.items():
             lin[m] = contiguous_groups(src, f"layer {i} {m}")
-        for m in ("o_proj", "down_proj"):
-            out.update(self.engine_w4(lin.pop(m), m, i, dtype))
-        for fused, parts in FUSED_MODULES.items():
-            if all(f"{p}.bias" in out for p in parts):  # qwen2's q/k/v biases, rows like the weights
-                out[f"{fused}.bias"] = torch.cat([out.pop(f"{p}.bias") for p in parts])
-            srcs = [lin[p] for p in parts]
-            if len({s.group_size for s in srcs}) > 1:
-                raise UserError(f"layer {i}: {'/'.join(parts)} have different group sizes, cannot fuse into {fused}")
-            merged = W4Source(torch.cat([s.q for s in srcs], 1), torch.cat([s.scales for s in srcs], 1),
-                              torch.cat([s.zeros for s in srcs], 1), srcs[0].group_size)
-            out.update(self.engine_w4(merged, fused, i, dtype))
+        out.update(self.engine_w4(lin.pop("o_proj"), "o_proj", i, dtype))
+        if all(f"{p}.bias" in out for p in FUSED_MODULES["qkv_proj"]):  # qwen2's q/k/v biases, rows like the weights
+            out["qkv_proj.bias"] = torch.cat([out.pop(f"{p}.bias") for p in FUSED_MODULES["qkv_proj"]])
+        out.update(self.fuse(lin, FUSED_MODULES["qkv_proj"], "qkv_proj", i, dtype))
+        for prefix, experts in mlps.items():
+            per_expert = [self.mlp_tensors(mlp, prefix, i, e if prefix == EXPERTS else None, dtype)
+                          for e, mlp in enumerate(experts)]
+            if prefix == EXPERTS:  # stacked on a leading expert dim, like lmconvert's quantized MoE engines
+                out.update({k: torch.stack([t[k] for t in per_expert]) for k in per_expert[0]})
+            else:
+                out.update(per_expert[0])
         return out
+
+    def mlp_tensors(self, lin: dict[str, W4Source], prefix: str, i: int, e: int | None,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Engine W4 tensors of one SwiGLU MLP (dense, one expert, or the shared expert): `{prefix}gate_up_proj.*`,
+        `{prefix}down_proj.*` and, except for an expert, `{prefix}gate_up_proj.input_perm` for act-order."""
+        where = f"layer {i} {prefix}{'' if e is None else f'{e}.'}"
+        permute_down_proj(lin, where)
+        perm = sort_shared_input(lin, MLP[:2], f"{where}gate_up_proj") if e is None else None
+        if e is not None and not all(aligned_groups(lin[m], f"{where}{m}") for m in MLP[:2]):
+            raise UserError(f"{where.rstrip('. ')}: GPTQ act-order g_idx on an expert's gate/up_proj cannot be imported "
+                            "(the engine's experts have no input permutation); re-quantize with desc_act=False or "
+                            "static_groups=True")
+        out = {} if perm is None else {f"{prefix}gate_up_proj.input_perm": perm.to(torch.int32)}
+        for m, src in lin.items():
+            lin[m] = contiguous_groups(src, f"{where}{m}")
+        out.update(self.engine_w4(lin.pop("down_proj"), f"{prefix}down_proj", i, dtype))
+        out.update(self.fuse(lin, MLP[:2], f"{prefix}gate_up_proj", i, dtype))
+        return out
+
+    def fuse(self, lin: dict[str, W4Source], parts: tuple[str, ...], fused: str, i: int,
+             dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        srcs = [lin[p] for p in parts]
+        if len({s.group_size for s in srcs}) > 1:
+            raise UserError(f"layer {i}: {'/'.join(parts)} have different group sizes, cannot fuse into {fused}")
+        merged = W4Source(torch.cat([s.q for s in srcs], 1), torch.cat([s.scales for s in srcs], 1),
+                          torch.cat([s.zeros for s in srcs], 1), srcs[0].group_size)
+        return self.engine_w4(merged, fused, i, dtype)
 
     def engine_w4(self, src: W4Source, name: str, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         from lmconvert.quant.primitives import pack_int4
