@@ -12,48 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections import Counter
+import sys
+from pathlib import Path
 
-import requests
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
+HERE = Path(__file__).resolve().parent
+# not benchmarks/ itself: its kernels.py would shadow the PyPI `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent / "tests"))
 
-
-def fuzz(url: str, cases: int, timeout_s: float) -> dict:
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    statuses: Counter[str] = Counter()
-    findings: list[dict] = []
-    per_operation: dict[str, int] = {}
-    start = time.monotonic()
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        count = 0
-
-        @given(case=operation.as_strategy())
-        @settings(max_examples=cases, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def run(case):
-            nonlocal count
-            count += 1
-            try:
-                response = case.call(timeout=timeout_s)
-            except requests.RequestException as e:  # refused, reset or timed out: the server did not answer
-                statuses["no answer"] += 1
-                findings.append({"operation": operation.label, "error": f"{type(e).__name__}: {e}"[:300],
-                                 "curl": case.as_curl_command()})
-                return
-            statuses[str(response.status_code)] += 1
-            try:
-                case.validate_response(response, checks=[not_a_server_error])
-            except Exception as e:  # schemathesis' failure (a group of them): a 5xx
-                findings.append({"operation": operation.label, "status": response.status_code,
-                                 "error": str(e).splitlines()[0][:300], "curl": case.as_curl_command()})
-
-        run()
-        per_operation[operation.label] = count
-    return {"cases": sum(per_operation.values()), "per_operation": per_operation, "statuses": dict(statuses),
-            "findings": findings[:20], "finding_count": len(findings), "wall_s": round(time.monotonic() - start, 1)}
+from http_fuzz import fuzz  # noqa: E402
 
 
 def main() -> None:
