@@ -23,6 +23,9 @@ from lmconvert.runtime.server import DRAIN_TIMEOUT_S, create_app
 
 log = logging.getLogger("lmconvert.serve")
 SHUTDOWN_GRACE_S = 5  # after the drain: for responses still being written when uvicorn closes the connections
+# Idle keep-alive connections live longer than a load balancer's idle timeout (60 s on the common ones; nginx's own
+# default is 75): else it may reuse a connection the server is closing, and its client gets a reset (uvicorn: 5 s)
+KEEP_ALIVE_S = 75
 
 
 class DrainingServer(uvicorn.Server):
@@ -112,7 +115,7 @@ def run_server(model: str, build_engine, *, host: str, port: int, model_name: st
     app = create_app(build_engine, model_name or default_model_name(model), reasoning_parser=reasoning_parser,
                      tool_call_parser=tool_call_parser, api_keys=api_keys, max_queue=max_queue, on_error=stop)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config(log_level),
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S)
     server = holder["server"] = DrainingServer(config, drain_timeout_s)
     log.info("lmconvert serve: http://%s:%d/v1 (OpenAI API); the model loads now, /health answers 503 until "
              "it is ready", host, port)
