@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmconvert.config import parse_dtype
-from lmconvert.devices import default_dtype, physical_cores, resolve_device
+from lmconvert.devices import bound_onednn_cache, default_dtype, physical_cores, resolve_device
 from lmconvert.errors import UserError
 from lmconvert.runtime.block_manager import BlockManager
 from lmconvert.runtime.detokenizer import IncrementalDetokenizer
@@ -72,6 +72,7 @@ class LLMEngine:
         self.dtype = parse_dtype(dtype) if dtype else default_dtype(self.device, self.config.torch_dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(threads or physical_cores())
+            bound_onednn_cache()
         self.tokenizer = source.load_tokenizer()
         if chat_template is not None:  # --chat-template: replaces the model's own
             self.tokenizer.chat_template = chat_template
