@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# not benchmarks/ itself: its kernels.py would shadow the PyPI `kernels` package that transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from http_fuzz import fuzz  # noqa: E402

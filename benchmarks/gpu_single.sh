@@ -19,10 +19,10 @@ part() {  # part NAME SECONDS COMMAND...
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc $? in $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
 }
-part w8a8 ${LIMIT_W8A8:-80} python3 benchmarks/kernels.py --w8a8 --json "$OUT/kernels_w8a8.json"
-part attention ${LIMIT_ATTENTION:-110} python3 benchmarks/kernels.py --attention --attention-sweep --json "$OUT/kernels_attention.json"
+part w8a8 ${LIMIT_W8A8:-80} python3 benchmarks/kernel_bench.py --w8a8 --json "$OUT/kernels_w8a8.json"
+part attention ${LIMIT_ATTENTION:-110} python3 benchmarks/kernel_bench.py --attention --attention-sweep --json "$OUT/kernels_attention.json"
 part runtime ${LIMIT_RUNTIME:-320} python3 benchmarks/runtime_gpu.py --json "$OUT/runtime.json"
-[ -n "${WITH_LINEARS:-}" ] && part linears ${LIMIT_LINEARS:-120} python3 benchmarks/kernels.py --decode --json "$OUT/kernels_decode.json"
+[ -n "${WITH_LINEARS:-}" ] && part linears ${LIMIT_LINEARS:-120} python3 benchmarks/kernel_bench.py --decode --json "$OUT/kernels_decode.json"
 [ -z "${SKIP_NCU:-}" ] && part ncu_attention ${LIMIT_NCU:-70} ncu --kernel-name regex:_decode_kernel --launch-skip 2 --launch-count 5 \
   --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
   python3 benchmarks/ncu_attention.py

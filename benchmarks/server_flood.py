@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_load import percentile, request_bodies  # noqa: E402
 
-from lmconvert.runtime.serve_client import run_load  # noqa: E402
+from lmconvert.runtime.serve_client import parse_metrics, run_load, spawn_server, wait_healthy  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -38,33 +36,17 @@ def rss_mb(pid: int) -> float:
 
 
 def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name.replace('model_name="bench",', "").replace('{model_name="bench"}', "")] = float(value)
-    return out
+    """/metrics with the served model's label left out of the sample names."""
+    samples = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    return {k.replace('model_name="bench",', "").replace('{model_name="bench"}', ""): v for k, v in samples.items()}
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "lmconvert.cli", "serve", args.model, "--server-name", "127.0.0.1",
-           "--server-port", str(port), "--served-model-name", "bench", "--max-queue", str(args.max_queue),
-           "--device", "cpu", *args.serve_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(3000):
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        time.sleep(0.1)
-    raise SystemExit("the server never became healthy")
+    proc, url = spawn_server(args.model, "--served-model-name", "bench", "--max-queue", str(args.max_queue),
+                             "--device", "cpu", *args.serve_args, output=subprocess.DEVNULL)
+    if not wait_healthy(proc, url, timeout_s=600):
+        raise SystemExit(f"the server never became healthy (exit code {proc.poll()})")
+    return proc, url
 
 
 async def flood(url: str, args) -> tuple[list, float]:

@@ -7,13 +7,12 @@
         # a long stream; SIGTERM to the container mid-stream; the stream must still end with finish_reason + [DONE]
 
 Each prints one human line per fact and exits non-zero (with a one-line reason) when a check fails.
-Needs httpx and openai (both in lmconvert's `test` extra).
+Needs lmconvert installed with its `test` extra (httpx, openai): the stream parsing is lmconvert.runtime.serve_client's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import threading
@@ -21,43 +20,35 @@ import time
 
 import httpx
 
+from lmconvert.runtime.serve_client import DONE, health, sse_event
+
 
 def fail(msg: str) -> None:
     print(f"FAIL: {msg}", flush=True)
     sys.exit(1)
 
 
-def health(client: httpx.Client, url: str) -> int | str:
-    """The /health status, or a short word for why there was none."""
-    try:
-        return client.get(f"{url}/health", timeout=2).status_code
-    except httpx.ConnectError:
-        return "refused"
-    except httpx.TransportError as e:
-        return type(e).__name__
-
-
 def cmd_ready(args) -> None:
     """Polls /health every 0.1 s until 200; reports when it first listened (503) and when it was ready."""
     seen: dict[str, float] = {}
-    with httpx.Client() as client:
-        deadline = time.time() + args.timeout
-        while time.time() < deadline:
-            status = health(client, args.url)
-            now = time.time() - args.since
-            if status == 503 and "503" not in seen:
-                seen["503"] = now
-                print(f"/health 503 (loading) at {now:.1f} s after `run`", flush=True)
-            elif status == 200:
-                if "503" not in seen:
-                    fail(f"/health went straight to 200 at {now:.1f} s: no 503 while loading was seen")
-                print(f"/health 200 (ready) at {now:.1f} s after `run`", flush=True)
-                print(f"READY_S={now:.1f}")
-                return
-            elif isinstance(status, int) and status != 503:
-                fail(f"/health answered {status} while starting")
-            time.sleep(0.1)
-    fail(f"/health not 200 within {args.timeout:.0f} s (last: {status})")
+    status = None
+    deadline = time.time() + args.timeout
+    while time.time() < deadline:
+        status = health(args.url)
+        now = time.time() - args.since
+        if status == 503 and "503" not in seen:
+            seen["503"] = now
+            print(f"/health 503 (loading) at {now:.1f} s after `run`", flush=True)
+        elif status == 200:
+            if "503" not in seen:
+                fail(f"/health went straight to 200 at {now:.1f} s: no 503 while loading was seen")
+            print(f"/health 200 (ready) at {now:.1f} s after `run`", flush=True)
+            print(f"READY_S={now:.1f}")
+            return
+        elif isinstance(status, int) and status != 503:
+            fail(f"/health answered {status} while starting")
+        time.sleep(0.1)
+    fail(f"/health not 200 within {args.timeout:.0f} s (last: {status or 'no answer'})")
 
 
 def served_model(url: str) -> str:
@@ -88,7 +79,8 @@ def cmd_warm(args) -> None:
     t0, chunks = time.time(), 0
     with httpx.stream("POST", f"{args.url}/v1/chat/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
-            chunks += line.startswith("data: {") and '"content"' in line
+            event = sse_event(line)
+            chunks += isinstance(event, dict) and any(c.get("delta", {}).get("content") for c in event["choices"])
     print(f"warm-up stream: {chunks} chunks in {time.time() - t0:.1f} s", flush=True)
 
 
@@ -106,8 +98,8 @@ def cmd_drain(args) -> None:
 
     def probe_during_drain() -> None:
         time.sleep(0.5)  # let the server see the signal
+        during["health"] = health(args.url) or "no answer"
         with httpx.Client() as c:
-            during["health"] = health(c, args.url)
             try:
                 r = c.post(f"{args.url}/v1/chat/completions", timeout=10,
                            json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
@@ -122,13 +114,12 @@ def cmd_drain(args) -> None:
             if r.status_code != 200:
                 fail(f"stream request answered {r.status_code}: {r.read()[:200]!r}")
             for line in r.iter_lines():
-                if not line.startswith("data: "):
+                event = sse_event(line)
+                if event is None:
                     continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
+                if event == DONE:
                     done = True
                     continue
-                event = json.loads(data)
                 if "error" in event and t_term is None:
                     fail(f"the stream carried an error before SIGTERM: {event['error'].get('message')!r}")
                 if "error" in event:
@@ -153,6 +144,8 @@ def cmd_drain(args) -> None:
                           f"stream, decoding {rate:.1f} tok/s)", flush=True)
                     print(f"TERM_AT={t_term:.3f}", flush=True)
                     prober.start()
+    except ValueError as e:
+        fail(f"the stream was not an OpenAI event stream after {chunks} chunks: {e}")
     except httpx.TransportError as e:
         fail(f"the stream broke after {chunks} chunks: {type(e).__name__}: {e}")
     t_end = time.time()

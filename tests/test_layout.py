@@ -13,17 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("quant", "kernels", "runtime")
 
 
-def root_importable_names() -> set[str]:
-    """Names `import X` finds as a regular package or module when the repository root is sys.path[0]."""
-    names = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    return names | {p.stem for p in ROOT.glob("*.py")}
+def importable_names(folder: Path) -> set[str]:
+    """Names `import X` finds as a regular package or module when `folder` is sys.path[0]."""
+    names = {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    return names | {p.stem for p in folder.glob("*.py")}
 
 
-def test_no_root_folder_carries_an_installed_distributions_name():
+# `python3 benchmarks/x.py` puts benchmarks/ first on sys.path, as `python3 -m` does the root
+@pytest.mark.parametrize("folder", [".", "benchmarks", "scripts", "deploy", "tests"])
+def test_no_folder_scripts_run_from_carries_an_installed_distributions_name(folder):
     owners = importlib.metadata.packages_distributions()  # top-level import name -> distributions providing it
-    clashes = {name: owners[name] for name in root_importable_names()
+    clashes = {name: owners[name] for name in importable_names(ROOT / folder)
                if set(owners.get(name, [])) - {"lmconvert"}}
-    assert not clashes, f"importable from the repository root, shadowing installed distributions: {clashes}"
+    assert not clashes, f"importable from {folder}/, shadowing installed distributions: {clashes}"
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -2,48 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lmconvert.cli", "serve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+from lmconvert.runtime.serve_client import free_port, spawn_server, wait_healthy
 
 
 def test_serve_command_end_to_end(tiny_engine):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port),
-                 "--device", "cpu", "--session-len", "128", "--served-model-name", "tiny",
-                 env={"LMCONVERT_API_KEYS": "k1 k2"})
-    try:
-        status = None
-        for _ in range(1200):  # bounded: up to ~2 minutes of 0.1 s polls while python, torch and the model load
-            try:
-                status = httpx.get(f"{url}/health", timeout=5).status_code
-            except httpx.TransportError:
-                status = None
-            if status == 200 or proc.poll() is not None:
-                break
-            assert status in (None, 503)
-            time.sleep(0.1)
-        assert status == 200, proc.stdout.read() if proc.poll() is not None else "never healthy"
+    proc, url = spawn_server(str(tiny_engine("llama")), "--device", "cpu", "--session-len", "128",
+                             "--served-model-name", "tiny", env={"LMCONVERT_API_KEYS": "k1 k2"})
+    try:  # up to ~2 minutes while python, torch and the model load; only 503 or no answer on the way
+        assert wait_healthy(proc, url), proc.stdout.read() if proc.poll() is not None else "never healthy"
         assert httpx.get(f"{url}/v1/models").status_code == 401
         reply = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k2"}).json()
         assert reply["data"][0]["id"] == "tiny" and reply["data"][0]["max_model_len"] == 128
@@ -61,7 +35,7 @@ def test_serve_reports_a_bad_model_in_one_line(damage, tiny_engine, tmp_path):
         shutil.copytree(tiny_engine("llama"), model)
         weights = model / "globals.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
-    proc = serve(str(model), "--server-name", "127.0.0.1", "--server-port", str(free_port()))
+    proc, _ = spawn_server(str(model))
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1
     expected = {"missing": f"no such file or directory: {model}",
@@ -75,7 +49,7 @@ def test_serve_on_a_port_in_use_is_one_line(tiny_engine):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port))
+        proc, _ = spawn_server(str(tiny_engine("llama")), port=port)
         output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1
     assert output.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
@@ -84,17 +58,10 @@ def test_serve_on_a_port_in_use_is_one_line(tiny_engine):
 
 def test_serve_says_where_it_listens_and_warns_without_a_key(tiny_engine):
     port = free_port()
-    proc = serve(str(tiny_engine("llama")), "--server-name", "0.0.0.0", "--server-port", str(port),
-                 "--device", "cpu", "--session-len", "128")
+    proc, url = spawn_server(str(tiny_engine("llama")), "--device", "cpu", "--session-len", "128", host="0.0.0.0",
+                             port=port)
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None
-            time.sleep(0.1)
+        assert wait_healthy(proc, url)
     finally:
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=60)[0]

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
-import pytest
 
 from lmconvert.runtime import LLMEngine
 from lmconvert.runtime.faults import FaultInjector
-from lmconvert.runtime.serve_client import run_load, stream_request
+from lmconvert.runtime import serve_client
+from lmconvert.runtime.serve_client import parse_metrics, run_load, spawn_server, wait_healthy
 from lmconvert.runtime.serve_launch import BackgroundServer
 from lmconvert.runtime.server import create_app
 
@@ -42,10 +38,7 @@ def streams(url: str, bodies: list[dict]) -> list:
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f"lmconvert_{name}{{") and labels in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric {name} {labels}")
+    return serve_client.metric(parse_metrics(httpx.get(f"{url}/metrics").text), f"lmconvert_{name}", labels)
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_engine):
@@ -177,14 +170,10 @@ def test_a_client_that_stops_reading_stalls_no_one(tiny_engine):
 
 
 def test_serve_process_exits_0_after_sigterm_mid_stream(tiny_engine):
-    from test_server_cli import free_port, serve
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port),
-                 "--device", "cpu", "--session-len", "512", "--drain-timeout", "30")
+    proc, url = spawn_server(str(tiny_engine("llama")), "--device", "cpu", "--session-len", "512",
+                             "--drain-timeout", "30")
     try:
-        assert wait_until(lambda: proc.poll() is not None or _health(url) == 200, 120), "never healthy"
+        assert wait_healthy(proc, url), "never healthy"
         with httpx.Client(timeout=120) as client:
             with client.stream("POST", f"{url}/v1/completions", json=dict(LONG, max_tokens=200, stream=True)) as r:
                 lines = r.iter_lines()
@@ -199,14 +188,10 @@ def test_serve_process_exits_0_after_sigterm_mid_stream(tiny_engine):
 
 
 def test_serve_exits_non_zero_when_the_engine_breaks(tiny_engine):
-    from test_server_cli import free_port, serve
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port),
-                 "--device", "cpu", "--session-len", "512", env={"LMCONVERT_INJECT_FAULT": "raise-from@1"})
+    proc, url = spawn_server(str(tiny_engine("llama")), "--device", "cpu", "--session-len", "512",
+                             env={"LMCONVERT_INJECT_FAULT": "raise-from@1"})
     try:
-        assert wait_until(lambda: proc.poll() is not None or _health(url) == 200, 120), "never healthy"
+        assert wait_healthy(proc, url), "never healthy"
         for _ in range(3):
             assert httpx.post(f"{url}/v1/completions", json=SHORT, timeout=60).status_code in (500, 503)
     finally:
@@ -216,25 +201,13 @@ def test_serve_exits_non_zero_when_the_engine_breaks(tiny_engine):
     assert "the engine failed: 3 step(s) in a row failed" in output.rstrip().splitlines()[-1]
 
 
-def _health(url: str) -> int | None:
-    try:
-        return httpx.get(f"{url}/health", timeout=5).status_code
-    except httpx.TransportError:
-        return None
-
-
 def test_sigterm_does_not_wait_for_a_cpu_compile(tiny_engine, tmp_path):
     """A first CPU compile takes minutes; a drained server exits at once instead of joining it (a pod's grace
     period would otherwise end in SIGKILL)."""
-    from test_server_cli import free_port, serve
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {"LMCONVERT_EAGER": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold-cache")}  # compile, from cold
-    proc = serve(str(tiny_engine("llama")), "--server-name", "127.0.0.1", "--server-port", str(port),
-                 "--device", "cpu", "--session-len", "512", env=env)
+    proc, url = spawn_server(str(tiny_engine("llama")), "--device", "cpu", "--session-len", "512", env=env)
     try:
-        assert wait_until(lambda: proc.poll() is not None or _health(url) == 200, 120), "never healthy"
+        assert wait_healthy(proc, url), "never healthy"
         reply = httpx.post(f"{url}/v1/completions", json=dict(SHORT, max_tokens=40), timeout=120)
         assert reply.status_code == 200  # 40 decode steps: the compile has started behind them
         proc.send_signal(signal.SIGTERM)

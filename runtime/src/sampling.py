@@ -115,25 +115,28 @@ class Sampler:
         if self.inject_nan:
             logits[0] = float("nan")
             self.inject_nan = False
-        broken = logits.isnan().any(dim=-1)  # before grammar masks and penalties, which only write -inf / finite
         ks = [s.params.logprobs for s in seqs]
         logprobs = None
         if any(k is not None for k in ks):  # the model's distribution: before the penalties change logits
             logprobs = torch.log_softmax(logits, dim=-1)
             top_values, top_ids = logprobs.topk(max(1, *(k for k in ks if k is not None)), dim=-1)
-        tokens = self._sample(logits, seqs)
+        tokens, greedy = self._sample(logits, seqs)
+        # argmax returns a NaN's position when a row holds one (masks and penalties keep NaN NaN): a [B] gather,
+        # not a scan of the [B, V] logits every step
+        broken = logits.gather(1, greedy.unsqueeze(1)).squeeze(1).isnan()
         if logprobs is None:
             return tokens, None, broken
         return tokens, StepLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top_values, top_ids, ks), broken
 
-    def _sample(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The picked tokens and the rows' argmax (after masks and penalties)."""
         if any(seq.matcher is not None for seq in seqs):  # structured outputs: the one grammar hook
             mask_logits_(logits, [seq.matcher for seq in seqs])
         for row, seq in enumerate(seqs):
             _apply_penalties(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
         greedy = logits.argmax(dim=-1)
         if all(s.params.greedy for s in seqs):
-            return greedy
+            return greedy, greedy
         dev = logits.device
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev).unsqueeze(1)
         probs = torch.softmax(logits / temps, dim=-1)
@@ -151,4 +154,4 @@ class Sampler:
                 noise[row].exponential_(generator=self._generator(seq.seq_id, seq.params.seed, dev))
         picked = order.gather(1, (sorted_probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
         is_greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
-        return torch.where(is_greedy, greedy, picked)
+        return torch.where(is_greedy, greedy, picked), greedy

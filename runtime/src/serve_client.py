@@ -1,14 +1,89 @@
 """A checking SSE client for the server: streams requests concurrently and records every way a stream is not
-in OpenAI's shape. Used by the load test and benchmarks/server_load.py (needs httpx, a test dependency)."""
+in OpenAI's shape; plus what tests, benchmarks and deploy/ share to start a `serve` process, wait for it and
+read its /metrics. Needs httpx (a test dependency)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
 import httpx
+
+DONE = "[DONE]"
+
+
+def sse_event(line: str) -> dict | str | None:
+    """One line of an OpenAI event stream: None for a blank line, DONE for the end marker, else the event's JSON.
+    Raises ValueError on a line that is not `data: ...`."""
+    if not line:
+        return None
+    if not line.startswith("data: "):
+        raise ValueError(f"unexpected line {line[:80]!r}")
+    data = line[len("data: "):]
+    return DONE if data == DONE else json.loads(data)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{labels}': value} (comments skipped)."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def metric(samples: dict[str, float], name: str, labels: str = "") -> float:
+    """The first sample of `name` whose labels contain `labels` (e.g. 'reason="queue_full"')."""
+    for key, value in samples.items():
+        if (key == name or key.startswith(name + "{")) and labels in key:
+            return value
+    raise KeyError(f"no metric {name} {labels}".rstrip())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health(url: str) -> int | None:
+    """/health's status code, or None while nothing answers."""
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
+def spawn_server(model: str, *args: str, host: str = "127.0.0.1", port: int | None = None, env: dict | None = None,
+                 output=subprocess.PIPE) -> tuple[subprocess.Popen, str]:
+    """`lmconvert serve MODEL` as its own process (stdout and stderr together, as text); returns it with a base URL
+    on 127.0.0.1. Does not wait: see wait_healthy."""
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmconvert.cli", "serve", model, "--server-name", host,
+                             "--server-port", str(port), *args], stdout=output, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 120.0) -> bool:
+    """Polls /health until 200 (True); False if the process exits first or time runs out. Only 503 (loading) or
+    no answer are allowed on the way."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        status = health(url)
+        if status == 200:
+            return True
+        if status not in (None, 503):
+            raise AssertionError(f"/health answered {status} while starting")
+        time.sleep(0.1)
+    return False
 
 
 @dataclass(slots=True)
@@ -65,22 +140,26 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict) -> St
                 result.problems.append(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
                 return result
             async for line in response.aiter_lines():
-                if not line:
+                try:
+                    chunk = sse_event(line)
+                except ValueError as e:
+                    result.problems.append(str(e))
                     continue
-                if done or not line.startswith("data: "):
-                    result.problems.append(f"unexpected line {line[:80]!r}" + (" after [DONE]" if done else ""))
+                if chunk is None:
                     continue
-                if line == "data: [DONE]":
+                if done:
+                    result.problems.append(f"unexpected line {line[:80]!r} after [DONE]")
+                    continue
+                if chunk == DONE:
                     done = True
                     continue
-                chunk = json.loads(line[6:])
                 if "error" in chunk:
                     result.errors.append(chunk["error"])
                     result.problems.append(f"error event: {chunk['error'].get('message')}")
                     continue
                 result.chunks += 1
                 _check_chunk(chunk, result, first, include_usage)
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (httpx.HTTPError, KeyError, TypeError) as e:
         result.problems.append(f"{type(e).__name__}: {e}")
     if not done:
         result.problems.append("stream did not end with data: [DONE]")

@@ -2,7 +2,7 @@
 
 rms_norm and silu_mul keep HF's roundings, so the references match HF bit for bit. Triton's CPU
 interpreter truncates fp32 -> bf16 instead of rounding to nearest, so interpreted bf16 results are held to
-4 bf16 ulps (fp16 stays bitwise; roundings compound through the residual add); benchmarks/kernels.py checks bitwise equality on the GPU. RoPE computes
+4 bf16 ulps (fp16 stays bitwise; roundings compound through the residual add); benchmarks/kernel_bench.py checks bitwise equality on the GPU. RoPE computes
 in fp32 and rounds once, HF rounds after each bf16 op: relative error < 4e-3.
 """
 

@@ -1,9 +1,9 @@
 """Kernel benchmark on CUDA: correctness vs the torch references first, then timings.
 
-python benchmarks/kernels.py [--json FILE] [--quick] [--attention | --w8a8 | --decode | --linears]
+python benchmarks/kernel_bench.py [--json FILE] [--quick] [--attention | --w8a8 | --decode | --linears]
 Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch gaps stay out;
 each replay walks several weight copies so that the weights come from HBM, not L2.
-`--w8a8`: only the W8A8 rows (int8 GEMM vs cuBLAS bf16). `TRITON_INTERPRET=1 python benchmarks/kernels.py
+`--w8a8`: only the W8A8 rows (int8 GEMM vs cuBLAS bf16). `TRITON_INTERPRET=1 python benchmarks/kernel_bench.py
 --w8a8 --smoke` walks the same W8A8 code on the CPU on a tiny shape (timings meaningless).
 """
 
