@@ -6,7 +6,8 @@ python benchmarks/moe_kernels.py [--json FILE] [--tokens 64,256,1024,4096] [--co
 (b) decode: T = 1 on the gemv path for bf16, W4 g128 and W8 per channel: bytes = the 8 selected experts'
     gate_up + down weights (scales and zeros included), as GB/s and as a fraction of a measured device copy.
     Each timed call walks SETS disjoint expert sets, so the weights come from HBM, not L2. Each linear's
-    configs are swept (SWEEP_DECODE) and the best kept for the rest of the run (--configs-out writes them).
+    configs (split along K too) are swept (SWEEP_DECODE) and the best kept for the rest of the run
+    (--configs-out writes them).
 (c) prefill: the grouped path at each --tokens count, bf16, against cuBLAS GEMMs of the same FLOPs (the
     [T*8, 2048] x [2048, 1536] gate_up and [T*8, 768] x [768, 2048] down as plain torch.matmul); ratios for
     the whole MoE call and for its two grouped launches alone, and the launches under each SWEEP_GROUPED config.
@@ -119,9 +120,11 @@ def check():
 SWEEP_GROUPED = [(16, 128, 64, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 64, 4, 4),
                  (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
                  (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
-# decode configs swept per format and linear (BLOCK_N, BLOCK_K, warps, stages)
-SWEEP_DECODE = [(32, 128, 4, 3), (16, 128, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (32, 128, 2, 3), (32, 64, 4, 3),
-                (64, 64, 4, 3), (16, 256, 4, 3)]
+# decode configs swept per format and linear (BLOCK_N, BLOCK_K, warps, stages, programs along K)
+SWEEP_DECODE = [(32, 128, 4, 3, 1), (16, 128, 4, 3, 1), (32, 128, 2, 3, 1), (64, 128, 4, 3, 1),
+                (32, 128, 4, 3, 2), (32, 128, 4, 3, 4), (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (64, 128, 4, 3, 8),
+                (64, 128, 8, 3, 4), (128, 128, 4, 3, 3), (128, 128, 8, 3, 4), (128, 128, 8, 2, 8),
+                (64, 64, 4, 3, 8), (32, 128, 2, 3, 4), (256, 128, 8, 3, 3)]
 
 
 def grouped_gemms(x, gate_up, down, ids, weights, cfg):

@@ -10,6 +10,7 @@ import click
 
 from lmconvert.cli_options import (CHAT_TEMPLATE_OPTION, build_engine, build_sampling, engine_options, model_options,
                                    sampling_options)
+from lmconvert.devices import bound_onednn_cache
 from lmconvert.errors import DEBUG_ENV, UserError, debug_enabled, one_line
 from lmconvert.presets import PRESETS
 
@@ -49,6 +50,7 @@ def main(ctx: click.Context, debug: bool):
         os.environ[DEBUG_ENV] = "1"
     else:
         os.environ.pop(DEBUG_ENV, None)
+    bound_onednn_cache()  # before any command's first CPU matmul, which fixes the cache's size
     signal.signal(signal.SIGTERM, _terminate)
 
 

@@ -49,12 +49,13 @@ SAMPLING_OPTIONS = [
     click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
                  help="Most tokens one answer may have."),
     click.option("--temperature", type=click.FloatRange(min=0), default=None,
-                 help="0 = greedy (default: the model's generation config)."),
+                 help="0 = greedy (default: the model's generation config; 0.8 when it names no sampling)."),
     click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
                  help="Sample from the smallest set of tokens whose probabilities add up to P (default: the model's "
-                 "generation config, else 1 = off)."),
+                 "generation config; 0.95 when it names no sampling)."),
     click.option("--top-k", type=click.IntRange(min=0), default=None,
-                 help="Sample from the K most likely tokens (0 = off; default: the model's generation config)."),
+                 help="Sample from the K most likely tokens (0 = off; default: the model's generation config; 40 when it "
+                 "names no sampling)."),
     click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Divide the logits of tokens already in the text by this (> 1 repeats less; default: the "
                  "model's generation config, else 1 = off)."),
@@ -104,12 +105,22 @@ def build_engine(model: str, opts: dict, compile_decode: bool = True, **extra):
                      chat_template=template, use_cuda_graphs=not eager, compile_decode=compile_decode and not eager, **extra)
 
 
+# chat / generate when the model's generation config names no sampling (GGUF conversions, many base models):
+# llama.cpp's CLI defaults. Plain temperature 1 over the whole vocabulary lets a small or 4-bit model wander
+# off within a sentence (SmolLM2 W4: "The capital of France is Haarlem", then noise).
+CLI_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40}
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_p", "top_k")
+
+
 def build_sampling(engine, opts: dict):
-    """Sampling parameters: the user's flags, else the model's generation_config, else plain defaults."""
+    """Sampling parameters: the user's flags, else the model's generation_config, else CLI_SAMPLING."""
     from lmconvert.runtime import SamplingParams
     from lmconvert.runtime.sampling import generation_defaults
 
-    defaults = generation_defaults(engine.generation_config)
+    gen = engine.generation_config or {}
+    defaults = generation_defaults(gen)
+    if not any(field in gen for field in SAMPLING_FIELDS):
+        defaults.update(CLI_SAMPLING)
     chosen = {k: (opts[k] if opts.get(k) is not None else v) for k, v in defaults.items()}
     try:
         return SamplingParams(max_tokens=opts["max_new_tokens"], seed=opts["seed"], stop=list(opts["stop"]), **chosen)

@@ -81,3 +81,23 @@ def test_ctrl_c_stops_the_reply_not_the_session(tiny_engine):
     engine.stream = real_stream
     session.ask("hello", interactive=False)  # the session goes on
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
+
+
+def test_chat_samples_like_llama_cpp_unless_the_model_says_otherwise():
+    """A GGUF conversion's generation config names no sampling: chat then uses llama.cpp's defaults, not
+    temperature 1 over the whole vocabulary (SmolLM2 W4 wandered off into noise with it)."""
+    from types import SimpleNamespace
+
+    from lmconvert.cli_options import build_sampling
+
+    opts = {"max_new_tokens": 8, "seed": None, "stop": (), "temperature": None, "top_p": None, "top_k": None,
+            "repetition_penalty": None}
+    bare = build_sampling(SimpleNamespace(generation_config={"eos_token_id": [2]}), opts)
+    assert (bare.temperature, bare.top_p, bare.top_k) == (0.8, 0.95, 40)
+    qwen = build_sampling(SimpleNamespace(generation_config={"do_sample": True, "temperature": 0.6, "top_p": 0.95,
+                                                              "top_k": 20}), opts)
+    assert (qwen.temperature, qwen.top_p, qwen.top_k) == (0.6, 0.95, 20)
+    greedy = build_sampling(SimpleNamespace(generation_config={"do_sample": False}), opts)
+    assert greedy.temperature == 0.0
+    mine = build_sampling(SimpleNamespace(generation_config={}), {**opts, "temperature": 0.0, "top_k": 5})
+    assert (mine.temperature, mine.top_k) == (0.0, 5)

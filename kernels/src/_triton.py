@@ -7,7 +7,12 @@ import os
 
 import torch
 
+# Under TRITON_INTERPRET=1 the kernels also run on CPU tensors; tests call the *_triton launchers directly.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 try:
+    if not (INTERPRET or torch.cuda.is_available()):  # nothing could launch a kernel: skip Triton's ~70 MB
+        raise ImportError("no CUDA device and no interpreter")
     import triton
     import triton.language as tl
 
@@ -16,16 +21,13 @@ try:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     except ImportError:
         gdc_launch_dependents = gdc_wait = None
-except ImportError:  # CPU-only installs (macOS, aarch64): kernels are defined but never launched
+except ImportError:  # CPU-only hosts and installs (macOS, aarch64): kernels are defined but never launched
     from types import SimpleNamespace
 
     HAVE_TRITON = False
     gdc_launch_dependents = gdc_wait = None
     triton = SimpleNamespace(jit=lambda fn=None, **_: fn, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=None)
-
-# Under TRITON_INTERPRET=1 the kernels also run on CPU tensors; tests call the *_triton launchers directly.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(x) -> bool:

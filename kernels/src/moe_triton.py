@@ -51,6 +51,7 @@ class DecodeConfig(NamedTuple):
     block_k: int  # k a step (quantized: at most a quant group)
     warps: int
     stages: int  # Triton's software pipeline over the k steps (cp.async): loads in flight
+    split: int = 1  # programs along K (at most one per k step): more programs, each a shorter walk
 
 
 # (min pairs an expert on average, config), first match wins; BLOCK_M small while experts get few pairs
@@ -282,15 +283,19 @@ def _gemv_step(acc, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols, n_mask, N, K, G, BI
 
 
 @triton.jit
-def _moe_gemv_kernel(a_ptr, ids_ptr, route_w_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, TOP_K: tl.constexpr,
-                   BITS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ROUND_W: tl.constexpr, ASM: tl.constexpr,
-                   BY_HAND: tl.constexpr, PDL: tl.constexpr):
-    """One pair, BLOCK_N output columns, e = ids[pair]: the decode path's two launches.
+def _moe_gemv_kernel(a_ptr, ids_ptr, route_w_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, ws_bits_ptr, cnt_ptr, N, K, G,
+                   K_PER_SPLIT, TOP_K: tl.constexpr, BITS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, ROUND_W: tl.constexpr,
+                   SPLIT_K: tl.constexpr, ASM: tl.constexpr, BY_HAND: tl.constexpr, PDL: tl.constexpr):
+    """One pair, BLOCK_N output columns, e = ids[pair], K_PER_SPLIT of K (program_id 2): the decode path's two
+    launches.
     SWIGLU (gate_up, A = x by token): the program takes gate rows cols and up rows I + cols of W_e (N = 2I),
-    rounds both as the reference rounds h and writes silu(gate) * up to out [pairs, I].
+    rounds both as the reference rounds h and writes silu(gate) * up to out [pairs, I]. SPLIT_K: the slices'
+    partial sums meet in the fp32 workspace by atomic add; the tile's last program (a counter) reads and zeroes
+    them, resets the counter and writes the activations (the launch leaves both clean: graph safe).
     else (down, A = the pair's activation row): y = A . W_e[cols]^T rounded to the model dtype (the pair's
-    output), times the pair's routing weight, atomically added to its token's fp32 row of out [T, N]."""
+    output; split K: each slice's part unrounded), times the pair's routing weight, atomically added to its
+    token's fp32 row of out [T, N]."""
     pdl_wait(PDL)
     pair = tl.program_id(0).to(tl.int64)
     e = tl.load(ids_ptr + pair).to(tl.int64)
@@ -298,21 +303,40 @@ def _moe_gemv_kernel(a_ptr, ids_ptr, route_w_ptr, w_ptr, s_ptr, z_ptr, out_ptr, 
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < N_OUT
     a_row = a_ptr + (pair // TOP_K if SWIGLU else pair) * K
+    k_begin = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over its rows once, after the loop
     acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # stages: loads in flight (cp.async), no tl.dot
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):  # stages: loads in flight (cp.async)
         acc = _gemv_step(acc, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols, n_mask, N, K, G, BITS, ROWS, BLOCK_K,
                            ROUND_W, ASM, BY_HAND)
         if SWIGLU:
             acc_up = _gemv_step(acc_up, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols + N_OUT, n_mask, N, K, G, BITS,
                                   ROWS, BLOCK_K, ROUND_W, ASM, BY_HAND)
     dtype = a_ptr.dtype.element_ty
-    y = _round(tl.sum(acc, axis=0), dtype, BY_HAND).to(tl.float32)
-    if SWIGLU:  # as silu_mul_ref on h rounded to the model dtype: silu rounded, then the product
-        up = _round(tl.sum(acc_up, axis=0), dtype, BY_HAND).to(tl.float32)
-        act = _round(y / (1.0 + tl.exp(-y)), dtype, BY_HAND).to(tl.float32)
-        tl.store(out_ptr + pair * N_OUT + cols, _round(act * up, dtype, BY_HAND), mask=n_mask)
+    gate = tl.sum(acc, axis=0)
+    if SWIGLU:
+        up = tl.sum(acc_up, axis=0)
+        write = True
+        if SPLIT_K:
+            offs = pair * N + cols  # workspace row [gate | up] of the pair
+            tl.atomic_add(ws_ptr + offs, gate, mask=n_mask, sem="relaxed")
+            tl.atomic_add(ws_ptr + offs + N_OUT, up, mask=n_mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's adds precede the counter's release
+            tile = pair * tl.num_programs(1) + tl.program_id(1)
+            write = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(2) - 1
+            if write:  # int32 views: the interpreter has no fp32 atomic_xchg
+                zero = tl.zeros((BLOCK_N,), dtype=tl.int32)
+                gate = tl.atomic_xchg(ws_bits_ptr + offs, zero, mask=n_mask).to(tl.float32, bitcast=True)
+                up = tl.atomic_xchg(ws_bits_ptr + offs + N_OUT, zero, mask=n_mask).to(tl.float32, bitcast=True)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+        if write:  # as silu_mul_ref on h rounded to the model dtype: silu rounded, then the product
+            y = _round(gate, dtype, BY_HAND).to(tl.float32)
+            up = _round(up, dtype, BY_HAND).to(tl.float32)
+            act = _round(y / (1.0 + tl.exp(-y)), dtype, BY_HAND).to(tl.float32)
+            tl.store(out_ptr + pair * N_OUT + cols, _round(act * up, dtype, BY_HAND), mask=n_mask)
     else:
+        y = gate if SPLIT_K else _round(gate, dtype, BY_HAND).to(tl.float32)
         w = tl.load(route_w_ptr + pair)
         tl.atomic_add(out_ptr + (pair // TOP_K) * N + cols, y * w, mask=n_mask, sem="relaxed")
 
@@ -391,12 +415,20 @@ def _decode_linear(a: torch.Tensor, w: Experts, flat_ids, n_pairs: int, top_k: i
     bk = _block_k(w, K, cfg.block_k)
     if swiglu:
         out = torch.empty(n_pairs, N // 2, dtype=a.dtype, device=a.device)
-    grid = (n_pairs, triton.cdiv(N // 2 if swiglu else N, cfg.block_n))
-    _moe_gemv_kernel[grid](a, flat_ids, route_w if route_w is not None else a, *_weight_args(w), out, N, K,
-                         w.group_size, TOP_K=top_k, BITS=w.bits, SWIGLU=swiglu, ROWS=bk // 8 if w.bits == 4 else bk,
-                         BLOCK_N=cfg.block_n, BLOCK_K=bk, STAGES=cfg.stages, ROUND_W=DECODE_ROUND_WEIGHTS,
-                         ASM=not INTERPRET, BY_HAND=INTERPRET,
-                         num_warps=cfg.warps, **pdl_args(a.device))
+    steps = triton.cdiv(K, bk)
+    per = triton.cdiv(steps, max(1, min(cfg.split, steps)))  # k steps a program
+    grid = (n_pairs, triton.cdiv(N // 2 if swiglu else N, cfg.block_n), triton.cdiv(steps, per))
+    split = grid[2] > 1
+    part = part_bits = cnt = out  # placeholders: read only by gate_up split along K
+    if split and swiglu:  # its slices meet in the shared split-K workspace, past the [T, H] a deferred combine holds
+        ws, cnt = _workspace(a.device, a.numel() + n_pairs * N, grid[0] * grid[1])
+        part = ws[a.numel():]
+        part_bits = part.view(torch.int32)
+    _moe_gemv_kernel[grid](a, flat_ids, route_w if route_w is not None else a, *_weight_args(w), out, part,
+                         part_bits, cnt, N, K, w.group_size, per * bk, TOP_K=top_k, BITS=w.bits,
+                         SWIGLU=swiglu, ROWS=bk // 8 if w.bits == 4 else bk, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+                         STAGES=cfg.stages, ROUND_W=DECODE_ROUND_WEIGHTS, SPLIT_K=split, ASM=not INTERPRET,
+                         BY_HAND=INTERPRET, num_warps=cfg.warps, **pdl_args(a.device))
     return out
 
 

@@ -67,12 +67,13 @@ class LLMEngine:
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
         self.device = resolve_device(device)  # before the model loads: a bad --device fails at once
+        if self.device.type == "cpu":
+            bound_onednn_cache()  # before loading: a quantized engine's CPU repacking may be the first oneDNN op
         source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
         self.config = source.config
         self.dtype = parse_dtype(dtype) if dtype else default_dtype(self.device, self.config.torch_dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(threads or physical_cores())
-            bound_onednn_cache()
         self.tokenizer = source.load_tokenizer()
         if chat_template is not None:  # --chat-template: replaces the model's own
             self.tokenizer.chat_template = chat_template

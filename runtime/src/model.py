@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmconvert import kernels
+from lmconvert.devices import release_free_heap
 from lmconvert.config import ModelConfig
 from lmconvert.errors import UserError
 from lmconvert.runtime.layers import MLP, Attention, Linear, RMSNorm, SparseMoE
@@ -105,6 +106,8 @@ class Transformer(nn.Module):
         self.lm_head.load(head or {"weight": self.embed_tokens})
         for i, layer in enumerate(self.layers):
             layer.load({k: place(v) for k, v in source.layer_tensors(i).items()})
+            if device.type == "cpu":  # repacking's temporaries, freed into the heap: back to the OS before the next
+                release_free_heap()  # layer's (else the heap keeps them all and peak RSS doubles the weights)
         cfg = self.config
         self.rope_cache = kernels.build_rope_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                                    cfg.rope_scaling, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +24,27 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_int8: bool = Fal
     return 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
 
 
+def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed pool. On CPU, anonymous mmap pages: zero without a memset and resident only once written, so a
+    short chat holds the blocks it uses, not the whole cache (masked attention still reads whole blocks, hence
+    zeros rather than torch.empty's garbage, where 0 x NaN would leak in)."""
+    device = torch.device(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the map alive
+
+
 def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, kv_int8: bool, device) -> None:
     """K/V pools [num_blocks, block_size, KVH, D] in dtype, or int8 with fp16 (scale, zero) pools
     [num_blocks, block_size, KVH, 2] (layout: kernels/src/kv_cache.py)."""
     shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
     cache_dtype = torch.int8 if kv_int8 else dtype
-    attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
-    attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+    attn.k_cache = kv_pool(shape, cache_dtype, device)
+    attn.v_cache = kv_pool(shape, cache_dtype, device)
     if kv_int8:
-        attn.k_scales = torch.zeros(*shape[:3], 2, dtype=torch.float16, device=device)
-        attn.v_scales = torch.zeros(*shape[:3], 2, dtype=torch.float16, device=device)
+        attn.k_scales = kv_pool((*shape[:3], 2), torch.float16, device)
+        attn.v_scales = kv_pool((*shape[:3], 2), torch.float16, device)
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import threading
 from collections import defaultdict
 from typing import Callable
 
+from lmconvert.devices import release_free_heap
 from lmconvert.runtime.engine import LLMEngine, RequestOutput
 from lmconvert.runtime.sampling import SamplingParams
 from lmconvert.runtime.serve_metrics import ServeStats
@@ -183,6 +184,8 @@ class AsyncEngine:
                 continue
             failed_in_a_row = 0
             self._deliver(outputs)
+            if not self.engine.has_unfinished():  # busy -> idle: what the burst freed goes back to the OS
+                release_free_heap()
 
     def _die(self, reason: str) -> None:
         self.fatal = reason

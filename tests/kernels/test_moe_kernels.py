@@ -136,6 +136,19 @@ def test_grouped_matches_reference(case):
     _check_case("grouped", *case)
 
 
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 3, 7, 9, 10)],
+                         ids=lambda c: f"T{c[0]}k{c[1]}E{c[2]}-{c[6]}-{str(c[7])[6:]}")
+def test_gemv_split_along_k_matches_reference(case, monkeypatch):
+    """Programs along K (BLOCK_K 16: 4 to 8 k steps, 2 to 4 slices): gate_up's slices meet in the workspace and
+    its last program writes the activations; down's slices add into the sums. Both leave the shared workspace
+    and its counters all zero (CUDA-graph replays start clean)."""
+    split = {key: cfg._replace(block_k=16, split=3) for key, cfg in mt.DECODE_CONFIGS.items()}
+    monkeypatch.setattr(mt, "DECODE_CONFIGS", split)
+    _check_case("gemv", *case)
+    ws, cnt = mt._workspace(torch.device("cpu"), 0, 0)
+    assert not ws.any() and not cnt.any()
+
+
 def test_grouped_full_blocks():
     """Enough pairs a expert for the largest BLOCK_M (several blocks an expert, the last one ragged)."""
     T, k, E = 520, 2, 4
