@@ -292,6 +292,11 @@ class LLMEngine:
             for seq in seqs:
                 self.block_manager.free_seq(seq)
 
+    def reserve_kv_cache(self) -> None:
+        """The whole KV cache resident now; `serve` calls this (a one-process CPU cache otherwise fills as used)."""
+        if isinstance(self.runner, ModelRunner):
+            self.runner.reserve_kv_cache()
+
     def close(self) -> None:
         """Stops tensor-parallel workers (a no-op at tp=1); also runs at interpreter exit."""
         self.runner.close()

@@ -32,7 +32,8 @@ def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the map alive
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: a fork copies on write
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the map alive
 
 
 def attach_kv_cache(attn, num_blocks: int, block_size: int, dtype: torch.dtype, kv_int8: bool, device) -> None:
@@ -113,6 +114,15 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
         elif compile_decode:
             self.graphs = CompiledDecode(self.model, max_batch_size, max_blocks, self.num_blocks, block_size)
+
+    def reserve_kv_cache(self) -> None:
+        """Every KV page resident now (CPU pools otherwise fill as blocks are first written): a server should
+        meet its memory limit when it starts, not in the middle of a burst."""
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            for pool in (attn.k_cache, attn.v_cache, getattr(attn, "k_scales", None), getattr(attn, "v_scales", None)):
+                if pool is not None:
+                    pool.zero_()
 
     def _load_model(self, source) -> Transformer:
         model = Transformer(self.cfg)

@@ -82,6 +82,7 @@ def _load(state: ServerState, load: Callable[[], LLMEngine], on_error: Callable[
     """on_error(message) on a failed load, and later if the engine breaks (the server should then exit)."""
     try:
         engine = load()
+        engine.reserve_kv_cache()
         tools = state.tool_call_parser and resolve_parser(state.tool_call_parser, engine.tokenizer.chat_template)
         cfg = ServeConfig(state.model_name, state.reasoning_parser, generation_defaults(engine), tools or None)
         on_fatal = on_error and (lambda reason: on_error(f"the engine failed: {reason}"))
