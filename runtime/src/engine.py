@@ -293,8 +293,9 @@ class LLMEngine:
                 self.block_manager.free_seq(seq)
 
     def reserve_kv_cache(self) -> None:
-        """The whole KV cache resident now; `serve` calls this (a one-process CPU cache otherwise fills as used)."""
-        if isinstance(self.runner, ModelRunner):
+        """The whole KV cache resident now; `serve` calls this (a one-process CPU cache otherwise fills as used;
+        GPU memory is committed when allocated)."""
+        if self.device.type == "cpu" and isinstance(self.runner, ModelRunner):
             self.runner.reserve_kv_cache()
 
     def close(self) -> None:

@@ -117,12 +117,13 @@ class ModelRunner:
 
     def reserve_kv_cache(self) -> None:
         """Every KV page resident now (CPU pools otherwise fill as blocks are first written): a server should
-        meet its memory limit when it starts, not in the middle of a burst."""
+        meet its memory limit when it starts, not in the middle of a burst. Writes each value back unchanged
+        (x * 1): blocks the prefix cache still holds keep their K/V."""
         for layer in self.model.layers:
             attn = layer.self_attn
             for pool in (attn.k_cache, attn.v_cache, getattr(attn, "k_scales", None), getattr(attn, "v_scales", None)):
                 if pool is not None:
-                    pool.zero_()
+                    pool.mul_(1)
 
     def _load_model(self, source) -> Transformer:
         model = Transformer(self.cfg)
