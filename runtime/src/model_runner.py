@@ -29,7 +29,7 @@ def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     short chat holds the blocks it uses, not the whole cache (masked attention still reads whole blocks, hence
     zeros rather than torch.empty's garbage, where 0 x NaN would leak in)."""
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: a fork copies on write
