@@ -1,6 +1,8 @@
 """W4 engine -> HF checkpoint in the AutoAWQ GEMM or compressed-tensors pack-quantized layout (codes copied).
 
-Fused linears are split back along N (qkv_proj -> q/k/v, gate_up_proj -> gate/up); one safetensors shard per
+Fused linears are split back along N (qkv_proj -> q/k/v, gate_up_proj -> gate/up); a mixture-of-experts layer's
+stacked experts go back to one linear per expert under the architecture's HF names, the router (and Qwen2-MoE's
+shared_expert_gate) left in full precision as AutoAWQ and llm-compressor leave them. One safetensors shard per
 decoder layer plus an index, so memory stays at one layer. Only integer zero points in 0..15 can be written
 (the engine's fitted grids may hold fractional ones). AutoAWQ stores fp16 scales: an engine whose scales are
 not exact in fp16 is refused; every other tensor keeps the engine's dtype. Engines with an act-order
@@ -16,15 +18,21 @@ from pathlib import Path
 
 import torch
 
-from lmconvert.arch import FUSED_MODULES, get_arch
+from lmconvert.arch import FUSED_EXPERTS, FUSED_MODULES, get_arch
 from lmconvert.engine import open_engine
 from lmconvert.engine.writer import staging_dir, write_safetensors
 from lmconvert.errors import UserError
+from lmconvert.load.hparams import hf_moe_fields
 from lmconvert.load.quantized_formats import AWQ_ORDER, pack_cols
 from lmconvert.quant.primitives import unpack_int4
 
 FORMATS = ("autoawq", "compressed-tensors")
 HF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+FUSED = {**FUSED_MODULES, **FUSED_EXPERTS}
+# what both formats leave in full precision: the routers ("gate" matches a module name's last part) and Qwen2-MoE's
+# shared_expert_gate; compressed-tensors names them by regex
+AWQ_NOT_CONVERTED = ["gate", "shared_expert_gate"]
+CT_IGNORED = ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shared_expert_gate$"]
 
 
 def hf_config(cfg, quant_config: dict) -> dict:
@@ -41,23 +49,31 @@ def hf_config(cfg, quant_config: dict) -> dict:
            else cfg.eos_token_ids, "quantization_config": quant_config}
     if arch.sliding_window:
         out["sliding_window"] = cfg.sliding_window
-    return out
+    return {**out, **hf_moe_fields(cfg)}
 
 
-def quant_config(fmt: str, group_size: int, zero_point: bool) -> dict:
+def quant_config(fmt: str, group_size: int, zero_point: bool, moe: bool = False) -> dict:
     if fmt == "autoawq":
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-                "modules_to_not_convert": None}
+                "modules_to_not_convert": AWQ_NOT_CONVERTED if moe else None}
     weights = {"num_bits": 4, "type": "int", "symmetric": not zero_point, "strategy": "group",
                "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},
-            "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
+            "ignore": CT_IGNORED if moe else ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
 
 
 def split_sizes(cfg) -> dict[str, list[int]]:
-    return {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size], "gate_up_proj": [cfg.intermediate_size] * 2}
+    """Each fused engine module's parts' output sizes."""
+    return {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size], "gate_up_proj": [cfg.intermediate_size] * 2,
+            "experts.gate_up_proj": [cfg.moe_intermediate_size] * 2,
+            "shared_expert.gate_up_proj": [cfg.shared_expert_intermediate_size] * 2}
+
+
+def per_expert(module: str, t: torch.Tensor) -> list[torch.Tensor]:
+    """A module's tensor as the list of what one HF module holds: experts' carry a leading expert dim."""
+    return list(t) if module.startswith("experts.") else [t]
 
 
 def module_tensors(fmt: str, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, zero_point: bool, where: str):
@@ -89,8 +105,6 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
     cfg, quant = engine.config, engine.config.quantization
     if quant.get("bits") != 4:
         raise UserError(f"{src} is not a W4 engine: only W4 engines can be exported to {fmt}")
-    if cfg.num_experts:
-        raise UserError(f"{src} is a mixture-of-experts engine: exporting experts to {fmt} is not supported yet")
     if cfg.lm_head_quantization:
         raise UserError(f"{src} has a quantized lm_head (--quant-lm-head), which {fmt} checkpoints keep in 16 bits; "
                         "quantize without --quant-lm-head to export")
@@ -115,7 +129,7 @@ def export(src: str | os.PathLike, fmt: str, dst: str | os.PathLike, overwrite: 
         for i in range(cfg.num_layers):
             write(i + 1, layer_export(engine.layer_tensors(i), i, cfg, arch, fmt, G, zero_point))
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        config = hf_config(cfg, quant_config(fmt, G, zero_point))
+        config = hf_config(cfg, quant_config(fmt, G, zero_point, bool(cfg.num_experts)))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(engine.generation_config, indent=2))
         engine.save_tokenizer(tmp)
@@ -136,24 +150,33 @@ def layer_export(tensors: dict[str, torch.Tensor], i: int, cfg, arch, fmt: str, 
         raise UserError(f"layer {i} {permuted[0]}: the engine holds an act-order input permutation (imported GPTQ "
                         "desc_act), which neither AutoAWQ nor compressed-tensors pack-quantized can store")
     modules = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}
+
+    def hf_names(part: str, suffix: str = "weight") -> list[str]:
+        """The HF name of `part`'s tensor, one per expert for an expert linear."""
+        name = arch.hf_name(f"layers.{i}.{part}.weight").removesuffix(".weight") + f".{suffix}"
+        return [name.format(e=e) for e in range(cfg.num_experts)] if part.startswith("experts.") else [name]
+
     for name, t in tensors.items():
         module, kind = name.rsplit(".", 1)
         if kind in ("qweight", "scales", "zeros"):
             continue
-        parts = FUSED_MODULES.get(module)
-        pieces = t.split(sizes[module], dim=0) if parts else [t]
+        parts = FUSED.get(module)  # split along N: dim 0 of a bias, the out-features dim of a weight
+        pieces = t.split(sizes[module], dim=0 if t.dim() == 1 else -2) if parts else [t]
         for part, piece in zip(parts or [module], pieces):
-            out[arch.hf_name(f"layers.{i}.{part}.{kind}")] = piece.contiguous()
+            for hf, value in zip(hf_names(part, kind), per_expert(module, piece)):
+                out[hf] = value.contiguous()
     for module in sorted(modules):
-        q = unpack_int4(tensors[f"{module}.qweight"])
-        scales, zeros = tensors[f"{module}.scales"], tensors[f"{module}.zeros"].float()
-        if not torch.equal(zeros, zeros.round()) or zeros.min() < 0 or zeros.max() > 15:
+        zeros_all = tensors[f"{module}.zeros"].float()
+        if not torch.equal(zeros_all, zeros_all.round()) or zeros_all.min() < 0 or zeros_all.max() > 15:
             raise UserError(f"layer {i} {module}: zero points are not integers in 0..15 (a fitted grid), which "
                             "neither AutoAWQ nor compressed-tensors can store: quantize with --integer-zeros to export")
-        parts = FUSED_MODULES.get(module, (module,))
-        splits = sizes.get(module, [q.shape[1]])
-        for part, qq, ss, zz in zip(parts, q.split(splits, 1), scales.split(splits, 1), zeros.split(splits, 1)):
-            prefix = arch.hf_name(f"layers.{i}.{part}.weight").removesuffix(".weight")
-            for suffix, v in module_tensors(fmt, qq, ss, zz, zero_point, f"layer {i} {part}").items():
-                out[f"{prefix}.{suffix}"] = v
+        parts = FUSED.get(module, (module,))
+        linears = zip(*(per_expert(module, tensors[f"{module}.{k}"]) for k in ("qweight", "scales", "zeros")))
+        for e, (qweight, scales, zeros) in enumerate(linears):
+            q = unpack_int4(qweight)
+            splits = sizes.get(module, [q.shape[1]])
+            for part, qq, ss, zz in zip(parts, q.split(splits, 1), scales.split(splits, 1), zeros.float().split(splits, 1)):
+                prefix = hf_names(part)[e].removesuffix(".weight")
+                for suffix, v in module_tensors(fmt, qq, ss, zz, zero_point, prefix).items():
+                    out[f"{prefix}.{suffix}"] = v
     return out
