@@ -67,6 +67,18 @@ class DecoderLayer(nn.Module):
                 target.weight = attrs["weight"]
 
 
+def own_small_views(module: nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Copy what `module` kept of `source` (one layer file's tensors, one memory map) when that is under half of
+    it: once a quantized layer's linears are repacked, its norm weights (a few KB) would keep every page of the
+    file resident for nothing. An fp engine's weights, used in place, stay views of the file."""
+    in_file = {t.data_ptr() for t in source.values()}
+    kept = [(m, name, t) for m in module.modules() for name, t in vars(m).items()
+            if isinstance(t, torch.Tensor) and t.data_ptr() in in_file]
+    if 2 * sum(t.nbytes for _, _, t in kept) < sum(t.nbytes for t in source.values()):
+        for m, name, t in kept:
+            setattr(m, name, t.clone())
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -105,9 +117,13 @@ class Transformer(nn.Module):
                             "globals hold no lm_head.qweight")
         self.lm_head.load(head or {"weight": self.embed_tokens})
         for i, layer in enumerate(self.layers):
-            layer.load({k: place(v) for k, v in source.layer_tensors(i).items()})
-            if device.type == "cpu":  # repacking's temporaries, freed into the heap: back to the OS before the next
-                release_free_heap()  # layer's (else the heap keeps them all and peak RSS doubles the weights)
+            tensors = source.layer_tensors(i)
+            layer.load({k: place(v) for k, v in tensors.items()})
+            if device.type == "cpu":
+                own_small_views(layer, tensors)
+                del tensors
+                # repacking's temporaries, freed into the heap: back to the OS before the next layer's (else the
+                release_free_heap()  # heap keeps them all and peak RSS doubles the weights)
         cfg = self.config
         self.rope_cache = kernels.build_rope_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                                    cfg.rope_scaling, device)
