@@ -202,10 +202,12 @@ def decode(fmt, copy):
         best = min(ok, key=ok.get)
         mt.DECODE_CONFIGS[key] = mt.DecodeConfig(*eval(best))  # the rest of this process uses the best
         swept[name] = {"best": best, "us": res}
-    if gate_up.bits != 16:  # exact fp32 weights instead of rounded ones, at the best configs
-        mt.DECODE_ROUND_WEIGHTS = False
-        swept["unrounded_us"] = {"gate_up": time_gu(None) * 1e3, "down": time_dn(None) * 1e3}
-        mt.DECODE_ROUND_WEIGHTS = True
+    if gate_up.bits != 16:  # the other rounding of the dequantized weights (rounded as the reference / exact fp32)
+        default = mt.DECODE_ROUND_WEIGHTS
+        mt.DECODE_ROUND_WEIGHTS = not default
+        swept["rounded_us" if not default else "unrounded_us"] = {"gate_up": time_gu(None) * 1e3,
+                                                                  "down": time_dn(None) * 1e3}
+        mt.DECODE_ROUND_WEIGHTS = default
     err = max(rel(mt.moe_experts_triton(x, gate_up, down, w, i), moe_experts_ref(x, gate_up, down, w, i))
               for x, w, i in zip(xs, weights, ids))
     graph_err = check_graph(xs[0].clone(), gate_up, down, "gemv")

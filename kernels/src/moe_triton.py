@@ -14,9 +14,9 @@ linears (gate_up on x, down on the activations) is one launch of one of two kern
 
 Both take the engine's three weight formats (moe.py): fp [E, N, K], W4 (int32 [E, K/8, N], 8 consecutive k a
 word, scales / zeros [E, K/G, N]) and W8 (int8 [E, K, N], scales [E, K/G, N]), dequantized a tile at a time
-inside one quant group (BLOCK_K divides G). Sums in fp32; h, the activations, each pair's output and the
-dequantized weights rounded where the reference rounds them (the gemv may skip the weights':
-DECODE_ROUND_WEIGHTS). The combine is the down launch's epilogue on both paths: each pair's output, rounded,
+inside one quant group (BLOCK_K divides G). Sums in fp32; h, the activations and each pair's output rounded
+where the reference rounds them; the grouped path rounds the dequantized weights too, the gemv keeps them exact
+in fp32 as the dense W4 / W8 GEMVs do (DECODE_ROUND_WEIGHTS: rounded, bit-equal to the reference). The combine is the down launch's epilogue on both paths: each pair's output, rounded,
 times its routing weight, atomically added into its token's fp32 row, rounded by whoever reads the sums (a
 PendingSum's reader, or moe_experts_triton).
 Routing (softmax, top-k, renormalize) is one launch too: _route_topk_kernel.
@@ -32,7 +32,7 @@ from ._triton import INTERPRET, dot_acc, pdl_args, pdl_wait, tl, triton
 from .activation import silu_mul
 from .moe import Experts
 from .pending import PendingSum
-from .quant_gemv import _lop3
+from .quant_gemv import _code, _lop3, _rotations
 from .quant_linear import _workspace
 
 GEMV_MAX_PAIRS = 32  # n = T * k at most this: gemv (weights read per pair), else grouped (per expert block)
@@ -61,12 +61,15 @@ class DecodeConfig(NamedTuple):
 GROUPED_CONFIGS = [(256, GroupedConfig(128, 256, 64, 8, 3)), (64, GroupedConfig(64, 128, 64, 4, 3)),
                    (0, GroupedConfig(16, 64, 128, 4, 4))]
 SMEM_BUDGET = 200 * 1024  # Hopper has 228 KB a block; a config whose pipelined tiles need more is skipped
-# gemv: dequantized weights rounded to the scales' dtype as the reference (False: exact fp32, fewer instructions)
-DECODE_ROUND_WEIGHTS = True
-# (bits, swiglu) -> config; the H100 sweep's best at Qwen3-30B-A3B's shapes (bf16 96%, W4 g128 28%, W8 35% of copy)
+# gemv: dequantized weights exact in fp32, as the dense W4 / W8 GEMVs (True: rounded to the scales' dtype as the
+# reference rounds them; more instructions a weight: H100, 30B-A3B experts, W4 g128 gate_up + down 25.0 us rounded
+# vs 20.2 exact, W8 33.5 vs 32.8)
+DECODE_ROUND_WEIGHTS = False
+# (bits, swiglu) -> config; the H100 sweep's best at Qwen3-30B-A3B's shapes (session 16: bf16 97% of copy; W4 g128
+# split in two along K, gate_up 17.0 vs 17.5 us, down 8.0 vs 8.8; W8 gate_up with 16 columns, 23.5 vs 26.7 us)
 DECODE_CONFIGS = {(16, True): DecodeConfig(32, 128, 2, 3), (16, False): DecodeConfig(32, 128, 2, 3),
-                  (4, True): DecodeConfig(16, 128, 4, 3), (4, False): DecodeConfig(32, 128, 4, 3),
-                  (8, True): DecodeConfig(32, 128, 4, 3), (8, False): DecodeConfig(32, 128, 2, 3)}
+                  (4, True): DecodeConfig(32, 128, 4, 3, 2), (4, False): DecodeConfig(64, 128, 4, 3, 2),
+                  (8, True): DecodeConfig(16, 128, 4, 3), (8, False): DecodeConfig(32, 128, 2, 3)}
 
 
 # ---- routing: pairs sorted by expert, in blocks of one expert ------------------------------------------
@@ -271,14 +274,18 @@ def _gemv_step(acc, a_row, w_ptr, s_ptr, z_ptr, e, k0, cols, n_mask, N, K, G, BI
                 for j in tl.static_range(8):
                     w = _round((_nibble(words, j, ASM) - (128.0 + z)) * s, s_ptr.dtype.element_ty, BY_HAND)
                     acc += w.to(tl.float32) * tl.load(a_row + rows * 8 + j).to(tl.float32)[:, None]
-            else:  # part = sum_j (128 + q_j) x_j, an FMA a weight; the 128 + z offsets removed once a word
+            else:  # part = sum_j (MAGIC_j + q_j) x_j: a LOP3 and an FMA a weight from the word's rotations (the
+                # dense W4 GEMV's decode, quant_gemv._code); the MAGIC_j + z offsets removed once a word row
+                rotated = _rotations(words.to(tl.uint32, bitcast=True))
                 part = tl.zeros(acc.shape, dtype=tl.float32)
                 xsum = tl.zeros((ROWS,), dtype=tl.float32)
+                xmagic = tl.zeros((ROWS,), dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(a_row + rows * 8 + j).to(tl.float32)
-                    part += _nibble(words, j, ASM) * xj[:, None]
+                    part += _code(rotated, j, 4, ASM) * xj[:, None]
                     xsum += xj
-                acc += s * (part - (128.0 + z) * xsum[:, None])
+                    xmagic += xj * (2048.0 if j % 2 == 1 else 128.0)
+                acc += s * (part - z * xsum[:, None] - xmagic[:, None])
     return acc
 
 

@@ -149,6 +149,19 @@ def test_gemv_split_along_k_matches_reference(case, monkeypatch):
     assert not ws.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("case", [CASES[i] for i in (5, 7, 8)], ids=lambda c: f"T{c[0]}k{c[1]}-{c[6]}")
+def test_gemv_rounding_weights_as_the_reference(case, monkeypatch):
+    """DECODE_ROUND_WEIGHTS: each dequantized weight rounded to bf16 as the reference rounds it, so the gemv
+    agrees with the reference to the last bits (the default, exact fp32 weights, only within TOL)."""
+    monkeypatch.setattr(mt, "DECODE_ROUND_WEIGHTS", True)
+    T, k, E, hot, H, I, fmt, dtype = case
+    gate_up, down = _layer(E, H, I, fmt, dtype)
+    x = torch.randn(T, H, dtype=dtype)
+    weights, ids = _routing(T, E, k, hot)
+    ref = moe_experts_ref(x, gate_up, down, weights, ids)
+    assert rel_err(mt.moe_experts_triton(x, gate_up, down, weights, ids, path="gemv"), ref) < 1e-4
+
+
 def test_grouped_full_blocks():
     """Enough pairs a expert for the largest BLOCK_M (several blocks an expert, the last one ragged)."""
     T, k, E = 520, 2, 4
