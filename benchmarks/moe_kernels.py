@@ -1,6 +1,7 @@
 """MoE experts benchmark on CUDA (moe_triton.py) at Qwen3-30B-A3B shapes: H 2048, I 768, 128 experts, top-8.
 
-python benchmarks/moe_kernels.py [--json FILE] [--tokens 64,256,1024,4096] [--configs-out FILE]
+python benchmarks/moe_kernels.py [--json FILE] [--tokens 64,256,1024,4096] [--formats bf16,w4g128,w8]
+                                 [--configs-out FILE]
 
 (a) routing: route_topk's Triton kernel against the torch ops it replaced, at 1 / 128 / 4096 tokens.
 (b) decode: T = 1 on the gemv path for bf16, W4 g128 and W8 per channel: bytes = the 8 selected experts'
@@ -248,7 +249,8 @@ def routing_times():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--tokens", default="64,256,1024,4096")
+    ap.add_argument("--tokens", default="64,256,1024,4096", help="prefill token counts ('' for none)")
+    ap.add_argument("--formats", default="bf16,w4g128,w8", help="decode weight formats")
     ap.add_argument("--configs-out", help="write the best decode and grouped configs here (moe_gpu.py --configs)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -257,11 +259,11 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "shape": {"H": H, "I": I, "E": E, "top_k": TOP_K},
            "worst_check": max(checks.values()), "checks": checks, "copy_gbps": copy, "routing": routing_times()}
     print(json.dumps(out["routing"]), flush=True)
-    for fmt in ("bf16", "w4g128", "w8"):
+    for fmt in filter(None, args.formats.split(",")):
         out[f"decode_{fmt}"] = decode(fmt, copy)
         print(fmt, json.dumps(out[f"decode_{fmt}"]), flush=True)
     gate_up, down = experts(2 * I, H, "bf16"), experts(H, I, "bf16")
-    for T in map(int, args.tokens.split(",")):
+    for T in map(int, filter(None, args.tokens.split(","))):
         out[f"prefill_bf16_T{T}"] = prefill(T, gate_up, down)
         print(T, json.dumps(out[f"prefill_bf16_T{T}"]), flush=True)
     line = json.dumps(out)
