@@ -289,19 +289,20 @@ def test_tp2_w4_experts_match_tp1(tmp_path):
         two.close()
 
 
-def test_unsupported_moe_paths_are_one_line_errors(tiny_engine, tmp_path):
-    """What MoE does not do yet says so: exporting MoE experts (importing pre-quantized MoE checkpoints:
-    tests/test_interop_moe.py)."""
+def test_moe_export_errors_name_the_expert(tiny_engine, tmp_path):
+    """A random W4 MoE engine's scales are not exact in fp16: AutoAWQ export says which expert linear, and
+    compressed-tensors (any scales) exports it (round trips: tests/test_interop_export.py)."""
+    from lmconvert.convert import write_engine
     from lmconvert.errors import UserError
     from lmconvert.export import export
-
     from lmconvert.load.random_weights import RandomModel
-    from lmconvert.convert import write_engine
 
     cfg = open_engine(tiny_engine("qwen3_moe")).config
     w4 = write_engine(RandomModel(cfg, {"bits": 4, "group_size": 32}), tmp_path / "w4", False, "w4")
-    with pytest.raises(UserError, match="mixture-of-experts engine"):
-        export(w4, "autoawq", tmp_path / "out")
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.experts\.0\.\w+_proj: scales are not exact in fp16"):
+        export(w4, "autoawq", tmp_path / "awq")
+    assert not (tmp_path / "awq").exists()
+    assert (export(w4, "compressed-tensors", tmp_path / "ct") / "config.json").is_file()
 
 
 def test_cli_random_moe_w4_bench_and_quantize(tiny_checkpoint, tmp_path):

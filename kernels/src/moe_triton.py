@@ -19,7 +19,8 @@ where the reference rounds them; the grouped path rounds the dequantized weights
 in fp32 as the dense W4 / W8 GEMVs do (DECODE_ROUND_WEIGHTS: rounded, bit-equal to the reference). The combine is the down launch's epilogue on both paths: each pair's output, rounded,
 times its routing weight, atomically added into its token's fp32 row, rounded by whoever reads the sums (a
 PendingSum's reader, or moe_experts_triton).
-Routing (softmax, top-k, renormalize) is one launch too: _route_topk_kernel.
+Routing (softmax, top-k, renormalize) is one launch too: _route_topk_kernel; for a few tokens (decode) the
+router's GEMV joins it in that launch (_router_topk_kernel).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .quant_gemv import _code, _lop3, _rotations
 from .quant_linear import _workspace
 
 GEMV_MAX_PAIRS = 32  # n = T * k at most this: gemv (weights read per pair), else grouped (per expert block)
+ROUTER_PROGRAMS = 32  # router GEMV programs a token (about: E / ROWS with ROWS a power of two)
 
 
 class GroupedConfig(NamedTuple):
@@ -65,11 +67,11 @@ SMEM_BUDGET = 200 * 1024  # Hopper has 228 KB a block; a config whose pipelined 
 # reference rounds them; more instructions a weight: H100, 30B-A3B experts, W4 g128 gate_up + down 25.0 us rounded
 # vs 20.2 exact, W8 33.5 vs 32.8)
 DECODE_ROUND_WEIGHTS = False
-# (bits, swiglu) -> config; the H100 sweep's best at Qwen3-30B-A3B's shapes (session 16: bf16 97% of copy; W4 g128
-# split in two along K, gate_up 17.0 vs 17.5 us, down 8.0 vs 8.8; W8 gate_up with 16 columns, 23.5 vs 26.7 us)
+# (bits, swiglu) -> config; the H100 sweep's best at Qwen3-30B-A3B's shapes with exact weights (session 16: bf16
+# 97% of copy; W4 g128 split in two along K: gate_up 13.5 vs 14.8 us, down 6.4 vs 7.1; W8 unchanged)
 DECODE_CONFIGS = {(16, True): DecodeConfig(32, 128, 2, 3), (16, False): DecodeConfig(32, 128, 2, 3),
                   (4, True): DecodeConfig(32, 128, 4, 3, 2), (4, False): DecodeConfig(64, 128, 4, 3, 2),
-                  (8, True): DecodeConfig(16, 128, 4, 3), (8, False): DecodeConfig(32, 128, 2, 3)}
+                  (8, True): DecodeConfig(32, 128, 2, 3), (8, False): DecodeConfig(32, 128, 2, 3)}
 
 
 # ---- routing: pairs sorted by expert, in blocks of one expert ------------------------------------------
@@ -104,14 +106,11 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 # ---- routing kernel: softmax, top-k, renormalize in one launch -------------------------------------------
 
 @triton.jit
-def _route_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  RENORMALIZE: tl.constexpr):
-    """One token: softmax over its E logits in fp32, the TOP_K largest probabilities (ties: the lower expert,
-    as the first of equal maxima), renormalized to sum 1 or not, in descending order."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    live = offs < E
-    logits = tl.load(logits_ptr + t * E + offs, mask=live, other=float("-inf")).to(tl.float32)
+def _topk_store(logits, offs, live, t, w_ptr, ids_ptr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                RENORMALIZE: tl.constexpr):
+    """Token t's routing from its fp32 logits [BLOCK_E] (-inf where not live): softmax, the TOP_K largest
+    probabilities (ties: the lower expert, as the first of equal maxima), renormalized to sum 1 or not, stored
+    in descending order."""
     p = tl.exp(logits - tl.max(logits, axis=0))
     probs = p / tl.sum(p, axis=0)
     left = tl.where(live, probs, -1.0)  # probabilities not taken yet
@@ -129,6 +128,47 @@ def _route_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOP_K: tl.constexpr, BLOCK
     tl.store(ids_ptr + t * TOP_K + rank, offs.to(tl.int64), mask=taken)
 
 
+@triton.jit
+def _route_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                       RENORMALIZE: tl.constexpr):
+    """One token's routing from its E logits (_topk_store)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    live = offs < E
+    logits = tl.load(logits_ptr + t * E + offs, mask=live, other=float("-inf")).to(tl.float32)
+    _topk_store(logits, offs, live, t, w_ptr, ids_ptr, TOP_K, BLOCK_E, RENORMALIZE)
+
+
+@triton.jit
+def _router_topk_kernel(x_ptr, r_ptr, ws_bits_ptr, cnt_ptr, w_ptr, ids_ptr, E, H, TOP_K: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        BY_HAND: tl.constexpr):
+    """Token t (program_id 0), router rows ROWS * program_id(1)..: the logits x . r_e in fp32, rounded to x's
+    dtype as the router linear's output is, swapped into the workspace. The token's last program (a counter)
+    swaps all E back out (leaving zeros), resets the counter and routes them (_topk_store): the router GEMV and
+    the routing in one launch, the GEMV spread over E / ROWS programs (cuBLAS ran a 2048 x 128 router on 2)."""
+    t = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    row_live = rows < E
+    acc = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_live = offs_h < H
+        x = tl.load(x_ptr + t * H + offs_h, mask=h_live, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows[:, None] * H + offs_h[None, :], mask=row_live[:, None] & h_live[None, :], other=0.0)
+        acc += r.to(tl.float32) * x[None, :]
+    logits = _round(tl.sum(acc, axis=1), x_ptr.dtype.element_ty, BY_HAND).to(tl.float32)
+    tl.atomic_xchg(ws_bits_ptr + t * E + rows, logits.to(tl.int32, bitcast=True), mask=row_live)
+    tl.debug_barrier()  # every thread's swap precedes the counter's release
+    if tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        offs = tl.arange(0, BLOCK_E)
+        live = offs < E
+        bits = tl.atomic_xchg(ws_bits_ptr + t * E + offs, tl.zeros((BLOCK_E,), dtype=tl.int32), mask=live)
+        tl.atomic_xchg(cnt_ptr + t, 0)
+        _topk_store(tl.where(live, bits.to(tl.float32, bitcast=True), float("-inf")), offs, live, t, w_ptr, ids_ptr,
+                    TOP_K, BLOCK_E, RENORMALIZE)
+
+
 def route_topk_triton(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """moe.route_topk in one launch (torch's softmax + topk + renormalize take 5-6)."""
     T, E = logits.shape
@@ -136,7 +176,30 @@ def route_topk_triton(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[
     ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
     if T:
         _route_topk_kernel[(T,)](logits.contiguous(), weights, ids, E, TOP_K=k, BLOCK_E=triton.next_power_of_2(E),
-                            RENORMALIZE=renormalize, num_warps=1 if E <= 128 else 4)
+                                 RENORMALIZE=renormalize, num_warps=1 if E <= 128 else 4)
+    return weights, ids
+
+
+_router_workspaces: dict = {}
+
+
+def router_topk_triton(x: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool):
+    """moe.route for a few tokens: router GEMV and routing in one launch (_router_topk_kernel). The logits meet
+    in a workspace of this function's own (zero between launches: graph safe), grown during warm-up only."""
+    T, H = x.shape
+    E = router.shape[0]
+    ws, cnt = _router_workspaces.get(x.device, (None, None))
+    if ws is None or ws.numel() < T * E or cnt.numel() < T:
+        ws = torch.zeros(max(T * E, 4096), dtype=torch.int32, device=x.device)
+        cnt = torch.zeros(max(T, 64), dtype=torch.int32, device=x.device)
+        _router_workspaces[x.device] = (ws, cnt)
+    weights = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    rows = triton.next_power_of_2(max(1, E // ROUTER_PROGRAMS))
+    _router_topk_kernel[(T, triton.cdiv(E, rows))](x.contiguous(), router.contiguous(), ws, cnt, weights, ids, E, H,
+                                                   TOP_K=k, ROWS=rows, BLOCK_H=min(512, triton.next_power_of_2(H)),
+                                                   BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
+                                                   BY_HAND=INTERPRET, num_warps=4)
     return weights, ids
 
 
