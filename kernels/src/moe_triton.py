@@ -16,9 +16,10 @@ Both take the engine's three weight formats (moe.py): fp [E, N, K], W4 (int32 [E
 word, scales / zeros [E, K/G, N]) and W8 (int8 [E, K, N], scales [E, K/G, N]), dequantized a tile at a time
 inside one quant group (BLOCK_K divides G). Sums in fp32; h, the activations and each pair's output rounded
 where the reference rounds them; the grouped path rounds the dequantized weights too, the gemv keeps them exact
-in fp32 as the dense W4 / W8 GEMVs do (DECODE_ROUND_WEIGHTS: rounded, bit-equal to the reference). The combine is the down launch's epilogue on both paths: each pair's output, rounded,
-times its routing weight, atomically added into its token's fp32 row, rounded by whoever reads the sums (a
-PendingSum's reader, or moe_experts_triton).
+in fp32 as the dense W4 / W8 GEMVs do (DECODE_ROUND_WEIGHTS: rounded, bit-equal to the reference). The
+combine is the down launch's epilogue on both paths: each pair's output, rounded, times its routing weight,
+atomically added into its token's fp32 row, rounded by whoever reads the sums (a PendingSum's reader, or
+moe_experts_triton).
 Routing (softmax, top-k, renormalize) is one launch too: _route_topk_kernel; for a few tokens (decode) the
 router's GEMV joins it in that launch (_router_topk_kernel).
 """
@@ -195,6 +196,8 @@ def router_topk_triton(x: torch.Tensor, router: torch.Tensor, k: int, renormaliz
         _router_workspaces[x.device] = (ws, cnt)
     weights = torch.empty(T, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    if not T:
+        return weights, ids
     rows = triton.next_power_of_2(max(1, E // ROUTER_PROGRAMS))
     _router_topk_kernel[(T, triton.cdiv(E, rows))](x.contiguous(), router.contiguous(), ws, cnt, weights, ids, E, H,
                                                    TOP_K=k, ROWS=rows, BLOCK_H=min(512, triton.next_power_of_2(H)),
