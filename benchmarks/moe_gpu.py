@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs", help="decode configs from moe_kernels.py --configs-out (its sweep's best)")
     ap.add_argument("--max-batch", default="128", help="throughput: comma list of max batch sizes")
+    ap.add_argument("--formats", default="w4g128,bf16,w8", help="latency: comma list of w4g128, bf16, w8")
     args = ap.parse_args()
     if args.configs:
         from lmconvert.kernels import moe_triton
@@ -93,7 +94,8 @@ def main():
         print("correctness", results["correctness"], flush=True)
         save()
     if "latency" not in skip:
-        for name, quant in (("w4g128", W4), ("bf16", None), ("w8", W8)):
+        for name in args.formats.split(","):
+            quant = {"w4g128": W4, "bf16": None, "w8": W8}[name]
             engine = engine_for(args.preset, quant, 8, 1024)
             r = run_bench(engine, "latency", 1, 512, args.out_len)
             results[f"latency_{name}"] = r.as_dict()
