@@ -53,7 +53,10 @@ def route_topk_ref(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[tor
     return weights, ids
 
 
-ROUTER_MAX_TOKENS = 8  # a GPU batch of at most this many tokens: router GEMV and routing in one launch
+# a GPU batch of at most this many tokens: router GEMV and routing in one launch (moe_triton.router_topk_triton).
+# 0 until measured on a GPU (built and tested under the interpreter in session 16, when no GPU could be had);
+# benchmarks/moe_kernels.py times it against cuBLAS + routing, set 8 to try it in the runtime.
+ROUTER_MAX_TOKENS = 0
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, k: int, renormalize: bool, logits_of=None):
