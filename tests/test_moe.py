@@ -289,6 +289,20 @@ def test_tp2_w4_experts_match_tp1(tmp_path):
         two.close()
 
 
+def test_quantize_takes_a_model_source(tiny_engine, tmp_path):
+    """quantize() reads any model source, e.g. random weights generated a layer at a time (how
+    benchmarks/quantize_moe.py quantizes Qwen3-30B-A3B without a 61 GB bf16 engine on disk first)."""
+    from lmconvert.load.random_weights import RandomModel
+    from lmconvert.quant import QuantConfig, quantize
+
+    cfg = open_engine(tiny_engine("qwen3_moe")).config
+    qc = QuantConfig(bits=4, group_size=32, calib_samples=2, calib_seqlen=32, loss_tokens=32)
+    result = quantize(RandomModel(cfg), tmp_path / "w4", qc)
+    engine = open_engine(result.path, verify=True)
+    assert engine.config.quantization["bits"] == 4 and len(result.layers) == cfg.num_layers
+    assert engine.layer_tensors(0)["experts.down_proj.qweight"].shape[0] == cfg.num_experts
+
+
 def test_moe_export_errors_name_the_expert(tiny_engine, tmp_path):
     """A random W4 MoE engine's scales are not exact in fp16: AutoAWQ export says which expert linear, and
     compressed-tensors (any scales) exports it (round trips: tests/test_interop_export.py)."""

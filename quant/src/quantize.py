@@ -73,10 +73,11 @@ def _title(qc: QuantConfig) -> str:
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, overwrite: bool = False,
              arch: str = "auto", model_source: str | None = None) -> QuantResult:
-    """Quantize SRC (engine dir or checkpoint) into a new engine at dst. Bad input raises UserError first."""
+    """Quantize SRC (engine dir or checkpoint, or a model source object such as RandomModel) into a new engine
+    at dst. Bad input raises UserError first."""
     start = time.monotonic()
     check_destination(dst, overwrite)
-    source = open_model(src, arch=arch, model_source=model_source)
+    source = src if hasattr(src, "layer_tensors") else open_model(src, arch=arch, model_source=model_source)
     cfg = source.config
     qc = qc.for_model(cfg)
     device = resolve_device(qc.device)
