@@ -260,7 +260,7 @@ def routing_times():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--tokens", default="64,256,1024,4096", help="prefill token counts ('' for none)")
+    ap.add_argument("--tokens", default="64,256,1024,4096", help="prefill token counts (',' for none)")
     ap.add_argument("--formats", default="bf16,w4g128,w8", help="decode weight formats")
     ap.add_argument("--configs-out", help="write the best decode and grouped configs here (moe_gpu.py --configs)")
     args = ap.parse_args()

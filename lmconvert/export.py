@@ -166,17 +166,18 @@ def layer_export(tensors: dict[str, torch.Tensor], i: int, cfg, arch, fmt: str, 
             for hf, value in zip(hf_names(part, kind), per_expert(module, piece)):
                 out[hf] = value.contiguous()
     for module in sorted(modules):
-        zeros_all = tensors[f"{module}.zeros"].float()
-        if not torch.equal(zeros_all, zeros_all.round()) or zeros_all.min() < 0 or zeros_all.max() > 15:
+        zeros = tensors[f"{module}.zeros"].float()
+        if not torch.equal(zeros, zeros.round()) or zeros.min() < 0 or zeros.max() > 15:
             raise UserError(f"layer {i} {module}: zero points are not integers in 0..15 (a fitted grid), which "
                             "neither AutoAWQ nor compressed-tensors can store: quantize with --integer-zeros to export")
         parts = FUSED.get(module, (module,))
-        linears = zip(*(per_expert(module, tensors[f"{module}.{k}"]) for k in ("qweight", "scales", "zeros")))
-        for e, (qweight, scales, zeros) in enumerate(linears):
+        prefixes = [[name.removesuffix(".weight") for name in hf_names(part)] for part in parts]  # [part][expert]
+        linears = zip(per_expert(module, tensors[f"{module}.qweight"]), per_expert(module, tensors[f"{module}.scales"]),
+                      per_expert(module, zeros))
+        for e, (qweight, s, z) in enumerate(linears):
             q = unpack_int4(qweight)
             splits = sizes.get(module, [q.shape[1]])
-            for part, qq, ss, zz in zip(parts, q.split(splits, 1), scales.split(splits, 1), zeros.float().split(splits, 1)):
-                prefix = hf_names(part)[e].removesuffix(".weight")
-                for suffix, v in module_tensors(fmt, qq, ss, zz, zero_point, prefix).items():
-                    out[f"{prefix}.{suffix}"] = v
+            for names, qq, ss, zz in zip(prefixes, q.split(splits, 1), s.split(splits, 1), z.split(splits, 1)):
+                for suffix, v in module_tensors(fmt, qq, ss, zz, zero_point, names[e]).items():
+                    out[f"{names[e]}.{suffix}"] = v
     return out

@@ -181,28 +181,22 @@ def route_topk_triton(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[
     return weights, ids
 
 
-_router_workspaces: dict = {}
-
-
 def router_topk_triton(x: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool):
     """moe.route for a few tokens: router GEMV and routing in one launch (_router_topk_kernel). The logits meet
-    in a workspace of this function's own (zero between launches: graph safe), grown during warm-up only."""
+    in the shared split-K workspace past the [T, H] rows the layer's deferred combine will hold (left zero)."""
     T, H = x.shape
     E = router.shape[0]
-    ws, cnt = _router_workspaces.get(x.device, (None, None))
-    if ws is None or ws.numel() < T * E or cnt.numel() < T:
-        ws = torch.zeros(max(T * E, 4096), dtype=torch.int32, device=x.device)
-        cnt = torch.zeros(max(T, 64), dtype=torch.int32, device=x.device)
-        _router_workspaces[x.device] = (ws, cnt)
+    ws, cnt = _workspace(x.device, x.numel() + T * E, T)
     weights = torch.empty(T, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
     if not T:
         return weights, ids
     rows = triton.next_power_of_2(max(1, E // ROUTER_PROGRAMS))
-    _router_topk_kernel[(T, triton.cdiv(E, rows))](x.contiguous(), router.contiguous(), ws, cnt, weights, ids, E, H,
-                                                   TOP_K=k, ROWS=rows, BLOCK_H=min(512, triton.next_power_of_2(H)),
-                                                   BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
-                                                   BY_HAND=INTERPRET, num_warps=4)
+    logits_bits = ws[x.numel():].view(torch.int32)
+    _router_topk_kernel[(T, triton.cdiv(E, rows))](
+        x.contiguous(), router.contiguous(), logits_bits, cnt, weights, ids, E, H, TOP_K=k, ROWS=rows,
+        BLOCK_H=min(512, triton.next_power_of_2(H)), BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
+        BY_HAND=INTERPRET, num_warps=4)
     return weights, ids
 
 

@@ -208,7 +208,7 @@ def test_router_gemv_and_routing_in_one_launch(T, E, H, k, renormalize, dtype):
     ref_w, ref_ids = route_topk_ref(logits, k, renormalize)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
-    ws, cnt = mt._router_workspaces[x.device]
+    ws, cnt = mt._workspace(x.device, 0, 0)
     assert not ws.any() and not cnt.any()
 
 
