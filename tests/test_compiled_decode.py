@@ -1,31 +1,79 @@
 """The compiled CPU decode step (runtime/src/compiled_decode.py) against the eager path and the cache-free pass."""
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from lmconvert.runtime import LLMEngine, SamplingParams
 
+KW = {"device": "cpu", "num_cache_tokens": 512, "block_size": 4, "max_batch_size": 4}
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
+PROMPTS = [[5, 9, 23, 7, 81], list(range(40, 51)), [3, 3, 3]]
 
-def test_compiled_decode_matches_eager(tiny_engine, tmp_path, monkeypatch):
-    """Both compiled graphs (batch 1; a batch of 3) give the eager engine's greedy tokens, with contexts crossing
-    KV blocks (block size 4), and every decoded token's logprob is the cache-free forward pass's within 1e-5."""
+
+@pytest.fixture
+def step_cache(tmp_path, monkeypatch):
+    """Compiled steps go to a fresh cache (lmconvert's under XDG_CACHE_HOME, inductor's scratch)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    return tmp_path
+
+
+def tokens(engine, batch):
+    return [o.token_ids for o in engine.generate(batch, GREEDY)]
+
+
+def test_compiled_decode_matches_eager(tiny_engine, step_cache, monkeypatch):
+    """Both compiled graphs (batch 1; a batch of 3), built ahead of time, give the eager engine's greedy tokens
+    with contexts crossing KV blocks (block size 4), and every decoded token's logprob is the cache-free forward
+    pass's within 1e-5. A second engine loads both from the cache at start: compiled from its first step, in a
+    process that never imports torch's compiler. A damaged cached library is removed, not run."""
     path = str(tiny_engine("qwen3"))
-    kw = dict(device="cpu", num_cache_tokens=512, block_size=4, max_batch_size=4)
-    eager, compiled = LLMEngine(path, **kw), LLMEngine(path, compile_decode=True, **kw)
+    eager, compiled = LLMEngine(path, **KW), LLMEngine(path, compile_decode=True, **KW)
     graphs = compiled.runner.graphs
     graphs.wait(batches=True)
-    assert graphs.ready == {False, True}
+    assert graphs.ready == {False, True} and graphs.backend == {False: "aot", True: "aot"}
     batch_sizes = []
     run = graphs.run
     monkeypatch.setattr(graphs, "run", lambda *a: batch_sizes.append(a[0].shape[0]) or run(*a))
 
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
-    prompts = [[5, 9, 23, 7, 81], list(range(40, 51)), [3, 3, 3]]
-    for batch in (prompts[:1], prompts):
-        outs = compiled.generate(batch, params)
-        assert [o.token_ids for o in outs] == [o.token_ids for o in eager.generate(batch, params)]
+    for batch in (PROMPTS[:1], PROMPTS):
+        outs = compiled.generate(batch, GREEDY)
+        assert [o.token_ids for o in outs] == tokens(eager, batch)
         for prompt, out in zip(batch, outs):
             ref = torch.log_softmax(compiled.logits(prompt + out.token_ids), -1)[len(prompt) - 1:-1]
             for row, entry in zip(ref, out.logprobs):
                 assert abs(entry.logprob - row[entry.token_id].item()) <= 1e-5
     assert {1, 3} <= set(batch_sizes)  # both graphs decoded (the eager path did not take over)
+
+    script = ("import sys; from lmconvert.runtime import LLMEngine, SamplingParams\n"
+              f"e = LLMEngine({path!r}, compile_decode=True, **{KW!r})\n"
+              "g = e.runner.graphs; ready = sorted(g.ready)\n"
+              "out = [o.token_ids for o in e.generate([[5, 9, 23, 7, 81]], SamplingParams(max_tokens=20, "
+              "temperature=0, ignore_eos=True))]\n"
+              "print(ready, len(g._threads), 'sympy' in sys.modules, 'torch._inductor' in sys.modules, out)")
+
+    def fresh_process() -> str:  # a process of its own: this one has the libraries loaded
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              check=True).stdout.splitlines()[-1]
+
+    expected = tokens(eager, PROMPTS[:1])
+    assert fresh_process() == f"[False, True] 0 False False {expected}"
+    library = graphs.library(False)
+    damage = library.with_suffix(".tmp")
+    damage.write_bytes(b"\x7fELF truncated")
+    damage.replace(library)  # a new file: this process keeps the one it has mapped
+    assert fresh_process() == f"[True] 0 False False {expected}"  # decoded eagerly: fewer than 32 steps
+    assert not library.exists()
+
+
+def test_moe_decode_falls_back_to_torch_compile(tiny_engine, step_cache):
+    """An MoE step does not export whole (its CPU experts loop over the experts that got tokens): it is compiled
+    by torch.compile instead, with the eager engine's greedy tokens."""
+    path = str(tiny_engine("qwen3_moe"))
+    compiled = LLMEngine(path, compile_decode=True, **KW)
+    compiled.runner.graphs.wait()
+    assert compiled.runner.graphs.backend == {False: "torch.compile"}
+    assert tokens(compiled, PROMPTS[:1]) == tokens(LLMEngine(path, **KW), PROMPTS[:1])

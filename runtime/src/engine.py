@@ -62,7 +62,8 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True, arch: str = "auto",
                  model_source: str | None = None, tp: int = 1, kv_int8: bool = False, overlap: bool | None = None,
                  chat_template: str | None = None, compile_decode: bool = False, threads: int | None = None):
-        """compile_decode (CPU): torch.compile the decode step on a background thread (runtime/src/compiled_decode.py);
+        """compile_decode (CPU): decode through the compiled step, loaded from its cache or built on a background
+        thread (runtime/src/compiled_decode.py);
         threads (CPU): intra-op threads, default one per physical core."""
         from lmconvert.engine import open_model  # the engine package imports little; keep runtime importable alone
 
