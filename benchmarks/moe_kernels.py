@@ -231,19 +231,8 @@ def decode(fmt, copy):
 
 
 def routing_times():
-    """route_topk: the Triton kernel against the torch ops it replaces (old path), us a call; at 1 and 8 tokens,
-    the router GEMV and routing in one launch against cuBLAS's GEMV then the routing kernel."""
+    """route_topk: the Triton kernel against the torch ops it replaces (old path), us a call."""
     out = {}
-    router = torch.randn(E, H, device="cuda", dtype=DT) / H ** 0.5
-    for T in (1, 8):
-        x = torch.randn(T, H, device="cuda", dtype=DT)
-        fused = mt.router_topk_triton(x, router, TOP_K, True)
-        split = route_topk(torch.nn.functional.linear(x, router), TOP_K, True)
-        out[f"router T{T}"] = {
-            "ids_equal": bool(torch.equal(fused[1], split[1])),
-            "fused_us": bench(lambda: mt.router_topk_triton(x, router, TOP_K, True)) * 1e3,  # noqa: B023
-            "cublas_then_route_us": bench(lambda: route_topk(torch.nn.functional.linear(x, router), TOP_K,  # noqa: B023
-                                                             True)) * 1e3}
     for T in (1, 128, 4096):
         logits = torch.randn(T, E, device="cuda", dtype=DT)
         w, i = route_topk(logits, TOP_K, True)

@@ -53,24 +53,6 @@ def route_topk_ref(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[tor
     return weights, ids
 
 
-# a GPU batch of at most this many tokens: router GEMV and routing in one launch (moe_triton.router_topk_triton).
-# 0 until measured on a GPU (built and tested under the interpreter in session 16, when no GPU could be had);
-# benchmarks/moe_kernels.py times it against cuBLAS + routing, set 8 to try it in the runtime.
-ROUTER_MAX_TOKENS = 0
-
-
-def route(x: torch.Tensor, router_weight: torch.Tensor, k: int, renormalize: bool, logits_of=None):
-    """route_topk of the router logits x W^T (x [T, H], W [E, H]; logits_of(x) computes them where given: the
-    runtime's Linear). On a GPU a few tokens (decode) take one launch for the router's GEMV and the routing,
-    the logits rounded to x's dtype as the linear's output is."""
-    if use_triton(x) and x.shape[0] <= ROUTER_MAX_TOKENS:
-        from .moe_triton import router_topk_triton
-
-        return router_topk_triton(x, router_weight, k, renormalize)
-    logits = logits_of(x) if logits_of is not None else F.linear(x, router_weight)
-    return route_topk(logits, k, renormalize)
-
-
 def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights fp32 [T, k], expert ids int64 [T, k]): softmax over all experts in fp32,
     the k largest, renormalized to sum 1 where the model says so (Qwen3-MoE's norm_topk_prob; Mixtral always)."""

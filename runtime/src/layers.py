@@ -163,7 +163,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x):
         """(weights fp32 [T, k], expert ids [T, k]); logits in the model dtype, as HF's router computes them."""
-        return kernels.route(x, self.router.weight, self.top_k, self.renormalize, logits_of=self.router)
+        return kernels.route_topk(self.router(x), self.top_k, self.renormalize)
 
     def forward(self, x, defer: bool = False):
         """defer: as MLP (the decoder layer's next RMSNorm finishes the experts' fp32 sums); not with a shared

@@ -195,23 +195,6 @@ def test_route_kernel_matches_reference(T, E, k, renormalize, dtype):
     torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("T,E,H,k,renormalize,dtype", [(1, 128, 256, 8, True, torch.bfloat16),
-                                                        (8, 60, 96, 4, False, torch.float32),
-                                                        (3, 8, 1100, 2, True, torch.bfloat16)])
-def test_router_gemv_and_routing_in_one_launch(T, E, H, k, renormalize, dtype):
-    """Decode's router: the logits x W^T (rounded to x's dtype, as the linear's output), then the routing, in one
-    launch spread over the router's rows (E not a multiple of the rows a program, H past one block); the last
-    program of each token gathers the logits. Workspace and counters end zero (graph replays start clean)."""
-    x, router = torch.randn(T, H).to(dtype), (torch.randn(E, H) / H ** 0.5 * 3).to(dtype)
-    weights, ids = mt.router_topk_triton(x, router, k, renormalize)
-    logits = (x.double() @ router.double().T).to(dtype)
-    ref_w, ref_ids = route_topk_ref(logits, k, renormalize)
-    assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
-    ws, cnt = mt._workspace(x.device, 0, 0)
-    assert not ws.any() and not cnt.any()
-
-
 def test_path_selection_and_empty_batch():
     assert mt.select_path(mt.GEMV_MAX_PAIRS) == "gemv" and mt.select_path(mt.GEMV_MAX_PAIRS + 1) == "grouped"
     gate_up, down = _layer(8, 64, 32, "fp", torch.bfloat16)
