@@ -77,3 +77,19 @@ def test_moe_decode_falls_back_to_torch_compile(tiny_engine, step_cache):
     compiled.runner.graphs.wait()
     assert compiled.runner.graphs.backend == {False: "torch.compile"}
     assert tokens(compiled, PROMPTS[:1]) == tokens(LLMEngine(path, **KW), PROMPTS[:1])
+
+
+def test_stale_libraries_are_pruned(tmp_path):
+    """Libraries no engine loaded for 30 days go when another is built; recently loaded ones stay."""
+    import os
+    import time
+
+    from lmconvert.runtime.compiled_decode import STALE_DAYS, prune_libraries
+
+    old, recent = tmp_path / "old.so", tmp_path / "recent.so"
+    for library in (old, recent):
+        library.write_bytes(b"")
+    stale = time.time() - (STALE_DAYS + 1) * 86400
+    os.utime(old, (stale, stale))
+    prune_libraries(tmp_path)
+    assert not old.exists() and recent.exists()

@@ -33,6 +33,7 @@ from __future__ import annotations
 # import them too late to register at all
 import concurrent.futures.process
 import concurrent.futures.thread  # noqa: F401
+import contextlib
 import copy
 import hashlib
 import logging
@@ -41,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import weakref
 import zipfile
 from pathlib import Path
@@ -57,6 +59,7 @@ MIN_WIDTH = 2
 # answer) is not slowed by the compile competing for the cores, and never waits for it at exit.
 COMPILE_AFTER_STEPS = 32
 KV_POOLS = ("k_cache", "v_cache", "k_scales", "v_scales")  # attention attributes whose block count is dynamic
+STALE_DAYS = 30  # a cached library no engine loaded for this long is removed when another is built
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every CompiledDecode, for compiling()
@@ -160,6 +163,17 @@ def build_library(program, path: Path) -> None:
         os.replace(scratch / "step.so", path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    prune_libraries(path.parent)
+
+
+def prune_libraries(folder: Path, keep_days: float = STALE_DAYS) -> None:
+    """Remove libraries no engine has loaded for keep_days (a library's mtime is set on every load): every
+    upgrade of torch or lmconvert, and every model tried, leaves one (~5 MB for SmolLM2) behind."""
+    cutoff = time.time() - keep_days * 86400
+    for library in folder.glob("*.so"):
+        with contextlib.suppress(OSError):  # another process pruned it first
+            if library.stat().st_mtime < cutoff:
+                library.unlink()
 
 
 def library_key(model: nn.Module, slots, many: bool, threads: int) -> str:
@@ -218,6 +232,8 @@ class CompiledDecode:
         path = self.library(many)
         try:
             self._runners[many] = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+            with contextlib.suppress(OSError):  # a read-only cache is still used
+                os.utime(path)  # in use: prune_libraries keeps it
             with torch.inference_mode():
                 logits = self._run_library(many, *example_inputs(2 if many else 1, self.scratch_block,
                                                                    self.block_size))
@@ -226,7 +242,8 @@ class CompiledDecode:
         except Exception as e:  # noqa: BLE001  a damaged cache file must not stop the engine
             self._runners.pop(many, None)
             log.warning("cached CPU decode step %s unusable (%s): removed, compiling again", path, e)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return False
         self.backend[many] = "aot"
         self.ready.add(many)
