@@ -341,3 +341,27 @@ def test_cli_random_moe_w4_bench_and_quantize(tiny_checkpoint, tmp_path):
     result = run("generate", tmp_path / "q", "--prompt", "The quick brown fox", "--max-new-tokens", "4",
                  "--temperature", "0")
     assert result.exit_code == 0 and result.stdout.strip(), result.output
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_experts_run_packed(bits, tiny_engine, tmp_path, calib_text, monkeypatch):
+    """On CPU a W4 / W8 engine's experts are repacked at load for ATen's packed matmuls (no expert dequantized
+    per call): the same logits as the engine layout through the reference (dequantize, then matmul), and the
+    same greedy tokens."""
+    from lmconvert import kernels
+    from lmconvert.runtime import SamplingParams
+
+    q = _quantize(tiny_engine("qwen3_moe"), tmp_path / "q", calib_text, bits=bits,
+                  **({"group_size": 32, "search_scale": False, "clip": False} if bits == 4 else {}))
+    kw = {"device": "cpu", "num_cache_tokens": 512, "block_size": 8}
+    packed = LLMEngine(str(q.path), **kw)
+    experts = packed.runner.model.layers[0].mlp.gate_up_proj.experts
+    assert experts.packed and (experts.qweight.dtype == torch.uint8 if bits == 4 else experts.scales.dim() == 2)
+    monkeypatch.setattr(kernels, "prepare_experts", lambda w: w)
+    reference = LLMEngine(str(q.path), **kw)
+    assert not reference.runner.model.layers[0].mlp.gate_up_proj.experts.packed
+    ids = [5 + (7 * i) % 300 for i in range(40)]
+    ref, out = reference.logits(ids), packed.logits(ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert packed.generate([ids[:8]], params)[0].token_ids == reference.generate([ids[:8]], params)[0].token_ids

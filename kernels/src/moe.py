@@ -38,7 +38,14 @@ class Experts(NamedTuple):
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[1] if self.bits == 16 else self.scales.shape[-1]
+        if self.bits == 16:
+            return self.weight.shape[1]
+        return self.scales.shape[-2] if self.packed and self.bits == 4 else self.scales.shape[-1]  # [.., N, 2]
+
+    @property
+    def packed(self) -> bool:
+        """Repacked for ATen's CPU matmuls (prepare_experts), not the engine layout."""
+        return self.bits == 4 and self.qweight.dtype == torch.uint8 or self.bits == 8 and self.scales.dim() == 2
 
     def expert(self, e: int) -> "Experts":
         """Expert e's slice (each tensor's [e])."""
@@ -63,6 +70,44 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     return route_topk_ref(logits, k, renormalize)
 
 
+def prepare_experts(w: Experts) -> Experts:
+    """Once per layer at load. CPU: every expert repacked for ATen's packed int4 / int8 matmuls (cpu_linear.py)
+    where their kernels take the shape, one expert at a time into the stacked result, so a decode step reads
+    the packed bytes of the experts it picked instead of dequantizing each one. CUDA keeps the engine layout
+    (the MoE kernels read it), as do fp experts and shapes ATen refuses."""
+    from . import cpu_linear
+    from .quant_linear import _w4_codes
+
+    if w.bits == 16 or w.qweight.device.type != "cpu" or w.packed:
+        return w
+    E, G = w.num_experts, w.group_size
+    if w.bits == 4:
+        K, N = w.qweight.shape[1] * 8, w.qweight.shape[2]
+        if not cpu_linear.w4_packable(K, N, G):
+            return w
+        qweight = torch.empty(E, N, K // 2, dtype=torch.uint8)
+        scales = torch.empty(E, K // G, N, 2, dtype=w.scales.dtype)
+        for e in range(E):
+            qweight[e], scales[e] = cpu_linear.pack_w4(_w4_codes(w.qweight[e]), w.scales[e], w.zeros[e])
+        return Experts(4, G, None, qweight, scales, None)
+    K, N = w.qweight.shape[1:]
+    if not cpu_linear.w8_packable(K, N, G):
+        return w
+    return Experts(8, G, None, w.qweight.transpose(1, 2).contiguous(), w.scales.reshape(E, N).contiguous(), None)
+
+
+def expert_matmul(x: torch.Tensor, w: Experts, e: int) -> torch.Tensor:
+    """x [M, K] @ expert e's weight -> [M, N] in x's dtype: ATen's packed kernel on repacked experts, else the
+    expert's weight dequantized (the reference)."""
+    from . import cpu_linear
+
+    if w.packed and w.bits == 4:
+        return cpu_linear.w4_linear(x, w.qweight[e], w.scales[e], w.group_size)
+    if w.packed:
+        return cpu_linear.w8_linear(x, w.qweight[e], w.scales[e])
+    return F.linear(x, expert_weight(w, e, x.dtype).t())
+
+
 def expert_weight(w: Experts, e: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert e's weight as a dense [K, N] matrix in dtype (the quantized ones dequantized)."""
     from .quant_linear import _dequant_w4_ref, _dequant_w8_ref
@@ -82,14 +127,15 @@ def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -
 
 def moe_experts_ref(x: torch.Tensor, gate_up: Experts, down: Experts, weights: torch.Tensor,
                     ids: torch.Tensor) -> torch.Tensor:
-    """Plain torch: for every expert that got tokens, its MLP on them (in x's dtype, as HF's expert loop)."""
+    """Plain torch: for every expert that got tokens, its MLP on them (in x's dtype, as HF's expert loop);
+    CPU experts repacked at load (prepare_experts) go through ATen's packed matmuls."""
     T, k = ids.shape
     pair_out = x.new_empty(T * k, down.out_features)
     flat = ids.reshape(-1)
     for e in torch.unique(flat).tolist():
         pairs = (flat == e).nonzero().squeeze(1)
-        h = F.linear(x[pairs // k], expert_weight(gate_up, e, x.dtype).t())
-        pair_out[pairs] = F.linear(silu_mul(h), expert_weight(down, e, x.dtype).t())
+        h = expert_matmul(x[pairs // k], gate_up, e)
+        pair_out[pairs] = expert_matmul(silu_mul(h), down, e)
     return combine(pair_out, weights, x.dtype)
 
 

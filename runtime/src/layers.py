@@ -129,13 +129,17 @@ class Attention(nn.Module):
 
 class ExpertLinear(Linear):
     """Every expert's copy of one linear, stacked on a leading expert dim (engine layouts, kernels/src/moe.py).
-    The MoE kernels read the engine layout as it is: nothing is repacked at load."""
+    The MoE kernels read the engine layout as it is; on CPU quantized experts are repacked for ATen's packed
+    matmuls (kernels.prepare_experts)."""
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, value in tensors.items():
             setattr(self, key, value.contiguous())
         if self.bits == 8 and not self.group_size:  # per output channel: one group spanning K
             self.group_size = self.qweight.shape[1]
+        if self.bits != 16:
+            packed = kernels.prepare_experts(self.experts)
+            self.qweight, self.scales, self.zeros = packed.qweight, packed.scales, packed.zeros
 
     @property
     def experts(self) -> kernels.Experts:
