@@ -93,3 +93,19 @@ def test_stale_libraries_are_pruned(tmp_path):
     os.utime(old, (stale, stale))
     prune_libraries(tmp_path)
     assert not old.exists() and recent.exists()
+
+
+def test_library_key_follows_the_cpu(tiny_engine, monkeypatch):
+    """A cache shared between machines (an NFS home) keeps one library per CPU kind: the key changes with the
+    CPU's instruction sets (inductor compiles for the host's, AVX512-BF16 / AMX included), and with threads."""
+    from lmconvert.runtime import compiled_decode
+
+    engine = LLMEngine(str(tiny_engine("qwen3")), **KW)
+    model = engine.runner.model
+    slots = compiled_decode.model_tensors(model)
+    key = compiled_decode.library_key(model, slots, False, 2)
+    assert key == compiled_decode.library_key(model, slots, False, 2)
+    assert key != compiled_decode.library_key(model, slots, False, 4)
+    assert key != compiled_decode.library_key(model, slots, True, 2)
+    monkeypatch.setattr(compiled_decode, "cpu_features", lambda: "x86_64 AVX512 avx512f")
+    assert key != compiled_decode.library_key(model, slots, False, 2)

@@ -8,7 +8,7 @@ fused, around the matmuls (oneDNN, ATen's packed int4 / int8), called from C++.
 The step is exported (torch.export) as a function of its five inputs *and of every tensor the model holds*
 (weights, packed weights, KV pools, rope tables), so the library embeds no weights (~5 MB for SmolLM2), writes
 the KV pools in place, and serves any engine with the same config, tensor shapes and dtypes. It is cached under
-~/.cache/lmconvert/aot (keyed by torch's version, the CPU's ISA, the thread count, the model's config and
+~/.cache/lmconvert/aot (keyed by torch's version, the CPU's instruction sets, the thread count, the model's config and
 tensors, and this package's runtime and kernel sources). A cached library is loaded when the engine starts
 (milliseconds): the step is compiled from the first token on, and the process never imports torch's compiler
 (~190 MB of RSS, seconds to import).
@@ -38,6 +38,7 @@ import copy
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -176,14 +177,24 @@ def prune_libraries(folder: Path, keep_days: float = STALE_DAYS) -> None:
                 library.unlink()
 
 
+def cpu_features() -> str:
+    """The instruction sets a library may use: inductor compiles for the host's (AVX512-BF16, AMX, ... beyond
+    torch's capability level), so a cache shared between machines (an NFS home) keeps one library per CPU kind."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {' '.join(sorted(flags.split()[2:]))}"
+
+
 def library_key(model: nn.Module, slots, many: bool, threads: int) -> str:
-    """What the compiled step depends on: torch, the CPU's ISA, threads (inductor bakes the OpenMP team size),
-    the model's config and tensors (names, dtypes, shapes but the pools' block count, strides) and the sources
-    of the modules and kernels the step runs."""
+    """What the compiled step depends on: torch, the CPU's instruction sets, threads (inductor bakes the OpenMP
+    team size), the model's config and tensors (names, dtypes, shapes but the pools' block count, strides) and
+    the sources of the modules and kernels the step runs."""
     import lmconvert.kernels
     import lmconvert.runtime
 
-    digest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), threads, many,
+    digest = hashlib.sha256(repr((torch.__version__, cpu_features(), threads, many,
                                   getattr(model, "config", None))).encode())
     for module, name in slots:
         tensor = getattr(module, name)
