@@ -71,29 +71,30 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
 
 
 def prepare_experts(w: Experts) -> Experts:
-    """Once per layer at load. CPU: every expert repacked for ATen's packed int4 / int8 matmuls (cpu_linear.py)
-    where their kernels take the shape, one expert at a time into the stacked result, so a decode step reads
-    the packed bytes of the experts it picked instead of dequantizing each one. CUDA keeps the engine layout
-    (the MoE kernels read it), as do fp experts and shapes ATen refuses."""
-    from . import cpu_linear
-    from .quant_linear import _w4_codes
+    """Once per layer at load: every expert through the dense linears' preparation (quant_linear.prepare_w4 /
+    prepare_w8), one at a time into the stacked result. On CPU that repacks them for ATen's packed int4 / int8
+    matmuls where their kernels take the shape, so a decode step reads the packed bytes of the experts it picked
+    instead of dequantizing each one. CUDA keeps the engine layout (the MoE kernels read it), as do fp experts
+    and shapes ATen refuses."""
+    from .quant_linear import prepare_w4, prepare_w8
 
     if w.bits == 16 or w.qweight.device.type != "cpu" or w.packed:
         return w
-    E, G = w.num_experts, w.group_size
-    if w.bits == 4:
-        K, N = w.qweight.shape[1] * 8, w.qweight.shape[2]
-        if not cpu_linear.w4_packable(K, N, G):
-            return w
-        qweight = torch.empty(E, N, K // 2, dtype=torch.uint8)
-        scales = torch.empty(E, K // G, N, 2, dtype=w.scales.dtype)
-        for e in range(E):
-            qweight[e], scales[e] = cpu_linear.pack_w4(_w4_codes(w.qweight[e]), w.scales[e], w.zeros[e])
-        return Experts(4, G, None, qweight, scales, None)
-    K, N = w.qweight.shape[1:]
-    if not cpu_linear.w8_packable(K, N, G):
-        return w
-    return Experts(8, G, None, w.qweight.transpose(1, 2).contiguous(), w.scales.reshape(E, N).contiguous(), None)
+
+    def prepare(e: int) -> tuple:
+        if w.bits == 4:
+            return prepare_w4(w.qweight[e], w.scales[e], w.zeros[e], w.group_size)
+        return prepare_w8(w.qweight[e], w.scales[e], w.group_size)
+
+    first = prepare(0)
+    if not Experts(w.bits, w.group_size, None, *(t if t is None else t.unsqueeze(0) for t in first)).packed:
+        return w  # a shape ATen's kernels refuse: the engine layout as it is
+    stacked = [t if t is None else t.new_empty(w.num_experts, *t.shape) for t in first]
+    for e in range(w.num_experts):
+        for dst, t in zip(stacked, first if e == 0 else prepare(e)):
+            if dst is not None:
+                dst[e] = t
+    return Experts(w.bits, w.group_size, None, *stacked)
 
 
 def expert_matmul(x: torch.Tensor, w: Experts, e: int) -> torch.Tensor:

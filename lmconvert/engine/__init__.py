@@ -17,7 +17,10 @@ from lmconvert.errors import UserError
 
 
 def open_model(src: str | os.PathLike, arch: str = "auto", dtype: str | None = None, model_source: str | None = None):
-    """An Engine for an engine dir; otherwise the checkpoint converted on the fly (nothing written)."""
+    """An Engine for an engine dir; otherwise the checkpoint converted on the fly (nothing written). A model
+    source object (an Engine, a RandomModel: anything with layer_tensors) is returned as it is."""
+    if hasattr(src, "layer_tensors"):
+        return src
     if is_engine_dir(src):
         engine = Engine(src, dtype=dtype)
         if arch != "auto" and get_arch(arch).name != engine.config.arch:

@@ -77,7 +77,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qc: QuantConfig, ov
     at dst. Bad input raises UserError first."""
     start = time.monotonic()
     check_destination(dst, overwrite)
-    source = src if hasattr(src, "layer_tensors") else open_model(src, arch=arch, model_source=model_source)
+    source = open_model(src, arch=arch, model_source=model_source)
     cfg = source.config
     qc = qc.for_model(cfg)
     device = resolve_device(qc.device)

@@ -35,6 +35,7 @@ import concurrent.futures.process
 import concurrent.futures.thread  # noqa: F401
 import contextlib
 import copy
+import functools
 import hashlib
 import logging
 import os
@@ -177,6 +178,7 @@ def prune_libraries(folder: Path, keep_days: float = STALE_DAYS) -> None:
                 library.unlink()
 
 
+@functools.cache
 def cpu_features() -> str:
     """The instruction sets a library may use: inductor compiles for the host's (AVX512-BF16, AMX, ... beyond
     torch's capability level), so a cache shared between machines (an NFS home) keeps one library per CPU kind."""
@@ -191,19 +193,26 @@ def library_key(model: nn.Module, slots, many: bool, threads: int) -> str:
     """What the compiled step depends on: torch, the CPU's instruction sets, threads (inductor bakes the OpenMP
     team size), the model's config and tensors (names, dtypes, shapes but the pools' block count, strides) and
     the sources of the modules and kernels the step runs."""
-    import lmconvert.kernels
-    import lmconvert.runtime
-
-    digest = hashlib.sha256(repr((torch.__version__, cpu_features(), threads, many,
+    digest = hashlib.sha256(repr((torch.__version__, cpu_features(), sources_digest(), threads, many,
                                   getattr(model, "config", None))).encode())
     for module, name in slots:
         tensor = getattr(module, name)
         shape = [-1, *tensor.shape[1:]] if name in KV_POOLS else list(tensor.shape)
         digest.update(f"{type(module).__name__}.{name} {tensor.dtype} {shape} {tensor.stride()}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+@functools.cache
+def sources_digest() -> str:
+    """Of the runtime's and kernels' sources, once a process (every engine's two keys take it)."""
+    import lmconvert.kernels
+    import lmconvert.runtime
+
+    digest = hashlib.sha256()
     for package in (lmconvert.runtime, lmconvert.kernels):
         for source in sorted(Path(package.__file__).parent.glob("*.py")):
             digest.update(source.read_bytes())
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()
 
 
 class CompiledDecode:

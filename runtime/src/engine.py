@@ -70,7 +70,7 @@ class LLMEngine:
         self.device = resolve_device(device)  # before the model loads: a bad --device fails at once
         if self.device.type == "cpu":
             bound_onednn_cache()  # before loading: a quantized engine's CPU repacking may be the first oneDNN op
-        source = model if hasattr(model, "layer_tensors") else open_model(model, arch=arch, model_source=model_source)
+        source = open_model(model, arch=arch, model_source=model_source)
         self.config = source.config
         self.dtype = parse_dtype(dtype) if dtype else default_dtype(self.device, self.config.torch_dtype)
         if self.device.type == "cpu":
